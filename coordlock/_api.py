@@ -1,0 +1,187 @@
+"""The process-wide coordinator and the ``lock()``/``locked()`` front doors."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, overload
+
+from ._errors import ConfigurationError, LockNotAcquired, NotConfigured
+from ._locking import LockContext
+from ._protocol import RunCoordinator
+from ._registry import connect, redact
+from ._validate import check_name, check_ttl, check_wait
+
+log = logging.getLogger("coordlock")
+
+F = TypeVar("F", bound=Callable[..., Any])
+OnBusy = Literal["skip", "wait", "raise"]
+ENV_URL = "COORDLOCK_URL"
+
+_global: RunCoordinator | None = None
+_global_owned = False  # True when configure() built _global itself (so it may close it)
+_global_from_env: tuple[str, RunCoordinator] | None = None
+_global_lock = threading.Lock()
+
+
+def configure(target: str | RunCoordinator, **options: Any) -> RunCoordinator:
+    """Set the process-wide default coordinator (call once at startup) and return it.
+
+    ``target`` is a URL (passed to :func:`connect` with ``options``) or a coordinator object.
+    A coordinator that ``configure`` itself built from a URL earlier is closed when replaced.
+    """
+    global _global, _global_owned
+    if isinstance(target, str):
+        coordinator = connect(target, **options)
+        owned = True
+    elif isinstance(target, RunCoordinator):
+        if options:
+            raise TypeError("options are only accepted together with a URL")
+        coordinator = target
+        owned = False
+    else:
+        raise TypeError(
+            f"configure() takes a URL or a RunCoordinator, not {type(target).__name__}"
+        )
+    with _global_lock:
+        previous, _global = _global, coordinator
+        previous_owned, _global_owned = _global_owned, owned
+    if previous is not None and previous is not coordinator and previous_owned:
+        previous.close()
+    return coordinator
+
+
+def get_coordinator() -> RunCoordinator:
+    """The configured coordinator; else one built from ``$COORDLOCK_URL``; else ``NotConfigured``."""
+    global _global_from_env
+    with _global_lock:
+        if _global is not None:
+            return _global
+        url = os.environ.get(ENV_URL, "").strip()
+        if not url:
+            raise NotConfigured(
+                "no coordinator configured: call coordlock.configure('redis://host:6379') at "
+                f"startup, pass coordinator=..., or set ${ENV_URL} "
+                "(e.g. COORDLOCK_URL=sqlite:///locks.db)"
+            )
+        if _global_from_env is not None and _global_from_env[0] == url:
+            return _global_from_env[1]
+        try:
+            coordinator = connect(url)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"${ENV_URL}={redact(url)!r}: {exc}") from exc
+        _global_from_env = (url, coordinator)
+        return coordinator
+
+
+def lock(
+    name: str,
+    ttl: float = 30,
+    wait: bool | float = False,
+    *,
+    coordinator: RunCoordinator | None = None,
+    renew: bool = True,
+) -> LockContext:
+    """Hold the lock ``name`` for a ``with`` block; the block gets the :class:`Lease`.
+
+    ``ttl``: seconds the lock survives without renewal (renewed every ttl/3 while held unless
+    ``renew=False``). ``wait``: ``False`` → raise :class:`LockNotAcquired` at once when busy,
+    ``True`` → wait forever, a number → wait that many seconds then raise. Leaving the block
+    releases the lock and raises :class:`LockLost` if the lease was lost meanwhile.
+    """
+    return LockContext(
+        name, ttl, wait, coordinator=coordinator, resolve=get_coordinator, renew=renew
+    )
+
+
+@overload
+def locked(name: F) -> F: ...
+
+
+@overload
+def locked(
+    name: str | None = None,
+    ttl: float = 60,
+    on_busy: OnBusy = "skip",
+    *,
+    wait: float | None = None,
+    coordinator: RunCoordinator | None = None,
+    renew: bool = True,
+) -> Callable[[F], F]: ...
+
+
+def locked(
+    name: str | Callable[..., Any] | None = None,
+    ttl: float = 60,
+    on_busy: OnBusy = "skip",
+    *,
+    wait: float | None = None,
+    coordinator: RunCoordinator | None = None,
+    renew: bool = True,
+) -> Any:
+    """Decorate a function so that each call runs under the lock ``name``.
+
+    ``name`` defaults to ``module.qualname`` of the function. When the lock is held elsewhere:
+    ``on_busy="skip"`` returns ``None`` without calling (logged at INFO), ``"wait"`` waits
+    (``wait`` seconds, default forever, then raises :class:`LockNotAcquired`), ``"raise"``
+    raises :class:`LockNotAcquired`. Exceptions of the function pass through untouched. If the
+    lease is lost while the function runs, :class:`LockLost` is raised after it returns. The
+    coordinator is looked up at each call, so decorating before ``configure()`` is fine.
+    """
+    if callable(name):
+        return locked()(name)
+    if name is not None:
+        check_name(name)
+    check_ttl(ttl)
+    if on_busy not in ("skip", "wait", "raise"):
+        raise ValueError(f"on_busy must be 'skip', 'wait' or 'raise', not {on_busy!r}")
+    if wait is not None and on_busy != "wait":
+        raise ValueError("wait= only applies with on_busy='wait'")
+    wait_seconds = (check_wait(wait) if wait is not None else math.inf) if on_busy == "wait" else 0
+    if coordinator is not None and not isinstance(coordinator, RunCoordinator):
+        raise TypeError(f"coordinator must be a RunCoordinator, not {type(coordinator).__name__}")
+
+    def decorate(func: F) -> F:
+        if not callable(func):
+            raise TypeError("@locked decorates a function")
+        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(
+                "@locked does not support async functions yet: the lock would only cover "
+                "creating the coroutine, not running it"
+            )
+        lock_name = name if isinstance(name, str) else f"{func.__module__}.{func.__qualname__}"
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            context = LockContext(
+                lock_name,
+                ttl,
+                wait_seconds,
+                coordinator=coordinator,
+                resolve=get_coordinator,
+                renew=renew,
+            )
+            try:
+                context.acquire()
+            except LockNotAcquired:
+                if on_busy == "skip":
+                    log.info("skipped %s: lock %r is held elsewhere", func.__qualname__, lock_name)
+                    return None
+                raise
+            try:
+                result = func(*args, **kwargs)
+            except BaseException:
+                context.release(raising=False)
+                raise
+            context.release()
+            return result
+
+        wrapper.lock_name = lock_name  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

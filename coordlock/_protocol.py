@@ -1,0 +1,84 @@
+"""The protocols a backend implements: :class:`RunCoordinator` and its optional extensions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ._lease import Lease
+
+
+@runtime_checkable
+class RunCoordinator(Protocol):
+    """What every backend provides. Units are seconds.
+
+    * ``acquire`` returns a :class:`Lease`, or ``None`` when the lock is held by someone else
+      (after waiting up to ``wait`` seconds; ``None``/``0`` = try once, ``math.inf`` = forever).
+    * ``release`` and ``extend`` are compare-and-act: they only touch the lock while it is still
+      owned by ``lease.owner`` and return ``False`` otherwise.
+    * ``claim(key, hold)`` is once-only: among all callers asking for ``key`` within ``hold``
+      seconds of the first success, exactly one gets ``True``.
+    * Server failures raise :class:`~coordlock.BackendUnavailable` after bounded retries.
+    """
+
+    def acquire(self, name: str, ttl: float, *, wait: float | None = None) -> Lease | None: ...
+
+    def release(self, lease: Lease) -> bool: ...
+
+    def extend(self, lease: Lease, ttl: float) -> bool: ...
+
+    def claim(self, key: str, hold: float) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ClaimsMany(Protocol):
+    """Optional: claim every key of a tick in one round trip."""
+
+    def claim_many(self, keys: Iterable[str], hold: float) -> set[str]: ...
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """One held lock, as listed by :meth:`ListsLocks.locks` (``expires_at``: epoch seconds)."""
+
+    name: str
+    owner: str
+    fence: int
+    expires_at: float | None
+
+
+@runtime_checkable
+class ListsLocks(Protocol):
+    """Optional: tell who holds what (used by ``coordlock locks``)."""
+
+    def locks(self) -> list[LockInfo]: ...
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run of a scheduled job, as kept in run history. Times are epoch seconds.
+
+    ``status`` is one of ``running``, ``finished``, ``failed``, ``stuck``.
+    ``run_id`` identifies the run; recording the same ``run_id`` again updates it.
+    """
+
+    run_id: str
+    job: str
+    tick: str
+    instance: str
+    started: float
+    finished: float | None = None
+    status: str = "running"
+    error: str | None = None
+
+
+@runtime_checkable
+class KeepsHistory(Protocol):
+    """Optional: store run history for the scheduler."""
+
+    def record_run(self, run: RunRecord) -> None: ...
+
+    def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]: ...

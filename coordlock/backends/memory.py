@@ -1,0 +1,158 @@
+"""``memory://name`` – locks shared by the threads of one process (tests, single-process apps).
+
+Every coordinator connected to the same ``memory://name`` in a process shares one lock table,
+so a test can play several instances. Nothing survives the process. Waiters are woken by a
+condition variable on release (no polling).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from .._base import BaseCoordinator
+from .._errors import ConfigurationError
+from .._protocol import LockInfo, RunRecord
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class _Held:
+    owner: str
+    fence: int
+    expires: float  # table clock
+
+
+@dataclass
+class _Table:
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    locks: dict[str, _Held] = field(default_factory=dict)
+    fences: dict[str, int] = field(default_factory=dict)
+    claims: dict[str, float] = field(default_factory=dict)
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+
+
+_tables: dict[str, _Table] = {}
+_tables_lock = threading.Lock()
+
+
+def _table(name: str) -> _Table:
+    with _tables_lock:
+        return _tables.setdefault(name, _Table())
+
+
+class MemoryCoordinator(BaseCoordinator):
+    """In-process coordinator. ``clock`` (seconds, default ``time.monotonic``) can be injected
+    to test clock jumps; expiry is judged by that clock."""
+
+    def __init__(self, name: str = "default", *, clock: Clock = time.monotonic, **kw: Any):
+        super().__init__(**kw)
+        self.name = name
+        self._clock = clock
+        self._t = _table(name)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> MemoryCoordinator:
+        parts = urlsplit(url)
+        if parts.scheme != "memory":
+            raise ConfigurationError(f"not a memory:// URL: {url!r}")
+        name = (parts.netloc + parts.path).strip("/") or "default"
+        return cls(name, **options)
+
+    def _live(self, name: str, now: float) -> _Held | None:
+        held = self._t.locks.get(name)
+        if held is not None and held.expires <= now:
+            del self._t.locks[name]
+            self._t.cond.notify_all()
+            return None
+        return held
+
+    def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
+        with self._t.cond:
+            now = self._clock()
+            held = self._live(name, now)
+            if held is not None:
+                return held.fence if held.owner == owner else None
+            fence = self._t.fences.get(name, 0) + 1
+            self._t.fences[name] = fence
+            self._t.locks[name] = _Held(owner, fence, now + ttl)
+            return fence
+
+    def _release(self, name: str, owner: str) -> bool:
+        with self._t.cond:
+            held = self._live(name, self._clock())
+            if held is None or held.owner != owner:
+                return False
+            del self._t.locks[name]
+            self._t.cond.notify_all()
+            return True
+
+    def _extend(self, name: str, owner: str, ttl: float) -> bool:
+        with self._t.cond:
+            now = self._clock()
+            held = self._live(name, now)
+            if held is None or held.owner != owner:
+                return False
+            held.expires = now + ttl
+            return True
+
+    def _wait_for_release(self, name: str, timeout: float) -> None:
+        with self._t.cond:
+            held = self._live(name, self._clock())
+            if held is None:
+                return
+            # Wake on release, or when the holder's ttl runs out (whichever is first).
+            self._t.cond.wait(min(timeout, max(held.expires - self._clock(), 0.0)))
+
+    def _acquire_waiting(
+        self, name: str, owner: str, ttl: float, deadline: float
+    ) -> tuple[int, float] | None:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            self._wait_for_release(name, deadline - now)
+            self._check_open()
+            started = time.monotonic()
+            fence = self._try_acquire(name, owner, ttl)
+            if fence is not None:
+                return fence, started
+
+    def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
+        with self._t.cond:
+            now = self._clock()
+            won = set()
+            for key in keys:
+                until = self._t.claims.get(key)
+                if until is None or until <= now:
+                    self._t.claims[key] = now + hold
+                    won.add(key)
+            return won
+
+    def locks(self) -> list[LockInfo]:
+        """Every live lock of this table."""
+        with self._t.cond:
+            now = self._clock()
+            wall = time.time()
+            return [
+                LockInfo(name, h.owner, h.fence, wall + (h.expires - now))
+                for name, h in sorted(self._t.locks.items())
+                if h.expires > now
+            ]
+
+    def record_run(self, run: RunRecord) -> None:
+        """Store or update ``run`` (keyed by ``run_id``)."""
+        with self._t.cond:
+            self._t.runs[run.run_id] = run
+
+    def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
+        """Newest runs first, optionally of one ``job``."""
+        with self._t.cond:
+            runs = [r for r in self._t.runs.values() if job is None or r.job == job]
+        runs.sort(key=lambda r: r.started, reverse=True)
+        return runs[:limit]
