@@ -1,0 +1,284 @@
+"""``sqlite:///path.db`` – locks shared by the processes of one host, in one SQLite file.
+
+The embedded default: no server, processes on one machine. WAL journal, every write in a
+``BEGIN IMMEDIATE`` transaction, ``synchronous=FULL`` so a committed fence survives a power
+loss (fences never regress). Expiry is judged with the host's ``CLOCK_MONOTONIC`` (shared by
+all processes of a boot) tagged with the kernel's boot id, so wall-clock jumps neither expire
+nor stretch a lease; after a reboot every lease is free (its holders are gone) and claims fall
+back to wall-clock expiry. Waiters poll (1 ms growing to 50 ms): SQLite cannot wake them.
+Not for network filesystems (NFS, SMB): their file locking breaks SQLite.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .._base import BaseCoordinator
+from .._errors import BackendUnavailable, ConfigurationError
+from .._protocol import LockInfo, RunRecord
+from .._validate import check_seconds
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS coordlock_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS coordlock_fences (name TEXT PRIMARY KEY, fence INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS coordlock_locks (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    fence INTEGER NOT NULL,
+    expires REAL NOT NULL,       -- CLOCK_MONOTONIC seconds of boot `boot`
+    expires_wall REAL NOT NULL,  -- the same instant as epoch seconds (for display)
+    boot TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS coordlock_claims (
+    key TEXT PRIMARY KEY,
+    expires REAL NOT NULL,
+    expires_wall REAL NOT NULL,
+    boot TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS coordlock_runs (
+    run_id TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    tick TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    started REAL NOT NULL,
+    finished REAL,
+    status TEXT NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS coordlock_runs_job ON coordlock_runs (job, started);
+"""
+
+#: Run-history rows kept per job; older ones are pruned as new runs are recorded.
+HISTORY_PER_JOB = 1000
+
+
+def boot_id() -> str:
+    """The kernel's boot id (Linux), else a stand-in that is stable for this boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return f"boot@{round(time.time() - time.monotonic())}"
+
+
+class SQLiteCoordinator(BaseCoordinator):
+    """Coordinator over one SQLite file. Options: ``timeout`` (seconds to wait for SQLite's
+    write lock, default 30), ``synchronous`` (``"full"`` default, or ``"normal"``: faster, but a
+    power loss may roll back the last fences), ``retry_deadline``."""
+
+    transient_errors = ()
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 30.0,
+        synchronous: str = "full",
+        clock: Callable[[], float] = time.monotonic,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.path = Path(path)
+        self.timeout = check_seconds(timeout, "timeout")
+        if str(synchronous).lower() not in ("full", "normal"):
+            raise ValueError("synchronous must be 'full' or 'normal'")
+        self._synchronous = str(synchronous).upper()
+        self._clock = clock
+        self._boot = boot_id()
+        self._guard = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        with self._tx() as db:  # create the schema now: a bad path fails at connect()
+            db.execute(
+                "INSERT OR IGNORE INTO coordlock_meta VALUES ('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteCoordinator:
+        """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``; query options
+        ``timeout`` and ``synchronous`` are accepted too."""
+        parts = urlsplit(url)
+        if parts.scheme != "sqlite" or parts.netloc:
+            raise ConfigurationError(
+                f"bad SQLite URL {url!r}: use sqlite:///relative.db or sqlite:////abs/path.db"
+            )
+        path = unquote(parts.path)[1:]
+        if not path or path.endswith("/"):
+            raise ConfigurationError(f"bad SQLite URL {url!r}: no file name")
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key == "timeout":
+                options.setdefault("timeout", float(value))
+            elif key == "synchronous":
+                options.setdefault("synchronous", value)
+            else:
+                raise ConfigurationError(
+                    f"unknown option {key!r} in SQLite URL; known: timeout, synchronous"
+                )
+        return cls(path, **options)
+
+    # -- connection --------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path.parent != Path("") and not self.path.parent.exists():
+            raise ConfigurationError(f"SQLite file {self.path}: folder does not exist")
+        conn = sqlite3.connect(
+            self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.executescript(_SCHEMA)
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction; SQLite errors become coordlock errors."""
+        with self._guard:
+            try:
+                if self._conn is None or self._pid != os.getpid():  # forked child: reconnect
+                    self._conn = self._connect()
+                    self._pid = os.getpid()
+                db = self._conn
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._reset()
+                text = str(exc)
+                if "locked" in text or "busy" in text:
+                    raise BackendUnavailable(
+                        f"SQLite file {self.path} stayed locked for {self.timeout:g}s: {exc}"
+                    ) from exc
+                raise ConfigurationError(f"SQLite file {self.path}: {exc}") from exc
+            except sqlite3.DatabaseError as exc:
+                self._reset()
+                raise ConfigurationError(
+                    f"SQLite file {self.path} is not a usable database: {exc}"
+                ) from exc
+
+    def _reset(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+        self._conn = None
+
+    def _close(self) -> None:
+        with self._guard:
+            self._reset()
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _live(self, expires: float, boot: str, now: float) -> bool:
+        return boot == self._boot and expires > now
+
+    def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
+        with self._tx() as db:
+            now = self._clock()
+            row = db.execute(
+                "SELECT owner, fence, expires, boot FROM coordlock_locks WHERE name = ?", (name,)
+            ).fetchone()
+            if row is not None and self._live(row[2], row[3], now):
+                return int(row[1]) if row[0] == owner else None
+            (fence,) = db.execute(
+                "INSERT INTO coordlock_fences VALUES (?, 1) ON CONFLICT (name) "
+                "DO UPDATE SET fence = fence + 1 RETURNING fence",
+                (name,),
+            ).fetchone()
+            db.execute(
+                "INSERT OR REPLACE INTO coordlock_locks VALUES (?, ?, ?, ?, ?, ?)",
+                (name, owner, fence, now + ttl, time.time() + ttl, self._boot),
+            )
+            return int(fence)
+
+    def _release(self, name: str, owner: str) -> bool:
+        with self._tx() as db:
+            row = db.execute(
+                "DELETE FROM coordlock_locks WHERE name = ? AND owner = ? RETURNING expires, boot",
+                (name, owner),
+            ).fetchone()
+            return row is not None and self._live(row[0], row[1], self._clock())
+
+    def _extend(self, name: str, owner: str, ttl: float) -> bool:
+        with self._tx() as db:
+            now = self._clock()
+            cur = db.execute(
+                "UPDATE coordlock_locks SET expires = ?, expires_wall = ? "
+                "WHERE name = ? AND owner = ? AND boot = ? AND expires > ?",
+                (now + ttl, time.time() + ttl, name, owner, self._boot, now),
+            )
+            return cur.rowcount == 1
+
+    def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
+        won: set[str] = set()
+        with self._tx() as db:
+            now, wall = self._clock(), time.time()
+            for key in keys:
+                # Free when expired on this boot's monotonic clock, or (after a reboot) by the
+                # wall clock.
+                cur = db.execute(
+                    "INSERT INTO coordlock_claims VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                    "SET expires = excluded.expires, expires_wall = excluded.expires_wall, "
+                    "boot = excluded.boot "
+                    "WHERE (boot = ? AND expires <= ?) OR (boot <> ? AND expires_wall <= ?)",
+                    (key, now + hold, wall + hold, self._boot, self._boot, now, self._boot, wall),
+                )
+                if cur.rowcount == 1:
+                    won.add(key)
+            if won and hash(min(won)) % 64 == 0:  # now and then, drop long-expired claims
+                db.execute(
+                    "DELETE FROM coordlock_claims WHERE expires_wall < ?", (wall - 86400,)
+                )
+        return won
+
+    # -- optional capabilities ---------------------------------------------------------------
+
+    def locks(self) -> list[LockInfo]:
+        """Every live lock in the file."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT name, owner, fence, expires_wall FROM coordlock_locks "
+                "WHERE boot = ? AND expires > ? ORDER BY name",
+                (self._boot, self._clock()),
+            ).fetchall()
+        return [LockInfo(r[0], r[1], int(r[2]), float(r[3])) for r in rows]
+
+    def record_run(self, run: RunRecord) -> None:
+        """Store or update ``run``; keeps the newest ``HISTORY_PER_JOB`` runs per job."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO coordlock_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run.run_id, run.job, run.tick, run.instance, run.started, run.finished,
+                 run.status, run.error),
+            )
+            db.execute(
+                "DELETE FROM coordlock_runs WHERE job = ? AND run_id NOT IN (SELECT run_id FROM "
+                "coordlock_runs WHERE job = ? ORDER BY started DESC LIMIT ?)",
+                (run.job, run.job, HISTORY_PER_JOB),
+            )
+
+    def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
+        """Newest runs first, optionally of one ``job``."""
+        query = "SELECT * FROM coordlock_runs"
+        args: tuple[Any, ...] = ()
+        if job is not None:
+            query += " WHERE job = ?"
+            args = (job,)
+        query += " ORDER BY started DESC LIMIT ?"
+        with self._tx() as db:
+            rows = db.execute(query, (*args, int(limit))).fetchall()
+        return [RunRecord(*row) for row in rows]

@@ -1,0 +1,420 @@
+"""The backend contract suite: one set of behaviours every backend must pass (tooz style).
+
+Use it from a test module::
+
+    from coordlock.testing.contract import CoordinatorContract
+
+    class TestContract(CoordinatorContract):
+        pass
+
+It needs a ``backend_url`` fixture giving a fresh, isolated URL per test; the pytest plugin in
+:mod:`coordlock.testing.plugin` provides one for every built-in backend. A third-party backend
+passes the suite by providing its own ``backend_url`` fixture.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .. import LockLost, LockNotAcquired, connect
+from .._base import BaseCoordinator
+from .._lease import Lease
+from .._protocol import KeepsHistory, ListsLocks, RunCoordinator, RunRecord
+from .fenced import run_fenced
+
+#: Upper bound for polling loops in this suite (seconds). Bounds, never assertions on time.
+PATIENCE = 15.0
+
+
+def eventually(predicate: Callable[[], bool], within: float = PATIENCE, step: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``within`` seconds pass; return the last result."""
+    stop = time.monotonic() + within
+    while time.monotonic() < stop:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def _forge(lease: Lease, coordinator: BaseCoordinator) -> Lease:
+    """A lease object naming ``lease``'s lock but with another owner token."""
+    return Lease(coordinator, lease.name, "f" * 32, lease.fence, lease.ttl, time.monotonic())
+
+
+CLAIM_SCRIPT = """
+import sys
+from coordlock import connect
+c = connect(sys.argv[1])
+try:
+    sys.stdin.readline()  # start together
+    print("WON" if c.claim(sys.argv[2], 30) else "LOST", flush=True)
+finally:
+    c.close()
+"""
+
+
+class CoordinatorContract:
+    """Behaviours every backend promises. Units are seconds throughout."""
+
+    @pytest.fixture
+    def coordinator(self, backend_url: str) -> Iterator[RunCoordinator]:
+        c = connect(backend_url)
+        yield c
+        c.close()
+
+    @pytest.fixture
+    def other(self, backend_url: str) -> Iterator[RunCoordinator]:
+        """A second coordinator on the same backend: plays another instance."""
+        c = connect(backend_url)
+        yield c
+        c.close()
+
+    # -- basics ------------------------------------------------------------------------------
+
+    def test_acquire_release_roundtrip(self, coordinator: RunCoordinator) -> None:
+        lease = coordinator.acquire("basic", 10)
+        assert isinstance(lease, Lease)
+        assert lease.name == "basic" and isinstance(lease.fence, int) and lease.fence > 0
+        assert not lease.lost and lease.expires_at > time.time()
+        assert coordinator.acquire("basic", 10) is None
+        assert lease.release() is True
+        assert lease.release() is False  # twice: nothing left to release
+        again = coordinator.acquire("basic", 10)
+        assert again is not None and again.fence > lease.fence
+        assert again.owner != lease.owner
+        again.release()
+
+    def test_names_are_independent(self, coordinator: RunCoordinator) -> None:
+        first = coordinator.acquire("one", 10)
+        second = coordinator.acquire("two", 10)
+        assert first is not None and second is not None
+        first.release()
+        second.release()
+
+    @pytest.mark.parametrize(
+        "name", ["with/slash", "colon:and {braces}", "ünïcødé ☃", "x" * 512, " lead", "a\\b"]
+    )
+    def test_awkward_names(self, coordinator: RunCoordinator, name: str) -> None:
+        lease = coordinator.acquire(name, 10)
+        assert lease is not None and lease.name == name
+        assert coordinator.acquire(name, 10) is None
+        assert lease.release()
+
+    def test_owner_is_unique_per_acquisition(self, coordinator: RunCoordinator) -> None:
+        owners = set()
+        for _ in range(5):
+            lease = coordinator.acquire("owners", 10)
+            assert lease is not None
+            owners.add(lease.owner)
+            lease.release()
+        assert len(owners) == 5
+
+    def test_fence_increases_across_coordinators(self, backend_url: str) -> None:
+        fences = []
+        for _ in range(3):  # a client restart is a new coordinator
+            c = connect(backend_url)
+            try:
+                lease = c.acquire("restarts", 10)
+                assert lease is not None
+                fences.append(lease.fence)
+                lease.release()
+            finally:
+                c.close()
+        assert fences == sorted(fences) and len(set(fences)) == 3
+
+    def test_bad_input_raises_at_the_call(self, coordinator: RunCoordinator) -> None:
+        with pytest.raises(ValueError):
+            coordinator.acquire("", 10)
+        with pytest.raises(TypeError):
+            coordinator.acquire(42, 10)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            coordinator.acquire("x", 0)
+        with pytest.raises(ValueError):
+            coordinator.acquire("x", -1)
+        with pytest.raises(ValueError):
+            coordinator.acquire("x", 1, wait=-1)
+        with pytest.raises(ValueError):
+            coordinator.claim("", 10)
+        with pytest.raises(ValueError):
+            coordinator.claim("k", 0)
+        assert coordinator.acquire("x", 1) is not None  # nothing was left behind
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def test_non_owner_release_and_extend_do_nothing(
+        self, coordinator: BaseCoordinator, other: BaseCoordinator
+    ) -> None:
+        lease = coordinator.acquire("owned", 10)
+        assert lease is not None
+        for who in (coordinator, other):
+            forged = _forge(lease, who)
+            assert who.release(forged) is False
+            assert who.extend(_forge(lease, who), 10) is False
+        assert other.acquire("owned", 10) is None  # still held by the real owner
+        assert not lease.lost
+        assert lease.release() is True
+
+    def test_release_after_takeover_returns_false(
+        self, coordinator: RunCoordinator, other: RunCoordinator
+    ) -> None:
+        stale = coordinator.acquire("takeover", 0.3, renew=False)  # type: ignore[call-arg]
+        assert stale is not None
+        fresh = None
+
+        def take() -> bool:
+            nonlocal fresh
+            fresh = other.acquire("takeover", 10)
+            return fresh is not None
+
+        assert eventually(take), "the lock was not free after its ttl"
+        assert fresh is not None and fresh.fence > stale.fence
+        assert stale.lost
+        assert stale.release() is False
+        assert stale.extend() is False
+        assert other.acquire("takeover", 10) is None  # the stale holder deleted nothing
+        assert fresh.release() is True
+
+    # -- ttl, renewal, loss ------------------------------------------------------------------
+
+    def test_ttl_expiry_lets_another_owner_in(
+        self, coordinator: RunCoordinator, other: RunCoordinator
+    ) -> None:
+        lost = threading.Event()
+        lease = coordinator.acquire("expiring", 0.5, renew=False)  # type: ignore[call-arg]
+        assert lease is not None
+        lease.on_lost(lambda _: lost.set())
+        assert other.acquire("expiring", 10) is None
+        assert lost.wait(PATIENCE), "on_lost did not fire after the ttl elapsed"
+        assert lease.lost
+        taken = []
+        assert eventually(lambda: bool(taken.append(other.acquire("expiring", 10)) or taken[-1]))
+        assert taken[-1].fence > lease.fence
+
+    def test_renewal_keeps_lock_past_ttl(
+        self, coordinator: RunCoordinator, other: RunCoordinator
+    ) -> None:
+        lease = coordinator.acquire("renewed", 0.6)
+        assert lease is not None
+        stop = time.monotonic() + 2.0  # > 3 ttls
+        while time.monotonic() < stop:
+            assert other.acquire("renewed", 10) is None
+            time.sleep(0.1)
+        assert not lease.lost
+        assert lease.release() is True
+
+    def test_holder_that_stops_renewing_loses_the_lock(
+        self, coordinator: RunCoordinator, other: RunCoordinator
+    ) -> None:
+        lease = coordinator.acquire("stops", 0.6)
+        assert lease is not None
+        seen: list[Lease] = []
+        lease.on_lost(seen.append)
+        lease.renew = False  # the holder stops renewing (as a hung holder would)
+        assert eventually(lambda: lease.lost), "lease never turned lost"
+        assert eventually(lambda: seen == [lease]), "on_lost callback did not run once"
+        taken: list[Lease | None] = []
+        assert eventually(lambda: bool(taken.append(other.acquire("stops", 10)) or taken[-1]))
+        assert lease.extend() is False
+
+    def test_extend_moves_expiry(self, coordinator: RunCoordinator) -> None:
+        lease = coordinator.acquire("extend", 1, renew=False)  # type: ignore[call-arg]
+        assert lease is not None
+        before = lease.expires_at
+        assert lease.extend(30) is True
+        assert lease.expires_at > before + 20
+        assert lease.ttl == 30
+        time.sleep(1.2)  # past the original ttl: the extension must hold
+        assert not lease.lost
+        assert coordinator.acquire("extend", 1) is None
+        assert lease.release() is True
+
+    def test_on_lost_after_loss_fires_at_once(self, coordinator: RunCoordinator) -> None:
+        lease = coordinator.acquire("late-callback", 0.2, renew=False)  # type: ignore[call-arg]
+        assert lease is not None
+        assert eventually(lambda: lease._lost)
+        seen: list[Lease] = []
+        lease.on_lost(seen.append)
+        assert seen == [lease]
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    def test_wait_times_out(self, coordinator: RunCoordinator, other: RunCoordinator) -> None:
+        lease = coordinator.acquire("busy", 30)
+        assert lease is not None
+        assert other.acquire("busy", 10, wait=0.3) is None
+        with pytest.raises(LockNotAcquired):
+            with other.lock("busy", 10, wait=0.3):  # type: ignore[attr-defined]
+                pass
+        with pytest.raises(LockNotAcquired):
+            with other.lock("busy", 10):  # type: ignore[attr-defined]
+                pass
+        assert lease.release()
+
+    def test_waiter_gets_lock_when_released(
+        self, coordinator: RunCoordinator, other: RunCoordinator
+    ) -> None:
+        lease = coordinator.acquire("handoff", 30)
+        assert lease is not None
+        timer = threading.Timer(0.3, lease.release)
+        timer.start()
+        try:
+            waited = other.acquire("handoff", 10, wait=PATIENCE)
+        finally:
+            timer.join()
+        assert waited is not None and waited.fence > lease.fence
+        waited.release()
+
+    def test_waiter_gets_lock_when_holder_expires(
+        self, coordinator: RunCoordinator, other: RunCoordinator
+    ) -> None:
+        lease = coordinator.acquire("dead-holder", 0.5, renew=False)  # type: ignore[call-arg]
+        assert lease is not None
+        waited = other.acquire("dead-holder", 10, wait=PATIENCE)
+        assert waited is not None and waited.fence > lease.fence
+        waited.release()
+
+    def test_wait_forever(self, coordinator: RunCoordinator, other: RunCoordinator) -> None:
+        lease = coordinator.acquire("forever", 30)
+        assert lease is not None
+        threading.Timer(0.2, lease.release).start()
+        waited = other.acquire("forever", 10, wait=math.inf)
+        assert waited is not None
+        waited.release()
+
+    # -- the context manager -----------------------------------------------------------------
+
+    def test_lock_context_releases(self, coordinator: BaseCoordinator) -> None:
+        with coordinator.lock("ctx", 10) as lease:
+            assert coordinator.acquire("ctx", 10) is None
+        assert lease.released
+        again = coordinator.acquire("ctx", 10)
+        assert again is not None
+        again.release()
+
+    def test_lock_context_raises_lock_lost(
+        self, coordinator: BaseCoordinator, other: BaseCoordinator
+    ) -> None:
+        with pytest.raises(LockLost):
+            with coordinator.lock("lost-ctx", 0.3, renew=False):
+                assert eventually(lambda: other.acquire("lost-ctx", 10) is not None)
+
+    def test_lock_context_keeps_user_exception(self, coordinator: BaseCoordinator) -> None:
+        with pytest.raises(KeyError):
+            with coordinator.lock("boom", 10):
+                raise KeyError("mine")
+        lease = coordinator.acquire("boom", 10)
+        assert lease is not None  # released despite the error
+        lease.release()
+
+    # -- claims ------------------------------------------------------------------------------
+
+    def test_claim_is_once_only(self, coordinator: RunCoordinator, other: RunCoordinator) -> None:
+        assert coordinator.claim("job@2026-01-01T00:00:00Z", 30) is True
+        assert coordinator.claim("job@2026-01-01T00:00:00Z", 30) is False
+        assert other.claim("job@2026-01-01T00:00:00Z", 30) is False
+        assert other.claim("job@2026-01-01T00:01:00Z", 30) is True
+
+    def test_claim_expires_after_hold(self, coordinator: RunCoordinator) -> None:
+        assert coordinator.claim("short", 0.3) is True
+        assert coordinator.claim("short", 0.3) is False
+        assert eventually(lambda: coordinator.claim("short", 30))
+
+    def test_claim_many(self, coordinator: BaseCoordinator, other: BaseCoordinator) -> None:
+        keys = [f"tick-job{i}@2026-01-01T00:00:00Z" for i in range(50)]
+        assert coordinator.claim("tick-job3@2026-01-01T00:00:00Z", 30)
+        won = coordinator.claim_many(keys, 30)
+        assert won == set(keys) - {"tick-job3@2026-01-01T00:00:00Z"}
+        assert other.claim_many(keys, 30) == set()
+        assert coordinator.claim_many([], 30) == set()
+        with pytest.raises(TypeError):
+            coordinator.claim_many("a-string", 30)
+
+    def test_claim_once_across_concurrent_processes(
+        self, backend_url: str, coordinator: RunCoordinator
+    ) -> None:
+        key = "race@2026-01-01T00:00:00Z"
+        if backend_url.startswith("memory://"):
+            results: list[bool] = []
+            barrier = threading.Barrier(8)
+
+            def claim() -> None:
+                c = connect(backend_url)
+                barrier.wait()
+                results.append(c.claim(key, 30))
+                c.close()
+
+            threads = [threading.Thread(target=claim) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(PATIENCE)
+            assert sorted(results) == [False] * 7 + [True]
+            return
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CLAIM_SCRIPT, backend_url, key],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for _ in range(8)
+        ]
+        time.sleep(0.5)  # let them import and connect (the claim itself waits for the go)
+        outputs = []
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            outputs.append(out.strip())
+        assert sorted(outputs) == ["LOST"] * 7 + ["WON"]
+
+    # -- mutual exclusion under load ---------------------------------------------------------
+
+    def test_mutual_exclusion_fenced_register(self, backend_url: str, tmp_path: Path) -> None:
+        report = run_fenced(backend_url, tmp_path, workers=8, iterations=500, ttl=10, wait=60)
+        print(f"\n[{backend_url.split(':')[0]}] fenced register: {report.summary()}")
+        assert report.acquisitions == 8 * 500
+        assert report.writes_accepted == 8 * 500 and report.writes_rejected == 0
+        assert report.final_value == 8 * 500
+        assert report.c1_overlaps == 0
+        assert report.c2_stale_accepted == 0
+        assert report.c3_lost_updates == 0
+        assert report.c4_fence_inversions == 0
+
+    # -- optional capabilities ---------------------------------------------------------------
+
+    def test_locks_listing(self, coordinator: RunCoordinator) -> None:
+        if not isinstance(coordinator, ListsLocks):
+            pytest.skip("this backend cannot list held locks")  # declared, not hidden
+        lease = coordinator.acquire("listed", 10)
+        assert lease is not None
+        held = {info.name: info for info in coordinator.locks()}
+        assert "listed" in held and held["listed"].fence == lease.fence
+        assert held["listed"].owner == lease.owner
+        lease.release()
+        assert "listed" not in {info.name for info in coordinator.locks()}
+
+    def test_run_history(self, coordinator: RunCoordinator) -> None:
+        if not isinstance(coordinator, KeepsHistory):
+            pytest.skip("this backend keeps no run history")  # declared, not hidden
+        base = time.time()
+        for i in range(3):
+            coordinator.record_run(RunRecord(f"r{i}", "job-a", f"t{i}", "inst", base + i))
+        coordinator.record_run(RunRecord("r1", "job-a", "t1", "inst", base + 1, base + 2,
+                                         "failed", "boom"))
+        coordinator.record_run(RunRecord("x", "job-b", "t0", "inst", base))
+        runs = coordinator.history("job-a")
+        assert [r.run_id for r in runs] == ["r2", "r1", "r0"]
+        assert runs[1].status == "failed" and runs[1].error == "boom"
+        assert runs[1].finished == pytest.approx(base + 2)
+        assert len(coordinator.history(limit=2)) == 2
+        assert {r.job for r in coordinator.history()} == {"job-a", "job-b"}
