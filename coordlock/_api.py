@@ -57,7 +57,10 @@ def configure(target: str | RunCoordinator, **options: Any) -> RunCoordinator:
 
 
 def get_coordinator() -> RunCoordinator:
-    """The configured coordinator; else one built from ``$COORDLOCK_URL``; else ``NotConfigured``."""
+    """The configured coordinator, else one built from ``$COORDLOCK_URL``.
+
+    Raises :class:`NotConfigured` (with a hint on how to configure) when there is neither.
+    """
     global _global_from_env
     with _global_lock:
         if _global is not None:

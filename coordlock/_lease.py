@@ -138,7 +138,7 @@ class Lease:
         self.on_state(on_state)
 
     def on_state(self, callback: StateCallback) -> None:
-        """Call ``callback(lease, state)`` on each change: ``"at-risk"``, ``"restored"``, ``"lost"``.
+        """Call ``callback(lease, state)`` on each change: ``at-risk``, ``restored``, ``lost``.
 
         ``"at-risk"`` means the backend cannot currently confirm the lease (a ZooKeeper
         connection SUSPENDED, a renewal failing while the TTL still runs); ``"lost"`` follows if

@@ -11,7 +11,7 @@ MAX_NAME_LENGTH = 512
 
 
 def check_name(name: object, what: str = "name") -> str:
-    """Return ``name`` if it is a usable lock or job name, else raise ``TypeError``/``ValueError``."""
+    """Return ``name`` if it is a usable lock or job name; else ``TypeError``/``ValueError``."""
     if not isinstance(name, str):
         raise TypeError(f"{what} must be a str, not {type(name).__name__}")
     if not name or not name.strip():
@@ -24,7 +24,7 @@ def check_name(name: object, what: str = "name") -> str:
 
 
 def check_names(names: Iterable[object], what: str = "key") -> list[str]:
-    """Check every name of ``names``; a plain ``str`` is refused (it would be split into letters)."""
+    """Check every name of ``names``; a plain ``str`` is refused (it would split into letters)."""
     if isinstance(names, str):
         raise TypeError(f"expected an iterable of {what}s, not a single str")
     return [check_name(n, what) for n in names]

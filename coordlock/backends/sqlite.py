@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -171,10 +171,8 @@ class SQLiteCoordinator(BaseCoordinator):
 
     def _reset(self) -> None:
         if self._conn is not None:
-            try:
+            with suppress(sqlite3.Error):
                 self._conn.close()
-            except sqlite3.Error:
-                pass
         self._conn = None
 
     def _close(self) -> None:

@@ -44,6 +44,17 @@ def eventually(predicate: Callable[[], bool], within: float = PATIENCE, step: fl
     return predicate()
 
 
+def acquire_eventually(coordinator: RunCoordinator, name: str, ttl: float = 10) -> Lease:
+    """Try to take ``name`` until it works (bounded by :data:`PATIENCE`); fail the test if not."""
+    stop = time.monotonic() + PATIENCE
+    while time.monotonic() < stop:
+        lease = coordinator.acquire(name, ttl)
+        if lease is not None:
+            return lease
+        time.sleep(0.02)
+    pytest.fail(f"lock {name!r} never became free within {PATIENCE}s")
+
+
 def _forge(lease: Lease, coordinator: BaseCoordinator) -> Lease:
     """A lease object naming ``lease``'s lock but with another owner token."""
     return Lease(coordinator, lease.name, "f" * 32, lease.fence, lease.ttl, time.monotonic())
@@ -194,9 +205,7 @@ class CoordinatorContract:
         assert other.acquire("expiring", 10) is None
         assert lost.wait(PATIENCE), "on_lost did not fire after the ttl elapsed"
         assert lease.lost
-        taken = []
-        assert eventually(lambda: bool(taken.append(other.acquire("expiring", 10)) or taken[-1]))
-        assert taken[-1].fence > lease.fence
+        assert acquire_eventually(other, "expiring").fence > lease.fence
 
     def test_renewal_keeps_lock_past_ttl(
         self, coordinator: RunCoordinator, other: RunCoordinator
@@ -220,8 +229,7 @@ class CoordinatorContract:
         lease.renew = False  # the holder stops renewing (as a hung holder would)
         assert eventually(lambda: lease.lost), "lease never turned lost"
         assert eventually(lambda: seen == [lease]), "on_lost callback did not run once"
-        taken: list[Lease | None] = []
-        assert eventually(lambda: bool(taken.append(other.acquire("stops", 10)) or taken[-1]))
+        assert acquire_eventually(other, "stops").fence > lease.fence
         assert lease.extend() is False
 
     def test_extend_moves_expiry(self, coordinator: RunCoordinator) -> None:
