@@ -43,6 +43,10 @@ class BaseCoordinator(ABC):
       :class:`~coordlock.BackendUnavailable` (default 10).
     """
 
+    #: True when ``_wait_for_release`` returns as soon as the lock may be free (a wake-up or a
+    #: cheap check of its own); then it is given the whole remaining wait at once.
+    wakes_waiters: ClassVar[bool] = False
+
     #: Errors of the driver that are worth retrying (connection refused, timeouts).
     transient_errors: ClassVar[tuple[type[BaseException], ...]] = ()
 
@@ -95,6 +99,7 @@ class BaseCoordinator(ABC):
         if lease.released:
             return False
         lease._mark_released()
+        self._renewer.forget(lease)
         ok = self._release(lease.name, lease.owner)
         if not ok and not lease._lost:
             log.warning(
@@ -208,8 +213,11 @@ class BaseCoordinator(ABC):
             now = time.monotonic()
             if now >= deadline:
                 return None
-            self._wait_for_release(name, min(deadline - now, interval) if interval else 0.0)
-            interval = min(interval * 2, POLL_MAX)
+            if self.wakes_waiters:
+                self._wait_for_release(name, deadline - now)
+            else:
+                self._wait_for_release(name, min(deadline - now, interval))
+                interval = min(interval * 2, POLL_MAX)
             self._check_open()
             started = time.monotonic()
             fence = self._try_acquire(name, owner, ttl)

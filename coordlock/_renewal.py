@@ -38,6 +38,7 @@ class Renewer:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._forgotten = 0  # releases since the heap was last compacted
 
     def watch(self, lease: Lease) -> None:
         """Start renewing (or watching) ``lease``."""
@@ -50,7 +51,17 @@ class Renewer:
                     target=self._run, name=f"coordlock-renewer-{id(self):x}", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            if self._heap[0][2] is lease:  # only an earlier deadline needs the thread's attention
+                self._cond.notify()
+
+    def forget(self, lease: Lease) -> None:
+        """``lease`` was released: drop it (lazily; the heap is compacted when mostly dead)."""
+        with self._cond:
+            self._forgotten += 1
+            if self._forgotten >= 1024:
+                self._forgotten = 0
+                self._heap = [e for e in self._heap if not (e[2].released or e[2]._lost)]
+                heapq.heapify(self._heap)
 
     def stop(self) -> None:
         """Stop the thread; leases are no longer renewed."""

@@ -76,6 +76,11 @@ class SQLiteCoordinator(BaseCoordinator):
     power loss may roll back the last fences), ``retry_deadline``."""
 
     transient_errors = ()
+    wakes_waiters = True  # waiters poll with cheap WAL reads, not write transactions
+
+    #: Bounds of the read-only poll of a waiter (seconds).
+    POLL_MIN = 0.0005
+    POLL_MAX = 0.004
 
     def __init__(
         self,
@@ -220,6 +225,29 @@ class SQLiteCoordinator(BaseCoordinator):
                 (now + ttl, time.time() + ttl, name, owner, self._boot, now),
             )
             return cur.rowcount == 1
+
+    def _wait_for_release(self, name: str, timeout: float) -> None:
+        """Poll with plain reads (they never block writers under WAL) until ``name`` looks free
+        or ``timeout`` seconds pass; the caller then tries a real acquire."""
+        stop = time.monotonic() + timeout
+        interval = self.POLL_MIN
+        while True:
+            with self._guard:
+                if self._conn is None or self._pid != os.getpid():
+                    return  # let the next acquire (re)connect and report errors
+                try:
+                    row = self._conn.execute(
+                        "SELECT expires, boot FROM coordlock_locks WHERE name = ?", (name,)
+                    ).fetchone()
+                except sqlite3.Error:
+                    return
+            if row is None or not self._live(row[0], row[1], self._clock()):
+                return
+            left = stop - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(interval, left))
+            interval = min(interval * 2, self.POLL_MAX)
 
     def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
         won: set[str] = set()
