@@ -5,8 +5,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 from ._errors import CoordlockError
@@ -19,6 +21,16 @@ log = logging.getLogger("coordlock")
 
 #: A lease is renewed when a third of its ttl has passed, as the design promises.
 RENEW_FRACTION = 1 / 3
+
+
+_renewers: weakref.WeakSet[Renewer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no renewal thread: start afresh there (the parent keeps renewing its
+    own leases; the child renews what it acquires itself)."""
+    for renewer in list(_renewers):
+        renewer._reset_after_fork()
 
 
 class Renewer:
@@ -39,6 +51,12 @@ class Renewer:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._forgotten = 0  # releases since the heap was last compacted
+        _renewers.add(self)
+
+    def _reset_after_fork(self) -> None:
+        self._cond = threading.Condition()
+        self._heap = []
+        self._thread = None
 
     def watch(self, lease: Lease) -> None:
         """Start renewing (or watching) ``lease``."""
@@ -128,3 +146,7 @@ class Renewer:
         with self._cond:
             if not self._stopped:
                 self._push(lease, now)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

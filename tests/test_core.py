@@ -564,3 +564,24 @@ def test_expires_at_is_wall_clock(mem: MemoryCoordinator) -> None:
     lease = mem.acquire("wall", 60)
     assert lease is not None
     assert before + 59 < lease.expires_at <= time.time() + 60
+
+
+def test_fork_child_renews_its_own_leases(mem: MemoryCoordinator, tmp_path: Any) -> None:
+    """After fork() the child has a working renewal thread (no silent loss, no deadlock)."""
+    import os
+
+    parent = mem.acquire("parent", 0.6)
+    assert parent is not None
+    out = tmp_path / "child.txt"
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            child = mem.acquire("child", 0.3)
+            time.sleep(1.0)  # > 3 ttls: renewal must keep it
+            out.write_text("ok" if child is not None and not child.lost else "lost")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert out.read_text() == "ok"
+    assert not parent.lost
+    parent.release()
