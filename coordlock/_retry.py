@@ -11,7 +11,8 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from ._errors import BackendUnavailable
@@ -40,7 +41,7 @@ def call_with_retry(
 
     retrying = Retrying(
         stop=stop_after_delay(max(deadline, 0.0)),
-        wait=wait_exponential_jitter(initial=0.05, max=1.0, jitter=0.05),
+        wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
         retry=retry_if_exception_type(transient),
         before_sleep=before_sleep,
         reraise=True,
