@@ -1,0 +1,605 @@
+"""``redis://``, ``rediss://``, ``unix://`` and ``redis+sentinel://`` – locks in Redis.
+
+* **acquire**: one ``EVALSHA`` running ``SET lock owner NX PX ttl`` and, when it wins, bumping
+  the fence to ``max(stored + 1, server TIME in µs, client floor + 1)``, so fences keep
+  increasing even after Redis restarts without persistence (see docs/backends/redis.md for
+  what that does and does not promise). A retried call that finds ``owner`` already holding
+  the lock returns the same fence.
+* **release**: one ``EVALSHA``: compare-and-delete that also pushes a token onto the name's wait
+  list, which wakes one waiter blocked in ``BLPOP`` at once.
+* **extend**: compare-and-``PEXPIRE``.
+* **waiting**: ``BLPOP`` on the wait list, bounded by the holder's remaining PTTL (so a dead
+  holder's expiry is noticed) and by the caller's deadline; no polling. Each waiting thread
+  blocks on a connection of its own (a second pool), never on the command pool.
+* **keys**: the lock, fence and wait-list keys of a name share the hash tag
+  ``{<prefix><name>}``; claims and run history use keys that share one fixed hash tag each, so
+  every script touches a single Cluster slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from .._base import BaseCoordinator
+from .._errors import BackendUnavailable, ConfigurationError
+from .._protocol import LockInfo, RunRecord
+from .._registry import missing_driver, redact
+from .._retry import call_with_retry
+from . import _redis_scripts as lua
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.commands.core import Script
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
+    from redis.exceptions import (
+        AuthenticationError,
+        AuthorizationError,
+        BusyLoadingError,
+        NoScriptError,
+        ReadOnlyError,
+        TryAgainError,
+    )
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.retry import Retry
+    from redis.sentinel import Sentinel
+except ImportError as exc:  # pragma: no cover - exercised without the extra installed
+    raise missing_driver("redis", "redis", "redis") from exc
+
+log = logging.getLogger("coordlock")
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "coordlock:"
+DEFAULT_SOCKET_TIMEOUT = 2.0
+DEFAULT_CONNECT_TIMEOUT = 2.0
+DEFAULT_HISTORY_LIMIT = 1000
+DEFAULT_SENTINEL_PORT = 26379
+
+#: Longest single BLPOP; a waiter re-checks the lock at least this often (not polling: it is
+#: woken at once by a release, this only bounds how long one blocked call may last).
+MAX_BLOCK = 10.0
+#: Extra time a waiter blocks past the holder's PTTL before looking again (ms rounding).
+EXPIRY_SLACK = 0.002
+#: How long a wake token lives in the wait list when nobody is blocked (ms).
+WAKE_TOKEN_MS = 10_000
+#: How long the "someone is waiting" flag stays up after a failed attempt (ms): longer than
+#: the longest BLPOP, so a waiter is always woken by the release that follows its attempt.
+WAITERS_FLAG_MS = int(MAX_BLOCK * 1000) + 5_000
+#: Highest fences this process saw, by name, passed as a floor (bounded).
+SEEN_FENCES_MAX = 4096
+SCAN_COUNT = 500
+
+#: Options coordlock itself reads from the URL query (or from_url keyword arguments).
+OWN_OPTIONS = frozenset({"prefix", "retry_deadline", "history_limit"})
+#: redis-py connection options accepted in the URL query of redis://, rediss://, unix://.
+REDIS_URL_OPTIONS = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
+    "client_name",
+    "username",
+    "password",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_password",
+    "ssl_ciphers",
+}
+#: Options of redis+sentinel:// URLs.
+SENTINEL_URL_OPTIONS = frozenset(
+    {
+        "db",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "client_name",
+        "sentinel_username",
+        "sentinel_password",
+        "max_connections",
+    }
+)
+
+_GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+
+
+def _no_retry() -> Retry:
+    """redis-py must not retry on its own: coordlock's bounded tenacity retry does that."""
+    return Retry(NoBackoff(), 0)
+
+
+def _ms(seconds: float) -> int:
+    """Seconds → whole milliseconds, rounded up so the server never expires a key earlier
+    than the client believes it holds it."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisCoordinator(BaseCoordinator):
+    """Locks, claims and run history in one Redis (standalone or behind Sentinel).
+
+    Build it from a URL with :func:`coordlock.connect` (see :meth:`from_url`), or pass a ready
+    ``redis.Redis`` client (e.g. ``fakeredis.FakeRedis``) as ``client``. ``wait_client`` serves
+    the blocking ``BLPOP`` of waiters; it must talk to the same server and have a socket timeout
+    longer than ``MAX_BLOCK`` (default: ``client`` itself, fine for fakeredis and tests).
+    """
+
+    transient_errors: ClassVar[tuple[type[BaseException], ...]] = (
+        RedisConnectionError,
+        RedisTimeoutError,
+        BusyLoadingError,
+        ReadOnlyError,
+        TryAgainError,
+    )
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        wait_client: redis.Redis | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        retry_deadline: float = 10.0,
+        description: str = "",
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(retry_deadline=retry_deadline)
+        self.prefix = _check_prefix(prefix)
+        if isinstance(history_limit, bool) or not isinstance(history_limit, int):
+            raise ConfigurationError("history_limit must be an int")
+        if history_limit < 1:
+            raise ConfigurationError("history_limit must be >= 1")
+        self.history_limit = history_limit
+        self.client = client
+        self.wait_client = wait_client if wait_client is not None else client
+        self.description = description or repr(client)
+        self._on_close = on_close
+        self._acquire_script: Script = client.register_script(lua.ACQUIRE)
+        self._release_script: Script = client.register_script(lua.RELEASE)
+        self._extend_script: Script = client.register_script(lua.EXTEND)
+        self._claim_script: Script = client.register_script(lua.CLAIM_MANY)
+        self._record_script: Script = client.register_script(lua.RECORD_RUN)
+        self._history_script: Script = client.register_script(lua.HISTORY)
+        self._local = threading.local()
+        self._seen: dict[str, int] = {}
+        p = self.prefix
+        self._claim_prefix = f"{p}claim:{{claims}}:"
+        self._run_prefix = f"{p}run:{{runs}}:"
+        self._job_index_prefix = f"{p}runs:{{runs}}:job:"
+        self._all_index = f"{p}runs:{{runs}}:all"
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisCoordinator:
+        """Connect to ``url``:
+
+        * ``redis://[[user]:password@]host[:port][/db]``, ``rediss://…`` (TLS),
+          ``unix://[[user]:password@]/path/to/redis.sock[?db=N]``;
+        * ``redis+sentinel://[[user]:password@]host[:port][,host2[:port2]…]/master_name[/db]``
+          (sentinel port defaults to 26379; the password is the master's, a sentinel password
+          goes in ``?sentinel_password=``).
+
+        Query options (or keyword arguments): ``prefix`` (key prefix, default
+        ``"coordlock:"``), ``retry_deadline`` (seconds), ``history_limit`` (runs kept per job),
+        and redis-py connection options (``socket_timeout`` – default 5 s,
+        ``socket_connect_timeout`` – default 2 s, ``db``, ``client_name``, ``ssl_*``, …).
+        Unknown options raise :class:`ConfigurationError`.
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
+            raise ConfigurationError(f"not a Redis URL: {redact(url)!r}")
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        allowed = SENTINEL_URL_OPTIONS if scheme == "redis+sentinel" else REDIS_URL_OPTIONS
+        unknown = sorted((set(query) | set(options)) - allowed - OWN_OPTIONS)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown option(s) for {scheme}:// URL {redact(url)!r}: {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(allowed | OWN_OPTIONS))}"
+            )
+        merged: dict[str, Any] = {**query, **options}
+        own = {k: merged.pop(k) for k in list(merged) if k in OWN_OPTIONS}
+        prefix = own.get("prefix", DEFAULT_PREFIX)
+        kwargs: dict[str, Any] = {"prefix": prefix}
+        if "retry_deadline" in own:
+            kwargs["retry_deadline"] = _number(own["retry_deadline"], "retry_deadline", float)
+        if "history_limit" in own:
+            kwargs["history_limit"] = _number(own["history_limit"], "history_limit", int)
+        socket_timeout = _number(
+            merged.pop("socket_timeout", DEFAULT_SOCKET_TIMEOUT), "socket_timeout", float
+        )
+        connect_timeout = _number(
+            merged.pop("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            "socket_connect_timeout",
+            float,
+        )
+        if scheme == "redis+sentinel":
+            return cls._from_sentinel_url(url, merged, socket_timeout, connect_timeout, kwargs)
+        # Let redis-py parse the URL (without coordlock's own options and the timeouts).
+        rest = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k in merged]
+        # (urlunsplit would turn unix:///path into unix:/path, which redis-py refuses.)
+        bare = url.split("#", 1)[0].split("?", 1)[0]
+        try:
+            conn_kwargs: dict[str, Any] = parse_url(  # type: ignore[no-untyped-call]
+                f"{bare}?{urlencode(rest)}" if rest else bare
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"bad Redis URL {redact(url)!r}: {exc}") from exc
+        for key, value in merged.items():
+            if key not in query:  # keyword arguments win over the query
+                conn_kwargs[key] = value
+        conn_kwargs["retry"] = _no_retry()
+        if conn_kwargs.get("connection_class") is not redis.UnixDomainSocketConnection:
+            conn_kwargs.setdefault("socket_keepalive", True)
+        pool = redis.ConnectionPool(
+            socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout, **conn_kwargs
+        )
+        wait_pool = redis.ConnectionPool(
+            socket_timeout=socket_timeout + MAX_BLOCK,
+            socket_connect_timeout=connect_timeout,
+            **conn_kwargs,
+        )
+        client = redis.Redis(connection_pool=pool)
+        wait_client = redis.Redis(connection_pool=wait_pool)
+
+        def close() -> None:
+            pool.disconnect()
+            wait_pool.disconnect()
+
+        return cls(
+            client, wait_client=wait_client, description=redact(url), on_close=close, **kwargs
+        )
+
+    @classmethod
+    def _from_sentinel_url(
+        cls,
+        url: str,
+        options: dict[str, Any],
+        socket_timeout: float,
+        connect_timeout: float,
+        kwargs: dict[str, Any],
+    ) -> RedisCoordinator:
+        parts = urlsplit(url)
+        hostlist = parts.netloc.rpartition("@")[2]
+        sentinels: list[tuple[str, int]] = []
+        for item in hostlist.split(","):
+            if not item.strip():
+                continue
+            try:
+                host = urlsplit("//" + item.strip())
+                port = host.port or DEFAULT_SENTINEL_PORT
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"bad sentinel address {item!r} in {redact(url)!r}"
+                ) from exc
+            if not host.hostname:
+                raise ConfigurationError(f"bad sentinel address {item!r} in {redact(url)!r}")
+            sentinels.append((host.hostname, port))
+        segments = [s for s in parts.path.split("/") if s]
+        if not sentinels or not segments or len(segments) > 2:
+            raise ConfigurationError(
+                f"bad sentinel URL {redact(url)!r}: expected "
+                "redis+sentinel://host:port[,host2:port2]/master_name[/db]"
+            )
+        service = segments[0]
+        db = _number(options.pop("db", segments[1] if len(segments) > 1 else 0), "db", int)
+        common: dict[str, Any] = {"retry": _no_retry(), "socket_connect_timeout": connect_timeout}
+        sentinel_kwargs: dict[str, Any] = {**common, "socket_timeout": socket_timeout}
+        if "sentinel_password" in options:
+            sentinel_kwargs["password"] = options.pop("sentinel_password")
+        if "sentinel_username" in options:
+            sentinel_kwargs["username"] = options.pop("sentinel_username")
+        master_kwargs: dict[str, Any] = {**common, "db": db, **options}
+        if parts.username:
+            master_kwargs["username"] = parts.username
+        if parts.password:
+            master_kwargs["password"] = parts.password
+        if "max_connections" in master_kwargs:
+            master_kwargs["max_connections"] = _number(
+                master_kwargs["max_connections"], "max_connections", int
+            )
+        sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            service, socket_timeout=socket_timeout, **master_kwargs
+        )
+        wait_client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            service, socket_timeout=socket_timeout + MAX_BLOCK, **master_kwargs
+        )
+
+        def close() -> None:
+            client.connection_pool.disconnect()
+            wait_client.connection_pool.disconnect()
+            for s in sentinel.sentinels:
+                s.connection_pool.disconnect()
+
+        return cls(
+            client, wait_client=wait_client, description=redact(url), on_close=close, **kwargs
+        )
+
+    def __repr__(self) -> str:
+        return f"<RedisCoordinator {self.description} prefix={self.prefix!r}>"
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def _tag(self, name: str) -> str:
+        return "{" + self.prefix + name + "}"
+
+    def lock_key(self, name: str) -> str:
+        """The key holding ``name``'s owner token (with a PX expiry while held)."""
+        return self._tag(name) + ":lock"
+
+    def fence_key(self, name: str) -> str:
+        """The key holding ``name``'s latest fence (kept forever, a few bytes)."""
+        return self._tag(name) + ":fence"
+
+    def wait_key(self, name: str) -> str:
+        """The list a release pushes a wake token onto (short-lived)."""
+        return self._tag(name) + ":wait"
+
+    def waiters_key(self, name: str) -> str:
+        """A flag raised by every failed attempt (short-lived): releases then wake a waiter."""
+        return self._tag(name) + ":waiters"
+
+    def claim_key(self, key: str) -> str:
+        """The key of a once-only claim (all claims share the hash tag ``{claims}``)."""
+        return self._claim_prefix + key
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def _evalsha(self, script: Script, numkeys: int, *keys_and_args: str | int) -> Any:
+        """``EVALSHA`` of a registered script, loading it on ``NOSCRIPT`` (a restarted or new
+        server), as ``Script.__call__`` does – minus its per-call overhead, which costs several
+        per cent of the uncontended acquire/release rate."""
+        execute: Callable[..., Any] = self.client.execute_command
+        try:
+            return execute("EVALSHA", script.sha, numkeys, *keys_and_args)
+        except NoScriptError:
+            script.sha = self.client.script_load(script.script)
+            return execute("EVALSHA", script.sha, numkeys, *keys_and_args)
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        """Run ``fn`` once; only when it fails transiently enter the bounded retry loop."""
+        try:
+            return fn()
+        except (AuthenticationError, AuthorizationError) as exc:
+            raise BackendUnavailable(f"{what}: {exc}") from exc
+        except self.transient_errors as exc:
+            log.warning("%s: %s; retrying", what, exc)
+            return self._retry(fn, what)
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _attempt(self, name: str, owner: str, ttl: float) -> tuple[int | None, int]:
+        """One acquire script call: (fence, 0) when won, (None, holder PTTL in ms) when busy."""
+        tag = "{" + self.prefix + name + "}"
+        floor = self._seen.get(name, 0)
+        args = (tag + ":lock", tag + ":fence", tag + ":waiters", owner, _ms(ttl), floor)
+        script = self._acquire_script
+        result = self._call(
+            lambda: self._evalsha(script, 3, *args, WAITERS_FLAG_MS), "redis acquire"
+        )
+        if isinstance(result, int):
+            return None, result
+        fence = int(result)
+        if fence > floor:
+            seen = self._seen
+            if len(seen) >= SEEN_FENCES_MAX and name not in seen:
+                seen.pop(next(iter(seen)), None)
+            seen[name] = fence
+        return fence, 0
+
+    def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
+        fence, pttl = self._attempt(name, owner, ttl)
+        if fence is None:
+            self._local.pttl = pttl
+        return fence
+
+    def _release(self, name: str, owner: str) -> bool:
+        tag = "{" + self.prefix + name + "}"
+        args = (tag + ":lock", tag + ":wait", tag + ":waiters", owner, WAKE_TOKEN_MS)
+        script = self._release_script
+        return bool(self._call(lambda: self._evalsha(script, 3, *args), "redis release"))
+
+    def _extend(self, name: str, owner: str, ttl: float) -> bool:
+        args = (self.lock_key(name), owner, _ms(ttl))
+        script = self._extend_script
+
+        def run() -> Any:
+            return self._evalsha(script, 1, *args)
+
+        try:
+            return bool(run())
+        except (AuthenticationError, AuthorizationError) as exc:
+            raise BackendUnavailable(f"redis extend: {exc}") from exc
+        except self.transient_errors as exc:
+            # Retry only briefly: the renewal thread serves every lease of this coordinator
+            # and retries on its own (marking the lease at risk); a renewal later than a third
+            # of the ttl is of no use anyway.
+            log.warning("redis extend: %s; retrying", exc)
+            deadline = min(self.retry_deadline, ttl / 3)
+            return bool(
+                call_with_retry(
+                    run, transient=self.transient_errors, deadline=deadline, what="redis extend"
+                )
+            )
+
+    def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
+        script = self._claim_script
+        redis_keys = [self.claim_key(k) for k in keys]
+        args: list[str | int] = [_ms(hold), uuid.uuid4().hex]
+        won = self._call(lambda: script(keys=redis_keys, args=args), "redis claim")
+        return {keys[int(i) - 1] for i in cast("list[int]", won)}
+
+    def _block(self, name: str, timeout: float) -> None:
+        """BLPOP the wake list of ``name`` for up to ``timeout`` s (at least 1 ms)."""
+        timeout = min(max(timeout, 0.001), MAX_BLOCK)
+        client = self.wait_client
+        key = self.wait_key(name)
+        # redis-py rounds nothing: BLPOP takes a decimal timeout since Redis 6.
+        self._call(lambda: client.blpop([key], timeout=round(timeout, 3)), "redis wait")
+
+    def _wait_for_release(self, name: str, timeout: float) -> None:
+        if timeout > 0:
+            self._block(name, timeout)
+
+    def _acquire_waiting(
+        self, name: str, owner: str, ttl: float, deadline: float
+    ) -> tuple[int, float] | None:
+        pttl = getattr(self._local, "pttl", -1)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if pttl >= 0:
+                remaining = min(remaining, pttl / 1000 + EXPIRY_SLACK)
+            if pttl != -2:  # -2: the lock vanished between the calls; try again at once
+                self._block(name, remaining)
+            self._check_open()
+            started = time.monotonic()
+            # Always try after a wake-up, even if the deadline just passed: the token we
+            # popped was meant for one waiter, and dropping it would leave others asleep.
+            fence, pttl = self._attempt(name, owner, ttl)
+            if fence is not None:
+                return fence, started
+
+    def _close(self) -> None:
+        if self._on_close is not None:
+            try:
+                self._on_close()
+            except Exception:  # pragma: no cover - best effort
+                log.debug("error while closing Redis connections", exc_info=True)
+
+    # -- optional protocols ----------------------------------------------------------------------
+
+    def _scan_lock_keys(self) -> Iterator[list[bytes | str]]:
+        pattern = "{" + self.prefix.translate(_GLOB_SPECIAL) + "*}:lock"
+        cursor = 0
+
+        def page() -> tuple[int, list[bytes | str]]:
+            reply = self.client.scan(cursor, match=pattern, count=SCAN_COUNT)
+            return int(reply[0]), list(reply[1])
+
+        while True:
+            cursor, keys = self._call(page, "redis scan")
+            if keys:
+                yield keys
+            if cursor == 0:
+                return
+
+    def locks(self) -> list[LockInfo]:
+        """Every lock currently held under this prefix (``SCAN``; not a snapshot)."""
+        self._check_open()
+        head = "{" + self.prefix
+        tail = "}:lock"
+        found: list[LockInfo] = []
+        for batch in self._scan_lock_keys():
+            names = []
+            for key in batch:
+                text = _text(key)
+                if text.startswith(head) and text.endswith(tail):
+                    names.append(text[len(head) : -len(tail)])
+
+            def query(names: list[str] = names) -> list[Any]:
+                pipe = self.client.pipeline(transaction=False)
+                for name in names:
+                    pipe.get(self.lock_key(name))
+                    pipe.pttl(self.lock_key(name))
+                    pipe.get(self.fence_key(name))
+                replies: list[Any] = pipe.execute()
+                return replies
+
+            replies = self._call(query, "redis locks")
+            now = time.time()
+            for i, name in enumerate(names):
+                owner, pttl, fence = replies[3 * i : 3 * i + 3]
+                if owner is None:
+                    continue
+                expires = now + pttl / 1000 if isinstance(pttl, int) and pttl >= 0 else None
+                found.append(LockInfo(name, _text(owner), int(fence or 0), expires))
+        found.sort(key=lambda info: info.name)
+        return found
+
+    def record_run(self, run: RunRecord) -> None:
+        """Store or update ``run``; keeps the newest ``history_limit`` runs of each job."""
+        if not isinstance(run, RunRecord):
+            raise TypeError(f"expected a RunRecord, not {type(run).__name__}")
+        self._check_open()
+        fields: list[str] = [
+            "run_id", run.run_id, "job", run.job, "tick", run.tick, "instance", run.instance,
+            "started", repr(float(run.started)), "status", run.status,
+        ]  # fmt: skip
+        if run.finished is not None:
+            fields += ["finished", repr(float(run.finished))]
+        if run.error is not None:
+            fields += ["error", run.error]
+        keys = [self._run_prefix + run.run_id, self._job_index_prefix + run.job, self._all_index]
+        args: list[str | int] = [
+            run.run_id,
+            repr(float(run.started)),
+            self.history_limit,
+            self._run_prefix,
+            *fields,
+        ]
+        script = self._record_script
+        self._call(lambda: script(keys=keys, args=args), "redis record_run")
+
+    def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
+        """Newest runs first (of ``job``, or of every job), at most ``limit``."""
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError("limit must be an int")
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self._check_open()
+        index = self._all_index if job is None else self._job_index_prefix + job
+        script = self._history_script
+        args: list[str | int] = [limit, self._run_prefix]
+        rows = self._call(lambda: script(keys=[index], args=args), "redis history")
+        return [_run_from_hash(row) for row in cast("list[list[bytes]]", rows)]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _check_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str):
+        raise ConfigurationError(f"prefix must be a str, not {type(prefix).__name__}")
+    if not prefix:
+        raise ConfigurationError(f"prefix must not be empty (the default is {DEFAULT_PREFIX!r})")
+    if "{" in prefix or "}" in prefix:
+        raise ConfigurationError(f"prefix must not contain '{{' or '}}': {prefix!r}")
+    return prefix
+
+
+def _number(value: object, what: str, kind: type[float] | type[int]) -> Any:
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    try:
+        return kind(str(value))
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"option {what} must be a number, got {value!r}") from exc
+
+
+def _run_from_hash(flat: Sequence[bytes | str]) -> RunRecord:
+    data: Mapping[str, str] = {
+        _text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)
+    }
+    finished = data.get("finished")
+    return RunRecord(
+        run_id=data.get("run_id", ""),
+        job=data.get("job", ""),
+        tick=data.get("tick", ""),
+        instance=data.get("instance", ""),
+        started=float(data.get("started", "0")),
+        finished=float(finished) if finished is not None else None,
+        status=data.get("status", "running"),
+        error=data.get("error"),
+    )

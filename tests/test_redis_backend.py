@@ -1,0 +1,784 @@
+"""Redis backend: unit tests on fakeredis, plus what only a real server shows.
+
+The fakeredis part checks scripts, keys, URL parsing, history and listing quickly. The
+real-server part (throwaway ``redis-server`` processes from ``coordlock.testing.servers``)
+checks what fakeredis cannot: fences across a restart without persistence, waiters woken by a
+release instead of polling, Sentinel discovery, recovery after the server dies or hangs.
+No test asserts a wall-clock duration; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import coordlock
+from coordlock import BackendUnavailable, ConfigurationError
+from coordlock._lease import Lease
+from coordlock._protocol import ClaimsMany, KeepsHistory, ListsLocks, RunCoordinator, RunRecord
+
+redis = pytest.importorskip("redis")
+fakeredis = pytest.importorskip("fakeredis")
+
+from redis.crc import key_slot  # noqa: E402
+
+from coordlock.backends import redis as backend  # noqa: E402
+from coordlock.backends.redis import RedisCoordinator  # noqa: E402
+from coordlock.testing.servers import RedisServer, SentinelServer, free_port  # noqa: E402
+
+PATIENCE = 15.0
+AWKWARD = [
+    "plain",
+    "with/slash",
+    "colon:and {braces}",
+    "}starts",
+    "{",
+    "}",
+    "a}:lock",
+    "ü ☃",
+    "*?[x]",
+]
+
+
+def rc(url: str, **options: Any) -> RedisCoordinator:
+    """``coordlock.connect`` typed as the Redis backend (it must pick that backend)."""
+    coordinator = coordlock.connect(url, **options)
+    assert isinstance(coordinator, RedisCoordinator)
+    return coordinator
+
+
+def eventually(predicate: Callable[[], bool], within: float = PATIENCE) -> bool:
+    stop = time.monotonic() + within
+    while time.monotonic() < stop:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+# ---------------------------------------------------------------------------------------------
+# fakeredis
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_server() -> Any:
+    return fakeredis.FakeServer()
+
+
+def make_fake(server: Any, **kw: Any) -> RedisCoordinator:
+    client = fakeredis.FakeRedis(server=server)
+    waiter = fakeredis.FakeRedis(server=server)
+    return RedisCoordinator(client, wait_client=waiter, **kw)
+
+
+@pytest.fixture
+def fake(fake_server: Any) -> Iterator[RedisCoordinator]:
+    c = make_fake(fake_server, prefix="t:")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def fake_other(fake_server: Any) -> Iterator[RedisCoordinator]:
+    c = make_fake(fake_server, prefix="t:")
+    yield c
+    c.close()
+
+
+class TestFake:
+    def test_declares_the_optional_protocols(self, fake: RedisCoordinator) -> None:
+        assert isinstance(fake, RunCoordinator)
+        assert isinstance(fake, ClaimsMany)
+        assert isinstance(fake, ListsLocks)
+        assert isinstance(fake, KeepsHistory)
+
+    def test_acquire_release_and_fences(
+        self, fake: RedisCoordinator, fake_other: RedisCoordinator
+    ) -> None:
+        lease = fake.acquire("job", 10)
+        assert lease is not None and lease.fence > 0
+        assert fake_other.acquire("job", 10) is None
+        assert fake.client.get(fake.lock_key("job")) == lease.owner.encode()
+        assert lease.release() is True
+        assert fake.client.get(fake.lock_key("job")) is None
+        again = fake_other.acquire("job", 10)
+        assert again is not None and again.fence > lease.fence
+        again.release()
+
+    def test_try_acquire_is_idempotent_for_the_same_owner(self, fake: RedisCoordinator) -> None:
+        owner = uuid.uuid4().hex
+        first = fake._try_acquire("idem", owner, 10)
+        assert first is not None
+        assert fake._try_acquire("idem", owner, 10) == first  # a retried call
+        assert fake._try_acquire("idem", uuid.uuid4().hex, 10) is None
+        assert fake._release("idem", owner)
+
+    def test_fence_is_at_least_server_time_in_microseconds(self, fake: RedisCoordinator) -> None:
+        seconds, micros = fake.client.time()
+        lease = fake.acquire("clock", 10)
+        assert lease is not None
+        assert lease.fence >= seconds * 1_000_000 + micros
+        assert lease.fence < 2**53  # exact in Lua doubles
+        lease.release()
+
+    def test_fence_survives_a_lost_fence_key(
+        self, fake: RedisCoordinator, fake_server: Any
+    ) -> None:
+        first = fake.acquire("wiped", 10)
+        assert first is not None
+        first.release()
+        fake.client.delete(fake.fence_key("wiped"))  # what a restart without persistence does
+        fresh = make_fake(fake_server, prefix="t:")
+        try:
+            second = fresh.acquire("wiped", 10)  # a new client: no floor remembered
+            assert second is not None and second.fence > first.fence
+            second.release()
+        finally:
+            fresh.close()
+
+    def test_stored_fence_ahead_of_the_clock_still_grows(self, fake: RedisCoordinator) -> None:
+        ahead = 2**52  # a fence from a server whose clock ran far ahead
+        fake.client.set(fake.fence_key("ahead"), str(ahead))
+        lease = fake.acquire("ahead", 10)
+        assert lease is not None and lease.fence == ahead + 1
+        lease.release()
+
+    def test_client_floor_beats_a_regressed_server(self, fake: RedisCoordinator) -> None:
+        lease = fake.acquire("floor", 10)
+        assert lease is not None
+        lease.release()
+        floor = lease.fence + 10**12  # as if this process had seen a much higher fence
+        fake._seen["floor"] = floor
+        fake.client.delete(fake.fence_key("floor"))
+        again = fake.acquire("floor", 10)
+        assert again is not None and again.fence == floor + 1
+        again.release()
+
+    def test_seen_fences_are_bounded(self, fake: RedisCoordinator) -> None:
+        for i in range(backend.SEEN_FENCES_MAX):
+            fake._seen[f"n{i}"] = i
+        lease = fake.acquire("one-more", 10)
+        assert lease is not None
+        assert len(fake._seen) == backend.SEEN_FENCES_MAX
+        assert "n0" not in fake._seen and fake._seen["one-more"] == lease.fence
+        lease.release()
+
+    def test_release_and_extend_compare_the_owner(
+        self, fake: RedisCoordinator, fake_other: RedisCoordinator
+    ) -> None:
+        lease = fake.acquire("cmp", 10)
+        assert lease is not None
+        assert fake._release("cmp", "x" * 32) is False
+        assert fake_other._extend("cmp", "x" * 32, 10) is False
+        assert fake.client.get(fake.lock_key("cmp")) == lease.owner.encode()
+        assert fake._extend("cmp", lease.owner, 100) is True
+        assert fake.client.pttl(fake.lock_key("cmp")) > 10_000
+        assert lease.release()
+        assert fake._extend("cmp", lease.owner, 10) is False  # gone: never re-created
+
+    def test_release_pushes_a_wake_token_only_when_someone_waited(
+        self, fake: RedisCoordinator, fake_other: RedisCoordinator
+    ) -> None:
+        lease = fake.acquire("wake", 10)
+        assert lease is not None
+        lease.release()
+        assert fake.client.exists(fake.wait_key("wake")) == 0  # uncontended: no list at all
+        lease = fake.acquire("wake", 10)
+        assert lease is not None
+        assert fake_other.acquire("wake", 10) is None  # a failed attempt raises the flag
+        assert fake.client.exists(fake.waiters_key("wake")) == 1
+        lease.release()
+        assert fake.client.lrange(fake.wait_key("wake"), 0, -1) == [b"1"]
+        assert 0 < fake.client.pttl(fake.wait_key("wake")) <= backend.WAKE_TOKEN_MS
+        lease = fake.acquire("wake", 10)
+        assert lease is not None
+        lease.release()  # the flag is still up: the list holds one token, never more
+        assert fake.client.llen(fake.wait_key("wake")) == 1
+
+    def test_waiter_is_woken_by_release(
+        self, fake: RedisCoordinator, fake_other: RedisCoordinator
+    ) -> None:
+        lease = fake.acquire("handoff", 60)
+        assert lease is not None
+        timer = threading.Timer(0.2, lease.release)
+        timer.start()
+        try:
+            waited = fake_other.acquire("handoff", 10, wait=PATIENCE)
+        finally:
+            timer.join()
+        # The holder's ttl (60 s) is far beyond the wait: only the release could free it.
+        assert waited is not None and waited.fence > lease.fence
+        waited.release()
+
+    def test_wait_times_out(self, fake: RedisCoordinator, fake_other: RedisCoordinator) -> None:
+        lease = fake.acquire("busy", 60)
+        assert lease is not None
+        assert fake_other.acquire("busy", 10, wait=0.2) is None
+        lease.release()
+
+    def test_claim_many_one_call_and_idempotent(self, fake: RedisCoordinator) -> None:
+        keys = [f"job{i}@2026-01-01T00:00:00Z" for i in range(5)]
+        assert fake.claim("job2@2026-01-01T00:00:00Z", 30)
+        assert fake.claim_many(keys, 30) == set(keys) - {"job2@2026-01-01T00:00:00Z"}
+        assert fake.claim_many(keys, 30) == set()
+        # The script itself: a retry with the same token wins the same keys again.
+        redis_keys = [fake.claim_key(k) for k in ["r1", "r2"]]
+        token = uuid.uuid4().hex
+        assert fake._claim_script(keys=redis_keys, args=[30_000, token]) == [1, 2]
+        assert fake._claim_script(keys=redis_keys, args=[30_000, token]) == [1, 2]
+        assert fake._claim_script(keys=redis_keys, args=[30_000, "other"]) == []
+        assert 0 < fake.client.pttl(fake.claim_key("r1")) <= 30_000
+
+    def test_claims_do_not_collide_with_locks(self, fake: RedisCoordinator) -> None:
+        lease = fake.acquire("claims", 10)  # a lock named like the claims' hash tag
+        assert lease is not None
+        assert fake.claim("lock", 10) is True
+        assert fake.claim("claims}:lock", 10) is True
+        assert [info.name for info in fake.locks()] == ["claims"]
+        assert lease.release()
+
+    @pytest.mark.parametrize("name", AWKWARD)
+    def test_keys_of_one_name_share_one_slot(self, fake: RedisCoordinator, name: str) -> None:
+        keys = [fake.lock_key(name), fake.fence_key(name), fake.wait_key(name)]
+        keys.append(fake.waiters_key(name))
+        assert len({key_slot(k.encode()) for k in keys}) == 1
+        assert len(set(keys)) == 4
+
+    def test_claim_and_history_keys_share_one_slot_each(self, fake: RedisCoordinator) -> None:
+        claims = {key_slot(fake.claim_key(k).encode()) for k in AWKWARD}
+        assert len(claims) == 1
+        runs = {
+            key_slot(k.encode())
+            for k in [
+                fake._all_index,
+                fake._run_prefix + "r1",
+                fake._run_prefix + "}{",
+                fake._job_index_prefix + "job",
+                fake._job_index_prefix + "{x}",
+            ]
+        }
+        assert len(runs) == 1
+
+    def test_locks_lists_awkward_names_and_only_its_prefix(self, fake_server: Any) -> None:
+        mine = make_fake(fake_server, prefix="a*[b]:")
+        theirs = make_fake(fake_server, prefix="a-x:")
+        try:
+            held = [mine.acquire(n, 10) for n in AWKWARD]
+            assert all(held)
+            other = theirs.acquire("other", 10)
+            assert other is not None
+            infos = {info.name: info for info in mine.locks()}
+            assert set(infos) == set(AWKWARD)
+            for lease in held:
+                assert lease is not None
+                info = infos[lease.name]
+                assert info.owner == lease.owner and info.fence == lease.fence
+                assert info.expires_at is not None and info.expires_at > time.time()
+            assert [i.name for i in theirs.locks()] == ["other"]
+            for lease in held:
+                assert lease is not None and lease.release()
+            assert mine.locks() == []
+        finally:
+            mine.close()
+            theirs.close()
+
+    def test_history_is_bounded_and_updates(self, fake_server: Any) -> None:
+        c = make_fake(fake_server, prefix="h:", history_limit=3)
+        try:
+            base = 1_700_000_000.0
+            for i in range(5):
+                c.record_run(RunRecord(f"r{i}", "job", f"t{i}", "i1", base + i))
+            c.record_run(RunRecord("x", "other", "t", "i2", base + 10, base + 11, "finished"))
+            runs = c.history("job")
+            assert [r.run_id for r in runs] == ["r4", "r3", "r2"]
+            assert not c.client.exists(c._run_prefix + "r0")  # trimmed runs are deleted
+            c.record_run(RunRecord("r4", "job", "t4", "i1", base + 4, base + 5, "failed", "E"))
+            updated = c.history("job", limit=1)[0]
+            assert (updated.status, updated.error, updated.finished) == ("failed", "E", base + 5)
+            everything = c.history()
+            assert [r.run_id for r in everything] == ["x", "r4", "r3", "r2"]
+            assert everything[1].instance == "i1" and everything[1].tick == "t4"
+            assert c.history("missing") == []
+            assert len(c.history(limit=2)) == 2
+            with pytest.raises(ValueError):
+                c.history(limit=0)
+            with pytest.raises(TypeError):
+                c.record_run("not a run")  # type: ignore[arg-type]
+        finally:
+            c.close()
+
+    def test_renewal_notices_takeover(self, fake: RedisCoordinator) -> None:
+        lease = fake.acquire("stolen", 0.6)
+        assert lease is not None
+        lost = threading.Event()
+        lease.on_lost(lambda _: lost.set())
+        fake.client.set(fake.lock_key("stolen"), "intruder", px=60_000)
+        assert lost.wait(PATIENCE), "renewal did not notice the key was taken over"
+        assert lease.lost and "no longer ours" in lease.lost_reason
+        assert lease.release() is False
+        assert fake.client.get(fake.lock_key("stolen")) == b"intruder"  # untouched
+
+    def test_closed_coordinator_refuses(self, fake_server: Any) -> None:
+        c = make_fake(fake_server, prefix="closed:")
+        c.close()
+        c.close()  # idempotent
+        with pytest.raises(ConfigurationError):
+            c.acquire("x", 1)
+        with pytest.raises(ConfigurationError):
+            c.locks()
+
+    def test_bad_constructor_arguments(self, fake_server: Any) -> None:
+        client = fakeredis.FakeRedis(server=fake_server)
+        for prefix in ("", "a{b", "a}b", 5):
+            with pytest.raises(ConfigurationError):
+                RedisCoordinator(client, prefix=prefix)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError):
+            RedisCoordinator(client, history_limit=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs (no server needed: redis-py connects lazily)
+# ---------------------------------------------------------------------------------------------
+
+
+class TestUrls:
+    def pool_kwargs(self, c: RedisCoordinator) -> dict[str, Any]:
+        kwargs: dict[str, Any] = c.client.connection_pool.connection_kwargs
+        return kwargs
+
+    def test_redis_url(self) -> None:
+        c = rc("redis://:s3cret@127.0.0.1:7777/3?prefix=app:&socket_timeout=1.5")
+        try:
+            assert isinstance(c, RedisCoordinator)
+            kw = self.pool_kwargs(c)
+            assert (kw["host"], kw["port"], kw["db"], kw["password"]) == (
+                "127.0.0.1",
+                7777,
+                3,
+                "s3cret",
+            )
+            assert kw["socket_timeout"] == 1.5
+            wait_kw = c.wait_client.connection_pool.connection_kwargs
+            assert wait_kw["socket_timeout"] == 1.5 + backend.MAX_BLOCK
+            assert c.prefix == "app:"
+            assert "s3cret" not in repr(c)
+        finally:
+            c.close()
+
+    def test_defaults(self) -> None:
+        c = rc("redis://127.0.0.1:7777")
+        try:
+            kw = self.pool_kwargs(c)
+            assert c.prefix == backend.DEFAULT_PREFIX
+            assert kw["socket_timeout"] == backend.DEFAULT_SOCKET_TIMEOUT
+            assert kw["socket_connect_timeout"] == backend.DEFAULT_CONNECT_TIMEOUT
+            assert c.retry_deadline == 10.0
+        finally:
+            c.close()
+
+    def test_keyword_options_win(self) -> None:
+        c = rc(
+            "redis://127.0.0.1:7777?socket_timeout=9",
+            prefix="kw:",
+            socket_timeout=0.5,
+            retry_deadline=0.25,
+            history_limit=7,
+        )
+        try:
+            assert c.prefix == "kw:"
+            assert self.pool_kwargs(c)["socket_timeout"] == 0.5
+            assert c.retry_deadline == 0.25 and c.history_limit == 7
+        finally:
+            c.close()
+
+    def test_rediss_and_unix(self) -> None:
+        tls = rc("rediss://127.0.0.1:7777/0?ssl_cert_reqs=none")
+        sock = rc("unix:///tmp/coordlock-test.sock?db=2&prefix=u:")
+        try:
+            assert tls.client.connection_pool.connection_class is redis.SSLConnection
+            assert sock.client.connection_pool.connection_class is redis.UnixDomainSocketConnection
+            kw = self.pool_kwargs(sock)
+            assert kw["path"] == "/tmp/coordlock-test.sock" and kw["db"] == 2
+            assert sock.prefix == "u:"
+        finally:
+            tls.close()
+            sock.close()
+
+    def test_sentinel_url(self) -> None:
+        c = rc(
+            "redis+sentinel://:pw@127.0.0.1:26400,localhost,[::1]:26402/mymaster/4"
+            "?sentinel_password=spw&prefix=s:"
+        )
+        try:
+            pool: Any = c.client.connection_pool
+            assert pool.service_name == "mymaster"
+            sentinels = pool.sentinel_manager.sentinels
+            addrs = [
+                (
+                    s.connection_pool.connection_kwargs["host"],
+                    s.connection_pool.connection_kwargs["port"],
+                )
+                for s in sentinels
+            ]
+            assert addrs == [("127.0.0.1", 26400), ("localhost", 26379), ("::1", 26402)]
+            assert sentinels[0].connection_pool.connection_kwargs["password"] == "spw"
+            assert pool.connection_kwargs["db"] == 4
+            assert pool.connection_kwargs["password"] == "pw"
+            assert c.prefix == "s:"
+        finally:
+            c.close()
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "redis://127.0.0.1:7777?bogus=1",
+            "redis://127.0.0.1:7777?prefix=",
+            "redis://127.0.0.1:7777?prefix=a{b",
+            "redis://127.0.0.1:7777?retry_deadline=soon",
+            "redis://127.0.0.1:7777?history_limit=0",
+            "redis://127.0.0.1:7777?socket_timeout=x",
+            "redis+sentinel://127.0.0.1:26379",
+            "redis+sentinel://127.0.0.1:26379/m/0/extra",
+            "redis+sentinel://127.0.0.1:bad/m",
+            "redis+sentinel://127.0.0.1:26379/m?ssl_cert_reqs=none",
+            "redis+sentinel://127.0.0.1:26379/m/notadb",
+        ],
+    )
+    def test_bad_urls(self, url: str) -> None:
+        with pytest.raises(ConfigurationError):
+            coordlock.connect(url)
+
+    def test_unknown_option_is_named(self) -> None:
+        with pytest.raises(ConfigurationError, match="frobnicate"):
+            coordlock.connect("redis://127.0.0.1:7777?frobnicate=1")
+        with pytest.raises(ConfigurationError, match="nonsense"):
+            coordlock.connect("redis://127.0.0.1:7777", nonsense=True)
+
+    def test_missing_driver_message(self) -> None:
+        code = (
+            "import sys; sys.modules['redis'] = None\n"
+            "import coordlock\n"
+            "try:\n"
+            "    coordlock.connect('redis://127.0.0.1:7777')\n"
+            "except coordlock.ConfigurationError as e:\n"
+            "    print(e)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        assert "pip install 'coordlock[redis]'" in out
+
+    def test_import_coordlock_does_not_import_redis(self) -> None:
+        code = "import sys, coordlock; print('redis' in sys.modules)"
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        assert out.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# real redis-server
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(redis_server: RedisServer) -> RedisServer:
+    """The shared server of the session (never crashed here)."""
+    return redis_server
+
+
+@pytest.fixture
+def fresh(fresh_redis_server: RedisServer) -> RedisServer:
+    """A server of this test alone (it may be killed, restarted or paused)."""
+    return fresh_redis_server
+
+
+def url_of(server: RedisServer, **query: object) -> str:
+    query.setdefault("prefix", f"t{uuid.uuid4().hex[:8]}:")
+    return server.url + "?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+def evalsha_calls(client: Any) -> int:
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0))
+
+
+class TestRealServer:
+    def test_fence_grows_across_a_restart_without_persistence(self, fresh: RedisServer) -> None:
+        url = url_of(fresh)
+        before = rc(url)
+        lease = before.acquire("restart", 30)
+        assert lease is not None
+        old_pid = fresh.pid
+        fresh.kill()
+        fresh.start()
+        assert fresh.pid != old_pid and fresh.command("DBSIZE") == 0  # really restarted, empty
+        after = rc(url)  # a new client: no fence floor remembered
+        try:
+            again = after.acquire("restart", 30)  # the old lock vanished with the data
+            assert again is not None and again.fence > lease.fence
+            again.release()
+            # The old client recovers too (stale pooled connections, script cache reloaded).
+            third = before.acquire("restart", 30)
+            assert third is not None and third.fence > again.fence
+            assert lease.release() is False  # never deletes the new owner's lock
+            assert third.release() is True
+        finally:
+            before.close()
+            after.close()
+
+    def test_waiter_woken_by_release_without_polling(self, fresh: RedisServer) -> None:
+        url = url_of(fresh)
+        with rc(url) as holder_side, rc(url) as waiter_side:
+            lease = holder_side.acquire("wake", 60)  # no renewal due during the test
+            assert lease is not None
+            fresh.command("CONFIG", "RESETSTAT")
+            got: list[Lease | None] = []
+            thread = threading.Thread(
+                target=lambda: got.append(waiter_side.acquire("wake", 10, wait=PATIENCE))
+            )
+            thread.start()
+            time.sleep(1.0)  # the waiter blocks in BLPOP meanwhile
+            lease.release()
+            thread.join(PATIENCE)
+            assert got and got[0] is not None and got[0].fence > lease.fence
+            # Only the release could free a 60 s lease inside the wait; the waiter asked a
+            # handful of times (first try, after the wake-up), not every few milliseconds.
+            calls = evalsha_calls(waiter_side.client)
+            assert calls <= 5, f"{calls} script calls: the waiter polled"
+            got[0].release()
+
+    def test_waiter_notices_dead_holder_by_its_ttl(self, fresh: RedisServer) -> None:
+        url = url_of(fresh)
+        with rc(url) as holder_side, rc(url) as waiter_side:
+            lease = holder_side.acquire("dead", 1.0, renew=False)  # nobody will release it
+            assert lease is not None
+            fresh.command("CONFIG", "RESETSTAT")
+            waited = waiter_side.acquire("dead", 10, wait=PATIENCE)
+            assert waited is not None and waited.fence > lease.fence
+            calls = evalsha_calls(waiter_side.client)
+            assert calls <= 6, f"{calls} script calls: the waiter polled"
+            waited.release()
+
+    def test_many_waiters_all_get_the_lock(self, server: RedisServer) -> None:
+        url = url_of(server)
+        with rc(url) as c:
+            held: list[int] = []
+            errors: list[BaseException] = []
+            inside = threading.Lock()
+
+            def worker() -> None:
+                try:
+                    for _ in range(20):
+                        lease = c.acquire("crowd", 30, wait=PATIENCE)
+                        assert lease is not None
+                        assert inside.acquire(blocking=False), "two threads inside"
+                        held.append(lease.fence)
+                        inside.release()
+                        assert lease.release()
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=worker) for _ in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors, errors
+            assert len(held) == 120 and len(set(held)) == 120
+            assert held == sorted(held)  # appended inside the lock: fence order = hold order
+
+    def test_wait_forever_is_bounded_by_the_holder(self, server: RedisServer) -> None:
+        url = url_of(server)
+        with rc(url) as a, rc(url) as b:
+            lease = a.acquire("forever", 0.5, renew=False)
+            assert lease is not None
+            waited = b.acquire("forever", 5, wait=math.inf)
+            assert waited is not None and waited.fence > lease.fence
+            waited.release()
+
+    def test_sentinel_discovers_the_master(self, redis_sentinel: SentinelServer) -> None:
+        sentinel, master = redis_sentinel, redis_sentinel.master
+        url = sentinel.url + f"?prefix=s{uuid.uuid4().hex[:6]}:"
+        with rc(url) as c, rc(url) as d:
+            lease = c.acquire("via-sentinel", 10)
+            assert lease is not None
+            assert d.acquire("via-sentinel", 10) is None
+            assert [i.name for i in d.locks()] == ["via-sentinel"]
+            key = c.lock_key("via-sentinel")
+            assert master.command("GET", key) == lease.owner
+            threading.Timer(0.2, lease.release).start()
+            waited = d.acquire("via-sentinel", 10, wait=PATIENCE)
+            assert waited is not None and waited.fence > lease.fence
+            assert c.claim("tick", 10) and not d.claim("tick", 10)
+            waited.release()
+
+    def test_server_down_raises_backend_unavailable_then_recovers(self, fresh: RedisServer) -> None:
+        c = rc(url_of(fresh, retry_deadline=0.5, socket_connect_timeout=0.5))
+        try:
+            lease = c.acquire("down", 30)
+            assert lease is not None
+            fresh.kill()
+            with pytest.raises(BackendUnavailable):
+                c.acquire("other", 30)
+            with pytest.raises(BackendUnavailable):
+                c.claim("k", 10)
+            fresh.start()
+            again = c.acquire("down", 30)  # the data is gone with the restart
+            assert again is not None and again.fence > lease.fence
+            again.release()
+        finally:
+            c.close()
+
+    def test_hung_server_times_out(self, fresh: RedisServer) -> None:
+        c = rc(url_of(fresh, retry_deadline=0.3, socket_timeout=0.3))
+        try:
+            assert c.claim("warm", 10)
+            fresh.pause()
+            try:
+                with pytest.raises(BackendUnavailable):
+                    c.acquire("hung", 30)
+            finally:
+                fresh.resume()
+            lease = c.acquire("hung", 30)
+            assert lease is not None
+            lease.release()
+        finally:
+            c.close()
+
+    def test_retry_covers_a_short_outage(self, fresh: RedisServer) -> None:
+        c = rc(url_of(fresh, retry_deadline=20))
+        try:
+            assert c.claim("warm", 10)
+            fresh.kill()
+            restarter = threading.Timer(0.5, fresh.start)
+            restarter.start()
+            try:
+                lease = c.acquire("outage", 30)  # retried until the server is back
+            finally:
+                restarter.join()
+            assert lease is not None
+            lease.release()
+        finally:
+            c.close()
+
+    def test_close_unblocks_a_waiter(self, server: RedisServer) -> None:
+        url = url_of(server)
+        holder = rc(url)
+        waiter = rc(url)
+        try:
+            lease = holder.acquire("closing", 60)
+            assert lease is not None
+            outcome: list[object] = []
+
+            def wait() -> None:
+                try:
+                    outcome.append(waiter.acquire("closing", 10, wait=PATIENCE))
+                except Exception as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=wait)
+            thread.start()
+            time.sleep(0.3)
+            waiter.close()
+            thread.join(PATIENCE)
+            assert not thread.is_alive()
+            assert outcome and not isinstance(outcome[0], Lease)
+            lease.release()
+        finally:
+            holder.close()
+            waiter.close()
+
+    def test_unix_socket(self, tmp_path: Any) -> None:
+        sock = tmp_path / "redis.sock"
+        with RedisServer(extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700")) as s:
+            assert eventually(sock.exists)
+            with rc(f"unix://{sock}?prefix=u:") as c:
+                lease = c.acquire("over-unix", 10)
+                assert lease is not None
+                assert s.command("EXISTS", "{u:over-unix}:lock") == 1
+                lease.release()
+
+    def test_no_server_at_all(self) -> None:
+        port = free_port()
+        c = rc(f"redis://127.0.0.1:{port}?retry_deadline=0.2")
+        try:
+            with pytest.raises(BackendUnavailable):
+                c.acquire("nobody", 10)
+        finally:
+            c.close()
+
+
+def test_worker_processes_share_one_fence_sequence(server: RedisServer, tmp_path: Any) -> None:
+    """Processes that lock the same name see one strictly increasing fence sequence."""
+    url = url_of(server)
+    script = (
+        "import sys, coordlock\n"
+        "c = coordlock.connect(sys.argv[1])\n"
+        "for _ in range(50):\n"
+        "    l = c.acquire('shared', 10, wait=30)\n"
+        "    print(l.fence, flush=True)\n"
+        "    l.release()\n"
+        "c.close()\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, url], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    fences: list[int] = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        fences += [int(line) for line in out.split()]
+    assert len(fences) == 150 and len(set(fences)) == 150
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX signals")
+def test_sigstopped_holder_is_lost_after_resume(server: RedisServer) -> None:
+    """A holder process paused past its ttl finds its lease lost on resume (quick T1)."""
+    url = url_of(server)
+    script = (
+        "import sys, time, coordlock\n"
+        "c = coordlock.connect(sys.argv[1])\n"
+        "l = c.acquire('paused', 0.5)\n"
+        "print(l.fence, flush=True)\n"
+        "sys.stdin.readline()\n"  # the test pauses us here, then resumes and says go
+        "time.sleep(0.2)\n"
+        "print('LOST' if l.lost else 'HELD', l.release(), flush=True)\n"
+        "c.close()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        fence = int(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGSTOP)
+        with rc(url) as other:
+            taken = other.acquire("paused", 30, wait=PATIENCE)  # free once the ttl ran out
+            assert taken is not None and taken.fence > fence
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            out, _ = proc.communicate(timeout=60)
+            assert out.split() == ["LOST", "False"]
+            assert taken.release() is True  # the resumed holder deleted nothing
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
