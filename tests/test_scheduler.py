@@ -489,6 +489,38 @@ def test_overlap_false_blocks_the_next_tick_on_every_instance(
     assert rec.keys("started")[-1] == "slow@2023-11-14T22:13:40Z"
 
 
+def test_a_run_ending_within_the_grace_lets_the_next_tick_run(
+    clock: ManualClock, stopper: list[Scheduler]
+) -> None:
+    """The winner of a tick waits (within the tick's grace) for a run that is just ending."""
+    name = f"grace-{uuid.uuid4().hex}"
+    a = Scheduler(mem(name), clock=clock, instance_id="a")
+    b = Scheduler(mem(name), clock=clock, instance_id="b")
+    rec = Recorder(a, b)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def job() -> None:
+        entered.set()
+        release.wait(30)
+
+    a.every(10, name="j", grace=5)(job)
+    b.every(10, name="j", grace=5)(job)
+    clock.set(T0 - 0.5)
+    a.start()
+    stopper.append(a)
+    clock.set(T0)
+    assert entered.wait(10)
+    clock.set(T0 + 10)
+    threading.Timer(0.3, release.set).start()  # a's run ends 0.3 s into b's wait
+    assert b.run_pending() == 1
+    assert [e.key for e in rec.of("started")] == [
+        "j@2023-11-14T22:13:20Z",
+        "j@2023-11-14T22:13:30Z",
+    ]
+    assert [e.instance for e in rec.of("started")] == ["a", "b"]
+
+
 def test_overlap_true_allows_concurrent_runs(clock: ManualClock, stopper: list[Scheduler]) -> None:
     sched = Scheduler(mem(), clock=clock, max_workers=4)
     stopper.append(sched)

@@ -34,6 +34,7 @@ class _Table:
     locks: dict[str, _Held] = field(default_factory=dict)
     fences: dict[str, int] = field(default_factory=dict)
     claims: dict[str, float] = field(default_factory=dict)
+    claims_live: int = 0  # claim count after the last prune of expired claims
     runs: dict[str, RunRecord] = field(default_factory=dict)
 
 
@@ -126,6 +127,9 @@ class MemoryCoordinator(BaseCoordinator):
     def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
         with self._t.cond:
             now = self._clock()
+            if len(self._t.claims) > 2 * max(512, self._t.claims_live):  # drop expired claims
+                self._t.claims = {k: t for k, t in self._t.claims.items() if t > now}
+                self._t.claims_live = len(self._t.claims)
             won = set()
             for key in keys:
                 until = self._t.claims.get(key)

@@ -154,6 +154,8 @@ class Job:
     next_fire: float | None = None
     #: heap entries carry this; a stale entry (older version) is ignored
     version: int = 0
+    #: set while the first tick is one that passed just before activation (judged then)
+    activated_at: float | None = None
     pending: int = 0  # runs won but not yet started here
     running: int = 0  # runs executing here
     last_tick: float | None = None

@@ -109,12 +109,12 @@ class _Pool:
     def __init__(self, size: int, name: str) -> None:
         self._size = size
         self._name = name
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._outstanding = 0
         self._lock = threading.Lock()
 
-    def submit(self, fn: Callable[[], None]) -> None:
+    def submit(self, fn: Callable[[], object]) -> None:
         with self._lock:
             self._outstanding += 1
             if self._outstanding > len(self._threads) and len(self._threads) < self._size:
@@ -224,7 +224,7 @@ class Scheduler:
         self._runs_cond = threading.Condition(self._lock)
         self._children = ChildRegistry()
         self._pool: _Pool | None = None
-        self._inline: list[Callable[[], None]] | None = None
+        self._inline: list[Callable[[], bool]] | None = None
 
         self._state = "new"  # new → running → stopped
         self._stopping = threading.Event()
@@ -538,11 +538,7 @@ class Scheduler:
         try:
             self._step(self.clock.time())
             inline, self._inline = self._inline, None
-            started = 0
-            for fn in inline or []:
-                fn()
-                started += 1
-            return started
+            return sum(1 for fn in inline or [] if fn())
         finally:
             self._inline = None
 
@@ -597,6 +593,7 @@ class Scheduler:
                     first = prev
             if first is None:
                 first = trigger.next_after(now)
+        job.activated_at = now if first is not None and first <= now else None
         self._schedule(job, first)
 
     def _schedule(self, job: Job, fire: float | None) -> None:
@@ -653,7 +650,14 @@ class Scheduler:
             newest_skipped = trigger.previous(math.nextafter(latest, -math.inf)) or tick
             tick = latest
             following = trigger.next_after(tick)
-        if now - tick <= job.grace_for(tick, following):
+        # A tick that was within its grace when the job was activated (start(), add()) is
+        # judged at that moment: a slow start must not turn it into a miss.
+        reference = now
+        if job.activated_at is not None:
+            if not skipped_over and tick <= job.activated_at:
+                reference = job.activated_at
+            job.activated_at = None
+        if reference - tick <= job.grace_for(tick, following):
             if skipped_over:
                 missed.append((job, newest_skipped, skipped_over))
             due.append((job, tick, following))
@@ -753,8 +757,8 @@ class Scheduler:
         with self._lock:
             job.pending += 1
 
-        def task() -> None:
-            self._execute(job, tick, following, key)
+        def task() -> bool:
+            return self._execute(job, tick, following, key)
 
         if self._inline is not None:
             self._inline.append(task)
@@ -763,13 +767,14 @@ class Scheduler:
         else:  # pragma: no cover - dispatch only happens while running or in run_pending
             task()
 
-    def _execute(self, job: Job, tick: float, following: float | None, key: str) -> None:
+    def _execute(self, job: Job, tick: float, following: float | None, key: str) -> bool:
+        """Take the lease (overlap=False) and run; ``True`` if the job was started."""
         coordinator = self._coordinator
         assert coordinator is not None
         try:
             if self._stopping.is_set():
                 self._skip_pending(job, tick, ev.STOPPING)
-                return
+                return False
             lease: Lease | None = None
             if not job.options.overlap:
                 try:
@@ -782,13 +787,15 @@ class Scheduler:
                     )
                 except Exception as exc:
                     self._skip_pending(job, tick, ev.COORDINATOR_ERROR, exc)
-                    return
+                    return False
                 if lease is None:
                     self._skip_pending(job, tick, ev.RUNNING)
-                    return
+                    return False
             self._run(job, tick, key, lease)
+            return True
         except BaseException:  # pragma: no cover - defensive: a worker must never die
             log.exception("scheduler %s: internal error running %s", self.instance_id, key)
+            return False
 
     def _skip_pending(
         self, job: Job, tick: float, reason: str, exc: BaseException | None = None
