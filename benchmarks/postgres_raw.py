@@ -15,9 +15,10 @@ and drops it afterwards); without a URL it starts a throwaway PostgreSQL with fs
     python benchmarks/postgres_raw.py postgresql://postgres@127.0.0.1:PORT/postgres
         [--pairs 3000] [--rounds 5] [--handoffs 300]
 
-It prints raw vs coordlock pairs/s and their ratio, and handoff median/p99. Rounds alternate
-raw/coordlock and the median round is kept, because loopback numbers are noisy; only the
-ratios measured in one run mean anything.
+It prints raw vs coordlock pairs/s and their ratio, and handoff median/p99. Short blocks of
+raw and coordlock pairs alternate on one open connection and one open coordinator, and the
+median of the per-block ratios is reported, because loopback numbers on a shared machine drift;
+only ratios measured in one run mean anything.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import coordlock  # noqa: E402
-from coordlock.backends.postgres import URL_OPTIONS  # noqa: E402
+import coordlock
+from coordlock.backends.postgres import URL_OPTIONS
 
 TTL = 30.0
 RAW_KEY = 0x636F6F72646C6F63  # any key; a raw benchmark needs no hashing
@@ -104,7 +105,7 @@ def _handoffs(
         box: dict[str, Any] = {}
         got = threading.Event()
 
-        def waiter() -> None:
+        def waiter(box: dict[str, Any] = box, got: threading.Event = got) -> None:
             box["lease"] = wait_take()
             box["t"] = time.perf_counter()
             got.set()
@@ -236,36 +237,85 @@ def _ms(samples: list[float]) -> str:
     )
 
 
+def interleaved(url: str, block: int, blocks: int) -> tuple[list[float], list[float]]:
+    """Raw and coordlock pairs/s over ``blocks`` alternating blocks of ``block`` pairs each,
+    on one open connection and one open coordinator (so load drift hits both alike)."""
+    raw_rates: list[float] = []
+    ours_rates: list[float] = []
+    coordinator = coordlock.connect(url)
+    try:
+        with psycopg.connect(_raw_url(url), autocommit=True, prepare_threshold=0) as conn:
+            cur = conn.cursor()
+
+            def raw_block() -> float:
+                start = time.perf_counter()
+                for _ in range(block):
+                    cur.execute("SELECT pg_try_advisory_lock(%s)", (RAW_KEY,))
+                    row = cur.fetchone()
+                    assert row is not None and row[0], "uncontended raw lock failed"
+                    cur.execute("SELECT pg_advisory_unlock(%s)", (RAW_KEY,))
+                    cur.fetchone()
+                return block / (time.perf_counter() - start)
+
+            def ours_block() -> float:
+                start = time.perf_counter()
+                for _ in range(block):
+                    lease = coordinator.acquire("bench", TTL)
+                    assert lease is not None, "uncontended acquire failed"
+                    lease.release()
+                return block / (time.perf_counter() - start)
+
+            raw_block()  # warm up both
+            ours_block()
+            for i in range(blocks):
+                if i % 2:
+                    ours_rates.append(ours_block())
+                    raw_rates.append(raw_block())
+                else:
+                    raw_rates.append(raw_block())
+                    ours_rates.append(ours_block())
+    finally:
+        coordinator.close()
+    return raw_rates, ours_rates
+
+
 def run(url: str, pairs: int, rounds: int, handoffs: int) -> None:
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     bench = _bench_url(url, schema)
-    raw_rounds: list[float] = []
-    ours_rounds: list[float] = []
     try:
-        for _ in range(rounds):  # alternate, so drift hits both sides alike
-            raw_rounds.append(raw_pairs(bench, pairs))
-            ours_rounds.append(coordlock_pairs(bench, pairs))
-        raw_rate = statistics.median(raw_rounds)
-        ours = statistics.median(ours_rounds)
         with psycopg.connect(_raw_url(url), autocommit=True) as conn:
             row = conn.execute(
                 "SELECT current_setting('server_version'), current_setting('fsync'),"
                 " current_setting('synchronous_commit')"
             ).fetchone()
         assert row is not None
+        block = max(50, pairs // rounds)
+        raw_rates, ours_rates = interleaved(bench, block, rounds * 2)
+        ratios = sorted(o / r for o, r in zip(ours_rates, raw_rates, strict=True))
+        raw_rate = statistics.median(raw_rates)
+        ours = statistics.median(ours_rates)
         print(f"server            PostgreSQL {row[0]}, fsync={row[1]}, synchronous_commit={row[2]}")
-        print(f"pairs per round   {pairs} x {rounds} rounds (median round shown)")
+        print(f"pairs             {len(raw_rates)} alternating blocks of {block} pairs per side")
         print(f"raw psycopg       {raw_rate:10.0f} pg_try_advisory_lock+pg_advisory_unlock pairs/s")
         print(f"coordlock         {ours:10.0f} acquire+release pairs/s (fenced, renewed)")
-        print(f"ratio             {ours / raw_rate:10.2f} x raw")
-        print(f"  rounds raw      {', '.join(f'{r:.0f}' for r in raw_rounds)}")
-        print(f"  rounds coordlock {', '.join(f'{r:.0f}' for r in ours_rounds)}")
+        print(
+            f"ratio             {statistics.median(ratios):10.2f} x raw (median of block ratios;"
+            f" quartiles {ratios[len(ratios) // 4]:.2f}-{ratios[(3 * len(ratios)) // 4]:.2f})"
+        )
+        fast = _bench_url(bench, schema) + "&takeover=session"
+        raw_s, ours_s = interleaved(fast, block, rounds * 2)
+        ratios_s = sorted(o / r for o, r in zip(ours_s, raw_s, strict=True))
+        print(
+            f"coordlock session {statistics.median(ours_s):10.0f} pairs/s with takeover=session"
+            f" (no lease row): {statistics.median(ratios_s):.2f} x raw"
+        )
         tz = tooz_pairs(bench, pairs)
         if tz is not None:
             print(f"tooz postgresql   {tz:10.0f} pairs/s ({tz / raw_rate:.2f} x raw)")
         else:
             print("tooz postgresql   (tooz not installed: skipped)")
         print(f"handoff coordlock {_ms(coordlock_handoffs(bench, handoffs))}")
+        print(f"handoff session   {_ms(coordlock_handoffs(fast, handoffs))}")
         for label, values in raw_handoffs(bench, handoffs).items():
             print(f"handoff {label:<9} {_ms(values)}")
     finally:
@@ -278,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "url", nargs="?", help="postgresql:// URL of a throwaway server (default: start one)"
     )
-    parser.add_argument("--pairs", type=int, default=3000, help="acquire+release pairs a round")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median kept)")
+    parser.add_argument("--pairs", type=int, default=3000, help="pairs per side, in blocks")
+    parser.add_argument("--rounds", type=int, default=15, help="blocks per side (alternating)")
     parser.add_argument("--handoffs", type=int, default=300, help="handoffs to time")
     args = parser.parse_args(argv)
     if args.url:

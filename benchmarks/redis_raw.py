@@ -6,7 +6,11 @@ Functions (used by ``benchmarks/locks.py``):
   a fresh token, ``SET key token NX PX 30000``, then a Lua compare-and-delete (``EVALSHA``).
 * :func:`coordlock_pairs` – the same pairs through coordlock (fencing and renewal on).
 * :func:`redis_py_lock` – redis-py's ``Lock`` (pairs/s and hand-off latency).
-* :func:`coordlock_handoff` / :func:`redis_py_handoff` – release → waiter-holds latency.
+* :func:`coordlock_handoff` / :func:`redis_py_handoff` – release → waiter-holds latency, the
+  waiter in another process.
+* :func:`interleaved_pairs` – raw and coordlock pairs/s measured in alternating chunks: use it
+  for the ratio (two separate runs on a busy machine differ by more than the ratio's margin).
+* :func:`compare` – all of the above, as printed by the command line.
 
 Run alone against a throwaway server (never a production one; keys use their own prefix and
 are deleted afterwards)::

@@ -390,7 +390,12 @@ def restart_scenario(
     iterations: int,
     restarts: int,
     budget: float,
-) -> tuple[Report, Faults, list[int]]:
+) -> tuple[Report, Faults, int]:
+    """Kill -9 and restart Redis (empty) ``restarts`` times while workers run.
+
+    Each kill is aimed at a moment when some worker holds the lock. Returns the report, the
+    faults and how many holders were caught by a restart (their release then failed).
+    """
     url = prefixed(server)
     procs, register, history = start_workers(
         url,
@@ -399,34 +404,45 @@ def restart_scenario(
         iterations=iterations,
         ttl=2.0,
         wait=budget,
-        hold=0.001,
+        hold=0.005,
         deadline=budget,
     )
     cleanup.extend(procs.values())
     faults = Faults()
-    max_fence_before: list[int] = []
+    held_at_kill: list[tuple[str, int]] = []
     stop_at = time.monotonic() + budget * 0.6
     step = workers * iterations // (restarts + 1)
     while faults.restarts < restarts and time.monotonic() < stop_at:
-        acquired = [e for e in history.events() if e["op"] == "acquired"]
-        if len(acquired) < step * (faults.restarts + 1):
-            if all(p.poll() is not None for p in procs.values()):
-                break
+        if all(p.poll() is not None for p in procs.values()):
+            break
+        if register.state()["accepted"] < step * (faults.restarts + 1):
             time.sleep(0.05)
             continue
-        faults.attempts += 1
+        holder = holder_now(history)
+        if holder is None and faults.attempts < 20 * (faults.restarts + 1):
+            faults.attempts += 1
+            time.sleep(0.002)
+            continue  # aim the crash at a held lock (but do not insist forever)
         run_id = server_run_id(server)
         old_pid = server.pid
         server.kill()
         time.sleep(0.3)
         server.start()
         assert server.pid != old_pid and server_run_id(server) != run_id  # really restarted
-        max_fence_before.append(max(int(e["fence"]) for e in acquired))
+        if holder is not None:
+            held_at_kill.append((holder["w"], int(holder["fence"])))
         faults.restarts += 1
         faults.injected += 1
     finish_workers(procs, budget)
-    report = check(history, register)
-    return report, faults, max_fence_before
+    events = history.events()
+    caught = sum(
+        any(
+            e["op"] == "release-result" and e["w"] == w and e["fence"] == f and not e["ok"]
+            for e in events
+        )
+        for w, f in held_at_kill
+    )
+    return check(history, register), faults, caught
 
 
 @pytest.mark.fault
@@ -436,7 +452,7 @@ def test_t2_redis_restart_mid_run(
     workers_cleanup: list[subprocess.Popen[str]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    report, faults, _before = restart_scenario(
+    report, faults, caught = restart_scenario(
         fresh_redis_server,
         tmp_path,
         workers_cleanup,
@@ -450,7 +466,7 @@ def test_t2_redis_restart_mid_run(
         "T2 kill -9 + restart Redis (no persistence)",
         report,
         faults,
-        f"restarts={faults.restarts}",
+        f"restarts={faults.restarts} holders_caught={caught}",
     )
     assert faults.restarts == 2, "the server was not restarted mid-run"
     assert report.acquisitions == 6 * 150  # every client recovered and finished
@@ -467,7 +483,7 @@ def test_t2_restart_soak(
     workers_cleanup: list[subprocess.Popen[str]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    report, faults, _ = restart_scenario(
+    report, faults, caught = restart_scenario(
         fresh_redis_server,
         tmp_path,
         workers_cleanup,
@@ -476,7 +492,9 @@ def test_t2_restart_soak(
         restarts=10,
         budget=900.0,
     )
-    report_line(capsys, "T2 restart soak", report, faults, f"restarts={faults.restarts}")
+    report_line(
+        capsys, "T2 restart soak", report, faults, f"restarts={faults.restarts} caught={caught}"
+    )
     assert faults.restarts == 10
     assert report.acquisitions == 8 * 1500
     assert report.c2_stale_accepted == report.c3_lost_updates == report.c4_fence_inversions == 0

@@ -22,6 +22,7 @@ import coordlock
 from coordlock import ConfigurationError, Lease
 from coordlock.backends._pg_keys import lock_key
 from coordlock.backends.postgres import PostgresCoordinator, _Session
+from coordlock.testing.contract import CoordinatorContract
 from coordlock.testing.servers import PostgresServer
 
 PATIENCE = 20.0
@@ -81,7 +82,7 @@ def setting(session: _Session, name: str) -> str:
     return str(row[0])
 
 
-# -- T8: the key hash --------------------------------------------------------------------------
+# -- T8: the key hash -----------------------------------------------------------------------------
 
 #: Golden vectors: never change them. (namespace, name) → signed 64-bit advisory key.
 GOLDEN = [
@@ -128,8 +129,10 @@ def test_key_matches_the_documented_sql(postgres_server: PostgresServer) -> None
 
 def test_keys_of_100k_names_do_not_collide() -> None:
     names = [f"job-{i}" for i in range(60_000)]
-    names += [f"tenant/{i % 97}/report@2026-01-{1 + i % 28:02d}T{i % 24:02d}:00Z#{i}" for i in
-              range(40_000)]
+    names += [
+        f"tenant/{i % 97}/report@2026-01-{1 + i % 28:02d}T{i % 24:02d}:00Z#{i}"
+        for i in range(40_000)
+    ]
     assert len(set(names)) == 100_000
     keys = {lock_key(name) for name in names}
     assert len(keys) == 100_000
@@ -139,7 +142,7 @@ def test_keys_of_100k_names_do_not_collide() -> None:
     assert len({k & 0xFFFFFFFF for k in keys}) > 99_990
 
 
-# -- configuration ------------------------------------------------------------------------------
+# -- configuration --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["transaction", "statement", "TRANSACTION"])
@@ -206,7 +209,7 @@ def test_unreachable_server_raises_backend_unavailable() -> None:
         c.close()
 
 
-# -- schema --------------------------------------------------------------------------------------
+# -- schema ---------------------------------------------------------------------------------------
 
 RACE_SCRIPT = textwrap.dedent(
     """
@@ -252,9 +255,7 @@ def test_schema_creation_race_between_many_processes(
     assert sorted(o[2] for o in outputs) == ["LOST"] * 11 + ["WON"]
     assert len({int(o[1]) for o in outputs}) == 12  # one fence sequence for all of them
     with admin(postgres_server) as conn:
-        rows = conn.execute(
-            f'SELECT key, value FROM "{schema}".meta'  # noqa: S608 - a generated identifier
-        ).fetchall()
+        rows = conn.execute(f'SELECT key, value FROM "{schema}".meta').fetchall()
         assert rows == [("schema_version", "1")]
         kinds = conn.execute(
             "SELECT c.relname, c.relpersistence FROM pg_class c"
@@ -279,7 +280,7 @@ def test_a_newer_schema_version_is_refused(pg_url: str, postgres_server: Postgre
     c.close()
     schema = pg_url.rsplit("schema=", 1)[1]
     with admin(postgres_server) as conn:
-        conn.execute(f"UPDATE \"{schema}\".meta SET value = '99'")  # noqa: S608
+        conn.execute(f"UPDATE \"{schema}\".meta SET value = '99'")
     c = coordlock.connect(pg_url)
     try:
         with pytest.raises(ConfigurationError, match="version 99"):
@@ -353,7 +354,7 @@ def test_wait_is_cancelled_by_close(
     assert lease.release()
 
 
-# -- TTL with teeth: idle_session_timeout --------------------------------------------------------
+# -- TTL with teeth: idle_session_timeout ---------------------------------------------------------
 
 
 def test_idle_session_timeout_follows_the_smallest_ttl(
@@ -411,7 +412,7 @@ def test_renew_false_lease_is_unlocked_by_the_keeper_without_ending_the_session(
     assert keep.release()
 
 
-# -- loss detection (T7) -------------------------------------------------------------------------
+# -- loss detection (T7) --------------------------------------------------------------------------
 
 
 def test_terminated_session_fires_lost_and_reconnects(
@@ -449,12 +450,10 @@ def test_terminated_session_fires_lost_and_reconnects(
     assert again.release()
 
 
-# -- fences ----------------------------------------------------------------------------------------
+# -- fences ---------------------------------------------------------------------------------------
 
 
-def test_fences_survive_a_lost_sequence_tail(
-    pg_url: str, postgres_server: PostgresServer
-) -> None:
+def test_fences_survive_a_lost_sequence_tail(pg_url: str, postgres_server: PostgresServer) -> None:
     """A restore or an async-replica failover may set the sequence back: new sessions move it
     up to the server clock first, so fences still increase."""
     c = coordlock.connect(pg_url)
@@ -463,7 +462,7 @@ def test_fences_survive_a_lost_sequence_tail(
     c.close()
     schema = pg_url.rsplit("schema=", 1)[1]
     with admin(postgres_server) as conn:
-        conn.execute(f"SELECT setval('\"{schema}\".fence', 42)")  # noqa: S608
+        conn.execute(f"SELECT setval('\"{schema}\".fence', 42)")
     c = coordlock.connect(pg_url)
     try:
         after = c.acquire("restored", 10)
@@ -496,7 +495,7 @@ def test_fences_increase_across_a_server_crash(fresh_postgres_server: PostgresSe
         c.close()
 
 
-# -- listing, claims, closing -----------------------------------------------------------------
+# -- listing, claims, closing ---------------------------------------------------------------------
 
 
 def test_locks_lists_other_coordinators_locks(
@@ -543,3 +542,32 @@ def test_close_marks_held_leases_lost(pg_url: str) -> None:
         assert again is not None and again.release()
     finally:
         other.close()
+
+
+class TestContractTakeoverSession(CoordinatorContract):
+    """The whole contract again with ``takeover=session`` (no lease rows)."""
+
+    @pytest.fixture
+    def backend_url(self, postgres_server: PostgresServer) -> str:
+        return f"{postgres_server.url}?schema={_schema()}&takeover=session"
+
+
+def test_takeover_session_frees_a_terminated_holders_lock_at_once(
+    postgres_server: PostgresServer,
+) -> None:
+    url = f"{postgres_server.url}?schema={_schema()}&takeover=session"
+    a, b = coordlock.connect(url), coordlock.connect(url)
+    try:
+        lease = a.acquire("freed", 30)
+        assert lease is not None
+        with admin(postgres_server) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (session_of(lease).pid,))
+        taken = b.acquire("freed", 30, wait=PATIENCE)  # no lease to wait out
+        assert taken is not None and taken.fence > lease.fence
+        assert eventually(lambda: lease.lost)
+        assert taken.release()
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(ConfigurationError, match="takeover"):
+        coordlock.connect(f"{postgres_server.url}?takeover=never")

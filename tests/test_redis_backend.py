@@ -34,7 +34,7 @@ from redis.crc import key_slot  # noqa: E402
 
 from coordlock.backends import redis as backend  # noqa: E402
 from coordlock.backends.redis import RedisCoordinator  # noqa: E402
-from coordlock.testing.servers import RedisServer, SentinelServer, free_port  # noqa: E402
+from coordlock.testing.servers import RedisServer, SentinelServer, free_port, redis_command  # noqa: E402
 
 PATIENCE = 15.0
 AWKWARD = [
@@ -415,6 +415,16 @@ class TestUrls:
             tls.close()
             sock.close()
 
+    def test_blocking_is_bounded_by_the_wait_clients_socket_timeout(self) -> None:
+        short = RedisCoordinator(redis.Redis(host="127.0.0.1", port=7777, socket_timeout=1.0))
+        default = rc("redis://127.0.0.1:7777")
+        try:
+            assert short._max_block == pytest.approx(0.8)
+            assert default._max_block == backend.MAX_BLOCK
+        finally:
+            short.close()
+            default.close()
+
     def test_sentinel_url(self) -> None:
         c = rc(
             "redis+sentinel://:pw@127.0.0.1:26400,localhost,[::1]:26402/mymaster/4"
@@ -507,6 +517,11 @@ def fresh(fresh_redis_server: RedisServer) -> RedisServer:
 def url_of(server: RedisServer, **query: object) -> str:
     query.setdefault("prefix", f"t{uuid.uuid4().hex[:8]}:")
     return server.url + "?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+def redis_command_list(server: Any, *args: str) -> list[Any]:
+    reply = redis_command(server.port, *args)
+    return list(reply) if isinstance(reply, list) else []
 
 
 def evalsha_calls(client: Any) -> int:
@@ -709,6 +724,69 @@ class TestRealServer:
                 assert lease is not None
                 assert s.command("EXISTS", "{u:over-unix}:lock") == 1
                 lease.release()
+
+    def test_wrong_password_fails_at_once(self) -> None:
+        with RedisServer() as s:
+            s.command("CONFIG", "SET", "requirepass", "right")
+            # A huge retry deadline: were auth errors retried, this would hang (and time out).
+            wrong = rc(s.url.replace("redis://", "redis://:wrong@") + "?retry_deadline=3600")
+            right = rc(s.url.replace("redis://", "redis://:right@") + "?prefix=pw:")
+            try:
+                with pytest.raises(BackendUnavailable, match=r"(?i)pass|auth"):
+                    wrong.acquire("x", 10)
+                lease = right.acquire("x", 10)
+                assert lease is not None and lease.release()
+            finally:
+                wrong.close()
+                right.close()
+
+    def test_renewal_against_a_hung_server_gives_up_within_the_ttl(
+        self, fresh: RedisServer
+    ) -> None:
+        # retry_deadline is huge: renewal must still not keep retrying past the lease's ttl.
+        c = rc(url_of(fresh, retry_deadline=3600, socket_timeout=0.2))
+        try:
+            lease = c.acquire("hung-renewal", 0.9)
+            assert lease is not None
+            states: list[str] = []
+            lost = threading.Event()
+            lease.on_state(lambda _, state: states.append(state))
+            lease.on_lost(lambda _: lost.set())
+            fresh.pause()
+            try:
+                assert lost.wait(PATIENCE), "on_lost never fired while the server hung"
+            finally:
+                fresh.resume()
+            assert lease.lost and states[-1] == "lost"
+            assert lease.release() is False
+        finally:
+            c.close()
+
+    def test_sentinel_failover_keeps_fences_increasing(self) -> None:
+        with (
+            RedisServer() as master,
+            RedisServer() as replica,
+        ):
+            replica.command("REPLICAOF", master.host, str(master.port))
+            with SentinelServer(master, down_after=1.0, failover_timeout=3.0) as sentinel:
+
+                def sentinel_knows_replica() -> bool:
+                    reply = redis_command_list(sentinel, "SENTINEL", "REPLICAS", "mymaster")
+                    return any(str(replica.port) in str(item) for item in reply)
+
+                assert eventually(sentinel_knows_replica, 30), "sentinel never saw the replica"
+                url = sentinel.url + "?prefix=fo:&retry_deadline=30"
+                with rc(url) as c:
+                    lease = c.acquire("failover", 1.0, renew=False)
+                    assert lease is not None
+                    assert master.command("WAIT", "1", "5000", timeout=10) == 1  # replicated
+                    master.kill()
+                    # The promoted replica serves the next acquisitions; the old lock either
+                    # expired there or was lost, and the fence still grew.
+                    again = c.acquire("failover", 10, wait=30)
+                    assert again is not None and again.fence > lease.fence
+                    assert sentinel.master_address() == (replica.host, replica.port)
+                    assert again.release() is True
 
     def test_no_server_at_all(self) -> None:
         port = free_port()

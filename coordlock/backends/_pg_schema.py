@@ -3,14 +3,18 @@
 Objects, all in one schema (default ``coordlock``, URL option ``?schema=``):
 
 * ``meta`` – a ``schema_version`` row.
-* ``fence`` – a ``bigint`` sequence: every acquisition takes ``nextval`` in the same statement as
-  the advisory lock. WAL-logged, so a crash never makes it go back; a new session moves it up
-  to the server clock in microseconds when it lags by more than a second (``bump_fence()``), so a
-  restore from backup or a failover to a replica that missed the last WAL does not make it go
-  back either (while the server clocks agree within that lag).
-* ``holders`` – UNLOGGED: name, owner, fence and expiry of locks held longer than a moment,
-  published in the background by the holder for ``locks()`` and the CLI. Never consulted for
-  safety (the advisory lock itself is the truth); a crash empties it, which is harmless.
+* ``fence`` – a ``bigint`` sequence: an acquisition takes ``nextval`` in the statement that takes
+  the lock. WAL-logged (a crash never sets it back: PostgreSQL logs 32 values ahead and flushes
+  that record before any of them is used); a new session moves it up to the server clock in
+  microseconds when it lags by more than a second (``bump_fence()``), so a restore from backup or
+  a failover to a replica that missed the last WAL does not set it back either, as long as the
+  new server's clock is not behind the old one.
+* ``holders`` – UNLOGGED: one *lease row* per key (holding session, owner, fence, expiry,
+  released). Written by every acquisition; read by the next acquirer to refuse the lock of a
+  session that ended while holding it until its lease expires, and by ``locks()``. A crash
+  empties it (then the next holder gets a lock as soon as the server is back).
+* ``release_marker(key, pid, backend_start)`` – the advisory key a session holds between a
+  voluntary release and the moment its keeper has marked the row released.
 * ``claims`` – once-per-tick claims (logged: a tick claimed before a crash stays claimed).
 * ``runs`` – scheduler run history.
 
@@ -101,50 +105,15 @@ _DDL = [
         END IF;
         RETURN last;
     END $$""",
-    # Takes the lock (try, or wait under lock_timeout ``lt`` ms when lt is not NULL), then, in
-    # fresh snapshots and under the holder row's lock, refuses an *orphan* (an unreleased,
-    # unexpired lease of another session: PostgreSQL freed the lock when that session ended,
-    # but its holder may still believe it holds it), else writes this acquisition's lease.
-    # Returns (fence, seconds left of an orphan's lease, pid): fence NULL = not acquired.
-    """CREATE OR REPLACE FUNCTION {s}.acquire(
-        k bigint, n text, o text, bs timestamptz, ttl_ms float8, lt text, it text,
-        OUT fence bigint, OUT orphan float8, OUT pid integer)
-    LANGUAGE plpgsql AS $$
-    DECLARE
-        h record;
-    BEGIN
-        pid := pg_backend_pid();
-        IF lt IS NULL THEN
-            IF NOT pg_try_advisory_lock(k) THEN
-                RETURN;
-            END IF;
-        ELSE
-            PERFORM set_config('lock_timeout', lt, true);
-            PERFORM pg_advisory_lock(k);
-            PERFORM set_config('lock_timeout', '0', true);
-        END IF;
-        SELECT r.pid, r.backend_start, r.expires_at, r.released INTO h
-            FROM {s}.holders AS r WHERE r.key = k FOR UPDATE;
-        IF FOUND AND NOT h.released AND h.expires_at > clock_timestamp()
-           AND (h.pid <> pid OR h.backend_start IS DISTINCT FROM bs) THEN
-            PERFORM pg_advisory_unlock(k);
-            orphan := extract(epoch FROM h.expires_at - clock_timestamp());
-            RETURN;
-        END IF;
-        fence := nextval({seq});
-        INSERT INTO {s}.holders AS r
-            (key, name, owner, fence, pid, backend_start, acquired_at, expires_at, released)
-        VALUES (k, n, o, fence, pid, bs, clock_timestamp(),
-                clock_timestamp() + ttl_ms * interval '1 millisecond', false)
-        ON CONFLICT (key) DO UPDATE SET
-            name = excluded.name, owner = excluded.owner, fence = excluded.fence,
-            pid = excluded.pid, backend_start = excluded.backend_start,
-            acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
-            released = false;
-        IF it <> '' THEN
-            PERFORM set_config('idle_session_timeout', it, false);
-        END IF;
-    END $$""",
+    # The release marker of (key, session): a session takes it just before it unlocks a key
+    # (a voluntary release) and drops it once the lease row says "released" (the keeper) or
+    # when it takes the key again. A session that ends while *holding* the key holds no marker.
+    """CREATE OR REPLACE FUNCTION {s}.release_marker(k bigint, p integer, bs timestamptz)
+    RETURNS bigint LANGUAGE sql STABLE AS $$
+        SELECT hashtextextended(
+            k::text || '/' || p::text || '/' || (extract(epoch FROM bs) * 1000000)::int8::text,
+            7)
+    $$""",
     "INSERT INTO {s}.meta (key, value) VALUES ('schema_version', {version}) "
     "ON CONFLICT (key) DO NOTHING",
 ]
@@ -159,8 +128,16 @@ class Queries:
     version: str
     session_init: str
     bump_fence: str
-    acquire: str
+    try_fast: str
+    try_session: str
+    wait_session: str
+    try_acquire: str
+    wait_acquire: str
+    orphan_left: str
     release: str
+    mark_released: str
+    drop_markers: str
+    release_expired: str
     release_all: str
     unlock: str
     ping: str
@@ -187,6 +164,83 @@ def _render(template: str, schema: str) -> str:
     )
 
 
+# The acquire statement after the lock CTE ``l(got)``: one statement, one round trip.
+#
+# The holder row of a key is its *lease*: (pid, backend_start) of the holding session and
+# expires_at (server clock). PostgreSQL frees a session's advisory locks the moment the session
+# ends, also when it ends abnormally (pg_terminate_backend, a crash, idle_session_timeout) while
+# its holder still believes it holds the lock. So the upsert below, which runs on the *latest*
+# row version (ON CONFLICT locks it, waiting for an in-flight release), refuses to take over an
+# *orphan*: a lease that is not released, not expired, of another session, whose release marker
+# is not held (the session did not let the key go: it ended holding it). Then the key is
+# unlocked again and the caller waits until that lease expires. Named parameters: k, name,
+# owner, bs (this session's backend_start), ttl (ms), rk (this session holds k's release
+# marker: drop it), it ('' or the idle_session_timeout to set, ms), lt (waits only).
+_ACQUIRE = """,
+u AS (
+    INSERT INTO {s}.holders AS r
+        (key, name, owner, fence, pid, backend_start, acquired_at, expires_at, released)
+    SELECT %(k)s, %(name)s, %(owner)s, nextval({seq}), pg_backend_pid(), %(bs)s,
+           clock_timestamp(), clock_timestamp() + %(ttl)s * interval '1 millisecond', false
+    FROM l WHERE l.got
+    ON CONFLICT (key) DO UPDATE SET
+        name = excluded.name, owner = excluded.owner, fence = excluded.fence,
+        pid = excluded.pid, backend_start = excluded.backend_start,
+        acquired_at = excluded.acquired_at, expires_at = excluded.expires_at, released = false
+    WHERE r.released OR r.expires_at <= clock_timestamp()
+       OR (r.pid = pg_backend_pid() AND r.backend_start = %(bs)s)
+       OR NOT pg_try_advisory_xact_lock_shared({s}.release_marker(%(k)s, r.pid, r.backend_start))
+    RETURNING r.fence)
+SELECT (SELECT fence FROM u), pg_backend_pid(),
+       CASE WHEN (SELECT got FROM l) AND NOT EXISTS (SELECT 1 FROM u)
+            THEN pg_advisory_unlock(%(k)s) END,
+       CASE WHEN %(rk)s AND EXISTS (SELECT 1 FROM u)
+            THEN pg_advisory_unlock({s}.release_marker(%(k)s, pg_backend_pid(), %(bs)s)) END,
+       CASE WHEN %(it)s <> '' AND EXISTS (SELECT 1 FROM u)
+            THEN set_config('idle_session_timeout', %(it)s, false) END"""
+
+
+# The fast path of try-acquire: an UPDATE of the existing lease row under the same orphan
+# rule (an UPDATE that meets a row being changed waits and re-checks the newest version).
+# No row back although the lock was taken: first use of the key, or an orphan; the caller
+# then runs the full statement (try_acquire), which inserts or unlocks.
+_FAST = """WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock(%(k)s) AS got),
+u AS (
+    UPDATE {s}.holders AS r SET
+        name = %(name)s, owner = %(owner)s, fence = nextval({seq}), pid = pg_backend_pid(),
+        backend_start = %(bs)s, acquired_at = clock_timestamp(),
+        expires_at = clock_timestamp() + %(ttl)s * interval '1 millisecond', released = false
+    WHERE r.key = %(k)s AND (SELECT got FROM l)
+      AND (r.released OR r.expires_at <= clock_timestamp()
+           OR (r.pid = pg_backend_pid() AND r.backend_start = %(bs)s)
+           OR NOT pg_try_advisory_xact_lock_shared(
+               {s}.release_marker(%(k)s, r.pid, r.backend_start)))
+    RETURNING r.fence)
+SELECT (SELECT fence FROM u), pg_backend_pid(), (SELECT got FROM l),
+       CASE WHEN %(rk)s AND EXISTS (SELECT 1 FROM u)
+            THEN pg_advisory_unlock({s}.release_marker(%(k)s, pg_backend_pid(), %(bs)s)) END,
+       CASE WHEN %(it)s <> '' AND EXISTS (SELECT 1 FROM u)
+            THEN set_config('idle_session_timeout', %(it)s, false) END"""
+
+# The same, with the lock already held (after _FAST took it but wrote nothing).
+_HELD = "WITH l AS MATERIALIZED (SELECT true AS got)"
+
+
+# takeover=session: PostgreSQL's own semantics, no lease rows (the lock is free the moment its
+# session ends). Acquire = the lock and, only when taken, a fence: one statement, no write.
+_TRY_SESSION = """SELECT l.f, pg_backend_pid(), l.f IS NOT NULL AND false,
+    NULL::boolean,
+    CASE WHEN l.f IS NOT NULL AND %(it)s <> ''
+         THEN set_config('idle_session_timeout', %(it)s, false) END
+FROM (SELECT CASE WHEN pg_try_advisory_lock(%(k)s) THEN nextval({seq}) END AS f OFFSET 0) AS l"""
+
+_WAIT_SESSION = """SELECT nextval({seq}), pg_backend_pid(), false, NULL::boolean,
+    set_config('idle_session_timeout', %(it)s, false)
+FROM (SELECT pg_advisory_lock(%(k)s)::text AS v
+      FROM (SELECT set_config('lock_timeout', %(lt)s, true) AS v OFFSET 0) AS cfg
+      OFFSET 0) AS l"""
+
+
 def queries(schema: str) -> Queries:
     """Render every statement for ``schema``."""
     check_schema_name(schema)
@@ -204,10 +258,36 @@ def queries(schema: str) -> Queries:
             " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
         ),
         bump_fence=r("SELECT {s}.bump_fence()"),
-        acquire=r("SELECT fence, orphan, pid FROM {s}.acquire(%s, %s, %s, %s, %s, %s, %s)"),
-        # Release: mark the lease row released (committed before a waiter reads it: the waiter
-        # locks the row), then unlock; the CTE is read first, so the update runs first.
+        try_fast=r(_FAST),
+        try_session=r(_TRY_SESSION),
+        wait_session=r(_WAIT_SESSION),
+        try_acquire=r(_HELD + _ACQUIRE),
+        wait_acquire=r(
+            "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', %(lt)s, true) AS v),"
+            " l AS MATERIALIZED (SELECT pg_advisory_lock(%(k)s)::text IS NOT NULL AS got"
+            " FROM cfg)" + _ACQUIRE
+        ),
+        orphan_left=r(
+            "SELECT extract(epoch FROM expires_at - clock_timestamp())::float8"
+            " FROM {s}.holders WHERE key = %s"
+        ),
+        # Voluntary release: take the release marker, then unlock (the subquery runs first).
         release=r(
+            "SELECT pg_advisory_unlock(%(k)s) FROM (SELECT CASE WHEN %(mark)s"
+            " THEN pg_advisory_lock({s}.release_marker(%(k)s, pg_backend_pid(), %(bs)s))::text"
+            " END OFFSET 0) AS x"
+        ),
+        # The keeper: rows of keys released here say so (committed first), then the markers go.
+        mark_released=r(
+            "UPDATE {s}.holders SET released = true WHERE key = ANY(%s::int8[])"
+            " AND pid = pg_backend_pid() AND backend_start = %s AND NOT released"
+        ),
+        drop_markers=r(
+            "SELECT count(*) FILTER (WHERE pg_advisory_unlock("
+            "{s}.release_marker(k, pg_backend_pid(), %s))) FROM unnest(%s::int8[]) AS k"
+        ),
+        # Leases the keeper ends at their ttl: the row says released before the unlock.
+        release_expired=r(
             "WITH d AS (UPDATE {s}.holders SET released = true"
             " WHERE key = ANY(%(keys)s::int8[]) AND pid = pg_backend_pid() RETURNING 1)"
             " SELECT count(*) FILTER (WHERE pg_advisory_unlock(k))"

@@ -1,24 +1,29 @@
-"""``postgresql://`` – session advisory locks, fences from a sequence, claims in a table.
+"""``postgresql://`` – session advisory locks, lease rows, fences from a sequence, claims.
 
-How a lock works (details and the exact bounds in ``docs/backends/postgres.md``):
+How a lock works (details and exact bounds in ``docs/backends/postgres.md``):
 
 * A lock is a **session-level advisory lock** on a 64-bit key (:func:`lock_key`: SHA-256 of
-  ``namespace + "\\0" + name``), taken on the coordinator's own autocommit connection (the *lock
+  ``namespace + "\0" + name``), held on the coordinator's own autocommit connection (the *lock
   session*), never inside a caller's transaction.
-* **Acquire is one statement, one round trip**: ``pg_try_advisory_lock(key)`` and, only when it
-  returns true, ``nextval`` of the ``fence`` sequence. Release is ``pg_advisory_unlock(key)`` on
-  the session that holds it, only for the owner that took it (tracked in this process).
+* **Acquire is one statement, one round trip**: ``pg_try_advisory_lock(key)`` and, only when
+  taken, ``nextval`` of the ``fence`` sequence and an upsert of the key's *lease row* (holding
+  session, expiry). Release takes the session's *release marker* for the key and unlocks, in one
+  statement. Only the owner that took a lock can release it (tracked in this process).
+* **Lease rows close PostgreSQL's gap**: a session's advisory locks are freed the moment the
+  session ends, also when it ends under a holder that still believes it holds them. An acquirer
+  that finds an unreleased, unexpired lease of a session that did not release the key (no
+  marker) unlocks again and waits for that lease to expire. ``takeover=session`` turns this off.
 * **Waiting** (``wait=``) blocks in ``pg_advisory_lock`` under ``lock_timeout`` on a spare
   connection, so a release wakes the waiter at once; that connection then *is* the holding
   session of that lock until it is released (then it goes back to the spares).
 * **TTL with teeth**: a session holding locks has ``idle_session_timeout`` = the smallest ttl
   among its locks, so a holder process that stops (SIGSTOP, hang, partition) loses its session
-  and every lock on it at most that long after its last statement. A holder that runs but lets
-  a lease run out (``renew=False``, renewal stopped) has the lock unlocked by this coordinator's
-  keeper thread when the ttl passes.
+  at most that long after its last statement; its locks are free once their leases expire. A
+  holder that runs but lets a lease run out (``renew=False``, renewal stopped) has the lock
+  released by this coordinator's keeper thread when the ttl passes.
 * **Loss detection**: the keeper watches the sockets of lock-holding sessions; when the server
-  ends one (``pg_terminate_backend``, restart, idle timeout) every lease on it is marked lost at
-  once and callbacks fire. Later acquisitions reconnect.
+  ends one (``pg_terminate_backend``, restart, idle timeout) every lease on it is marked lost
+  within milliseconds and callbacks fire. Later acquisitions reconnect.
 """
 
 from __future__ import annotations
@@ -55,16 +60,11 @@ from ._pg_schema import SCHEMA_VERSION, Queries, check_schema_name, queries
 log = logging.getLogger("coordlock")
 T = TypeVar("T")
 
-#: How often (s) the keeper records owner and fence of held locks whose acquisition did not
-#: rewrite the holder row, and expires the rows of locks released on the lock session.
-PUBLISH_DELAY = 0.05
-#: The holder row outlives a lease by this fraction of its ttl (at most MAX_MARGIN seconds), so
-#: that re-taking a lock within that margin needs no write.
-MARGIN_FRACTION = 0.25
-MAX_MARGIN = 2.0
-#: How often the keeper wakes while idle (s); it is woken early when work comes due.
+#: How often (s) the keeper wakes while locks are being taken (so that taking one needs no
+#: wake-up call), and while idle; it is woken early when work comes due sooner.
+KEEPER_TICK = 0.05
 KEEPER_IDLE_WAKE = 1.0
-#: After activity, the keeper ticks every ``publish_delay`` for this long (no wake-ups needed).
+#: After activity, the keeper ticks every KEEPER_TICK for this long.
 KEEPER_LINGER = 5.0
 #: A lock-holding session idle this long has its socket watched for a server-side end.
 WATCH_AFTER = 0.01
@@ -74,7 +74,7 @@ MAX_SPARES = 2
 MIN_SERVER_VERSION = 140000
 
 #: URL query options coordlock itself understands; every other one must be a libpq parameter.
-URL_OPTIONS = ("schema", "namespace", "pgbouncer", "retry_deadline", "publish_delay")
+URL_OPTIONS = ("schema", "namespace", "pgbouncer", "takeover", "retry_deadline")
 
 #: libpq defaults added to the connection string unless the URL sets them.
 CONNECT_DEFAULTS = {
@@ -106,11 +106,6 @@ def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
-def _hold_ms(ttl: float) -> float:
-    """How long (ms) a holder row protects a lease of ``ttl`` seconds: the ttl plus a margin."""
-    return (ttl + min(ttl * MARGIN_FRACTION, MAX_MARGIN)) * 1000.0
-
-
 class _Session:
     """One server session: a connection, the mutex its statements take, the locks it holds."""
 
@@ -123,10 +118,10 @@ class _Session:
         "held",
         "last_used",
         "main",
+        "markers",
         "mutex",
         "pid",
         "poked",
-        "released",
         "timeout_ms",
     )
 
@@ -143,7 +138,7 @@ class _Session:
         self.dead = False
         self.main = False
         self.poked = False  # its socket turned readable while idle: the server may have ended it
-        self.released: set[int] = set()  # keys released here whose holder rows still protect them
+        self.markers: set[int] = set()  # keys whose release marker this session holds
 
     def row(
         self, query: str, params: Sequence[Any] | Mapping[str, Any] = ()
@@ -160,19 +155,7 @@ class _Session:
 class _Held:
     """A lock held by this coordinator (monotonic times)."""
 
-    __slots__ = (
-        "acquired",
-        "deadline",
-        "fence",
-        "key",
-        "lease",
-        "name",
-        "owner",
-        "publish_at",
-        "published",
-        "session",
-        "ttl",
-    )
+    __slots__ = ("deadline", "fence", "key", "lease", "name", "owner", "session", "ttl")
 
     def __init__(
         self,
@@ -183,17 +166,13 @@ class _Held:
         ttl: float,
         sent: float,
         session: _Session,
-        publish_delay: float,
     ) -> None:
         self.name = name
         self.owner = owner
         self.key = key
         self.fence = fence
         self.ttl = ttl
-        self.acquired = sent
         self.deadline = sent + ttl
-        self.publish_at = sent + publish_delay
-        self.published = False
         self.session = session
         self.lease: Lease | None = None
 
@@ -206,9 +185,12 @@ class PostgresCoordinator(BaseCoordinator):
     * ``schema`` – where the tables live (default ``coordlock``), created on first use.
     * ``namespace`` – mixed into every lock key (default: the schema name), so schemas of one
       database never share advisory keys.
+    * ``takeover`` – ``lease`` (default): when a holder's session ends abnormally, its locks
+      stay unavailable until its lease expires (a lease row per acquisition); ``session``:
+      PostgreSQL's own rule, a lock is free the moment its session ends (no row write: faster,
+      but the old holder may overlap the next one until it notices; fence your writes).
     * ``pgbouncer`` – ``session`` if you connect through PgBouncer in session pooling mode;
       ``transaction``/``statement`` are refused with an explanation.
-    * ``publish_delay`` – locks held this long (s) are published for ``locks()`` (default 0.05).
     * ``retry_deadline`` – seconds to retry a failing server (default 10).
     """
 
@@ -221,9 +203,12 @@ class PostgresCoordinator(BaseCoordinator):
         schema: str = "coordlock",
         namespace: str | None = None,
         pgbouncer: str | None = None,
-        publish_delay: float = PUBLISH_DELAY,
+        takeover: str = "lease",
         retry_deadline: float = 10.0,
     ) -> None:
+        if takeover not in ("lease", "session"):
+            raise ConfigurationError(f"takeover must be 'lease' or 'session', got {takeover!r}")
+        self._leases = takeover == "lease"
         if pgbouncer is not None:
             mode = str(pgbouncer).strip().lower()
             if mode in ("transaction", "statement"):
@@ -241,12 +226,6 @@ class PostgresCoordinator(BaseCoordinator):
             raise ConfigurationError(str(exc)) from exc
         if namespace is not None and not isinstance(namespace, str):
             raise ConfigurationError("namespace must be a str")
-        if (
-            isinstance(publish_delay, bool)
-            or not isinstance(publish_delay, (int, float))
-            or not 0 < publish_delay < 3600
-        ):
-            raise ConfigurationError(f"publish_delay must be seconds > 0, got {publish_delay!r}")
         super().__init__(retry_deadline=retry_deadline)
         try:
             given = conninfo_to_dict(conninfo)
@@ -255,7 +234,7 @@ class PostgresCoordinator(BaseCoordinator):
         defaults = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
         self._conninfo = make_conninfo(conninfo, **defaults)
         self._namespace = self._schema if namespace is None else namespace
-        self._publish_delay = float(publish_delay)
+        self._keys: dict[str, int] = {}  # name -> advisory key (a bounded cache)
         self._q: Queries = queries(self._schema)
 
         self._state = threading.Lock()  # guards the dicts and lists below (never held for I/O)
@@ -308,10 +287,10 @@ class PostgresCoordinator(BaseCoordinator):
                 f"coordlock understands {', '.join(URL_OPTIONS)} and any libpq parameter"
             )
         kwargs: dict[str, Any] = {}
-        for key in ("schema", "namespace", "pgbouncer"):
+        for key in ("schema", "namespace", "pgbouncer", "takeover"):
             if key in ours:
                 kwargs[key] = ours[key]
-        for key in ("retry_deadline", "publish_delay"):
+        for key in ("retry_deadline",):
             if key in ours:
                 try:
                     kwargs[key] = float(ours[key])
@@ -335,7 +314,12 @@ class PostgresCoordinator(BaseCoordinator):
 
     def key(self, name: str) -> int:
         """The advisory-lock key of ``name`` (see :func:`coordlock.backends._pg_keys.lock_key`)."""
-        return lock_key(name, self._namespace)
+        key = self._keys.get(name)
+        if key is None:
+            if len(self._keys) >= 10_000:
+                self._keys.clear()
+            key = self._keys[name] = lock_key(name, self._namespace)
+        return key
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -425,13 +409,17 @@ class PostgresCoordinator(BaseCoordinator):
         return self._retry(self._open_session, "connect to PostgreSQL")
 
     def _recycle(self, session: _Session) -> None:
-        """A non-main session that holds nothing any more goes back to the spares (or closes)."""
+        """A non-main session that holds nothing any more goes back to the spares, or closes
+        (its lease rows marked released first). The caller holds ``session.mutex``."""
         with self._state:
             if session.main or session.held or session.dead or session in self._spares:
                 return
             if len(self._spares) < MAX_SPARES and not self._closed:
                 self._spares.append(session)
                 return
+        with contextlib.suppress(psycopg.Error):
+            session.cur.execute(self._q.release_all)
+            session.markers.clear()
         self._drop(session, "")
 
     def _drop(self, session: _Session, reason: str) -> list[Lease]:
@@ -492,7 +480,7 @@ class PostgresCoordinator(BaseCoordinator):
         return lease
 
     def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
-        key = lock_key(name, self._namespace)
+        key = self.key(name)
         try:  # the fast path skips building a tenacity retrier
             return self._try_once(name, owner, ttl, key)
         except psycopg.OperationalError:
@@ -512,57 +500,51 @@ class PostgresCoordinator(BaseCoordinator):
                 timeout_ms = _ms(ttl)
                 lower = session.timeout_ms == 0 or timeout_ms < session.timeout_ms
                 sent = time.monotonic()
+                params = self._acquire_params(session, key, name, owner, ttl)
+                params["it"] = str(timeout_ms) if lower else ""
                 try:
                     row = session.row(
-                        self._q.try_acquire,
-                        {
-                            "k": key,
-                            "bs": session.backend_start,
-                            "ttl": ttl * 1000.0,
-                            "it": str(timeout_ms) if lower else "",
-                        },
+                        self._q.try_fast if self._leases else self._q.try_session, params
                     )
-                    if row is None:  # pragma: no cover - a SELECT always returns a row
-                        raise psycopg.OperationalError("no answer to the acquire statement")
-                    fence, pid, verdict = row[0], row[1], row[2]
-                    if pid != session.pid:
-                        raise self._pooled(session, pid)
-                    if fence is None:
-                        return None
-                    if lower:
-                        session.timeout_ms = timeout_ms
-                    wrote = False
-                    if verdict != 1:  # write the lease row (or find an orphan): a 2nd trip
-                        row = session.row(
-                            self._q.claim_row,
-                            {
-                                "k": key,
-                                "name": name,
-                                "owner": owner,
-                                "bs": session.backend_start,
-                                "hold": _hold_ms(ttl),
-                                "it": "",
-                                "fence": fence,
-                            },
-                        )
-                        if row is None or row[0] is None:
-                            _log_orphan(name, row[1] if row else None)
-                            return None
-                        wrote = True
+                    if self._leases and row is not None and row[0] is None and row[2]:
+                        # locked, but nothing written: first use of the key, or an orphan
+                        row = session.row(self._q.try_acquire, params)
                 except psycopg.Error as exc:
                     lost = self._after_error(session, exc, key)
                     raise
                 session.last_used = time.monotonic()
-                held = _Held(name, owner, key, fence, ttl, sent, session, self._publish_delay)
-                held.published = wrote
+                if row is None:  # pragma: no cover - the function always returns a row
+                    raise psycopg.OperationalError("no answer to the acquire statement")
+                fence, pid, orphan = row[0], row[1], row[2]
+                if pid != session.pid:
+                    raise self._pooled(session, pid)
+                if fence is None:
+                    if orphan:
+                        _log_orphan(name, None)
+                    return None
+                if lower:
+                    session.timeout_ms = timeout_ms
+                session.markers.discard(key)
+                held = _Held(name, owner, key, fence, ttl, sent, session)
                 with self._state:
                     self._held[name] = held
                     session.held[name] = held
-                    session.released.discard(key)
-            self._schedule(min(held.deadline, held.publish_at))
+            self._schedule(min(held.deadline, time.monotonic() + WATCH_AFTER))
             return int(fence)
         finally:
             _notify_lost(lost, "its PostgreSQL session ended")
+
+    def _acquire_params(
+        self, session: _Session, key: int, name: str, owner: str, ttl: float
+    ) -> dict[str, Any]:
+        return {
+            "k": key,
+            "name": name,
+            "owner": owner,
+            "bs": session.backend_start,
+            "ttl": ttl * 1000.0,
+            "rk": key in session.markers,
+        }
 
     def _after_error(self, session: _Session, exc: BaseException, key: int | None) -> list[Lease]:
         """Clean up after a failed statement; return leases lost with a dead session.
@@ -589,24 +571,27 @@ class PostgresCoordinator(BaseCoordinator):
             with session.mutex:
                 if session.dead or self._held.get(name) is not held:
                     return False  # reaped at its ttl, or its session ended: not ours any more
+                mark = self._leases and held.key not in session.markers
                 try:
-                    if session.main:  # the keeper expires the row later (keeps release cheap)
+                    if self._leases:
+                        row = session.row(
+                            self._q.release,
+                            {"k": held.key, "mark": mark, "bs": session.backend_start},
+                        )
+                    else:
                         row = session.row(self._q.unlock, (held.key,))
-                    else:  # a spare may be closed soon: expire its row now
-                        row = session.row(self._q.unlock_expired, {"keys": [held.key]})
                 except psycopg.Error as exc:
                     # Unknown whether the unlock happened: end the session, which surely does.
                     lost = self._drop(session, f"release failed: {type(exc).__name__}: {exc}")
                     return False
                 session.last_used = time.monotonic()
+                if mark:
+                    session.markers.add(held.key)
                 self._forget(held)
-                if session.main:
-                    with self._state:
-                        session.released.add(held.key)
-            if session.main:
-                self._schedule(time.monotonic() + self._publish_delay)
-            else:
-                self._recycle(session)
+                if not session.main:
+                    self._recycle(session)
+            if mark:
+                self._schedule(time.monotonic() + KEEPER_TICK)  # rows to mark, markers to drop
             unlocked = bool(row and row[0])
             if not unlocked:  # pragma: no cover - the session held it; only a bug gets here
                 log.error("coordlock: %r was not locked by its session at release", name)
@@ -635,7 +620,7 @@ class PostgresCoordinator(BaseCoordinator):
                 desired = min([_ms(ttl), *others])
                 sent = time.monotonic()
                 try:
-                    row = session.row(self._q.extend, (_hold_ms(ttl), held.key, str(desired)))
+                    row = session.row(self._q.extend, (ttl * 1000.0, held.key, str(desired)))
                 except psycopg.Error as exc:
                     lost = self._drop(session, f"renewal failed: {type(exc).__name__}: {exc}")
                     return False
@@ -653,7 +638,7 @@ class PostgresCoordinator(BaseCoordinator):
     def _acquire_waiting(
         self, name: str, owner: str, ttl: float, deadline: float
     ) -> tuple[int, float] | None:
-        key = lock_key(name, self._namespace)
+        key = self.key(name)
         timeout_ms = _ms(ttl)
         while True:
             self._check_open()
@@ -662,26 +647,22 @@ class PostgresCoordinator(BaseCoordinator):
                 return None
             session = self._take_spare()
             lock_timeout = "0" if math.isinf(remaining) else str(_ms(remaining))
-            orphan: float | None = None
+            orphan_left = 0.0
             with session.mutex:
+                params = self._acquire_params(session, key, name, owner, ttl)
+                params.update(lt=lock_timeout, it=str(timeout_ms))
                 try:
                     row = session.row(
-                        self._q.wait_acquire,
-                        {
-                            "lt": lock_timeout,
-                            "k": key,
-                            "name": name,
-                            "owner": owner,
-                            "bs": session.backend_start,
-                            "hold": _hold_ms(ttl),
-                            "it": str(timeout_ms),
-                        },
+                        self._q.wait_acquire if self._leases else self._q.wait_session, params
                     )
+                    if row is not None and row[0] is None and row[2]:  # an orphan: how long?
+                        left = session.row(self._q.orphan_left, (key,))
+                        orphan_left = float(left[0]) if left and left[0] is not None else 0.0
                 except psycopg.Error as exc:
                     if self._broken(session):
                         self._drop(session, f"{type(exc).__name__}: {exc}")
                         continue  # a new spare, until the deadline (connects are retried)
-                    self._unlock_all(session)
+                    self._unlock_key(session, key)
                     self._recycle(session)
                     self._check_open()
                     if isinstance(exc, pg_errors.LockNotAvailable):
@@ -691,30 +672,31 @@ class PostgresCoordinator(BaseCoordinator):
                 session.last_used = started
                 if row is None:  # pragma: no cover
                     raise psycopg.OperationalError("no answer to the wait statement")
-                fence, orphan, pid = row[0], row[1], row[2]
+                fence, pid = row[0], row[1]
                 if pid != session.pid:
                     raise self._pooled(session, pid)
                 if fence is not None:
                     session.timeout_ms = timeout_ms
-                    held = _Held(name, owner, key, fence, ttl, started, session, 0.0)
-                    held.published = True
+                    session.markers.discard(key)
+                    held = _Held(name, owner, key, fence, ttl, started, session)
                     with self._state:
                         self._held[name] = held
                         session.held[name] = held
+                else:
+                    self._recycle(session)
             if fence is None:  # the previous holder's session died: wait out its lease
-                self._recycle(session)
-                _log_orphan(name, orphan)
-                pause = max(0.001, min(orphan or 0.0, deadline - time.monotonic()))
+                _log_orphan(name, orphan_left)
+                pause = max(0.001, min(orphan_left, deadline - time.monotonic()))
                 if self._closing.wait(pause):
                     self._check_open()
                 continue
-            self._schedule(held.deadline)
+            self._schedule(min(held.deadline, time.monotonic() + WATCH_AFTER))
             return int(fence), started
 
-    def _unlock_all(self, session: _Session) -> None:
-        """After a failed wait on a spare (it held nothing before): drop anything it took."""
+    def _unlock_key(self, session: _Session, key: int) -> None:
+        """After a failed wait on a spare (it did not hold ``key``): drop it if it was taken."""
         try:
-            session.row("SELECT pg_advisory_unlock_all()")
+            session.row(self._q.unlock, (key,))
         except psycopg.Error as exc:
             self._drop(session, f"{type(exc).__name__}: {exc}")
 
@@ -751,7 +733,7 @@ class PostgresCoordinator(BaseCoordinator):
         now = time.monotonic()
         with self._state:
             sessions = list(self._sessions)
-        tick = self._publish_delay if now < self._active_until else KEEPER_IDLE_WAKE
+        tick = KEEPER_TICK if now < self._active_until else KEEPER_IDLE_WAKE
         wake = now + tick
         watched: dict[int, _Session] = {}
         for session in sessions:
@@ -759,12 +741,12 @@ class PostgresCoordinator(BaseCoordinator):
                 continue
             due = self._service(session, now)
             wake = min(wake, due)
-            if (
-                not session.dead
-                and (session.held or session.timeout_ms)
-                and time.monotonic() - session.last_used > WATCH_AFTER
-            ):
-                watched[session.fd] = session
+            if not session.dead and (session.held or session.timeout_ms):
+                idle_since = session.last_used
+                if time.monotonic() - idle_since > WATCH_AFTER:
+                    watched[session.fd] = session  # the server may end it: notice at once
+                else:  # in use right now (its socket is busy): watch it once it idles
+                    wake = min(wake, idle_since + WATCH_AFTER + 0.001)
         self._keeper_wake = wake
         timeout = max(0.0, wake - time.monotonic())
         try:
@@ -782,14 +764,13 @@ class PostgresCoordinator(BaseCoordinator):
                 watched[fd].poked = True
 
     def _service(self, session: _Session, now: float) -> float:
-        """Keep one session: unlock expired locks, write rows, ping; return when next due."""
+        """Keep one session: unlock expired locks, ping; return when it is next due."""
         with self._state:
             entries = list(session.held.values())
-            released = bool(session.released)
         expired = any(h.deadline <= now for h in entries)
-        publish = any(not h.published and h.publish_at <= now for h in entries)
         ping_due = session.timeout_ms > 0 and now - session.last_used >= session.timeout_ms / 3000
-        if expired or publish or released or ping_due or session.poked:
+        markers = bool(session.markers)
+        if expired or ping_due or markers or session.poked:
             if not session.mutex.acquire(timeout=0.02):
                 return now + 0.005  # busy with a statement: try again soon
             lost_expired: list[Lease] = []
@@ -803,10 +784,9 @@ class PostgresCoordinator(BaseCoordinator):
             _notify_lost(lost_dead, "its PostgreSQL session ended")
         with self._state:
             entries = list(session.held.values())
-            released = bool(session.released)
-        due = now + self._publish_delay if released else math.inf
-        for h in entries:
-            due = min(due, h.deadline, math.inf if h.published else h.publish_at)
+        due = min((h.deadline for h in entries), default=math.inf)
+        if session.markers:
+            due = min(due, now + KEEPER_TICK)
         if session.timeout_ms > 0:
             due = min(due, session.last_used + session.timeout_ms / 3000)
         return due
@@ -821,17 +801,17 @@ class PostgresCoordinator(BaseCoordinator):
                 return [], []
         with self._state:
             entries = list(session.held.values())
-            held_keys = {h.key for h in entries}
-            released = [k for k in session.released if k not in held_keys]
-            session.released.clear()
         expired = [h for h in entries if h.deadline <= now]
-        publish = [
-            h for h in entries if not h.published and h.publish_at <= now and h.deadline > now
-        ]
+        held_keys = {h.key for h in entries}
+        markers = [k for k in session.markers if k not in held_keys]
         lost_expired: list[Lease] = []
         try:
+            if markers:  # the rows say released first (committed), then the markers go
+                session.cur.execute(self._q.mark_released, (markers, session.backend_start))
+                session.row(self._q.drop_markers, (session.backend_start, markers))
+                session.markers.difference_update(markers)
             if expired:
-                session.row(self._q.unlock_expired, {"keys": [h.key for h in expired]})
+                session.row(self._q.release_expired, {"keys": [h.key for h in expired]})
                 for h in expired:
                     self._forget(h)
                     if h.lease is not None:
@@ -841,21 +821,6 @@ class PostgresCoordinator(BaseCoordinator):
                     len(expired),
                     ", ".join(repr(h.name) for h in expired[:10]),
                 )
-            if released:
-                session.cur.execute(self._q.mark_released, (released, session.backend_start))
-            if publish:
-                session.cur.execute(
-                    self._q.publish,
-                    (
-                        [h.key for h in publish],
-                        [h.name for h in publish],
-                        [h.owner for h in publish],
-                        [h.fence for h in publish],
-                        [(now - h.acquired) * 1000 for h in publish],
-                    ),
-                )
-                for h in publish:
-                    h.published = True
             with self._state:
                 desired = session.desired_timeout()
             row = session.row(self._q.ping, (str(desired),))
@@ -912,10 +877,10 @@ class PostgresCoordinator(BaseCoordinator):
     def locks(self) -> list[LockInfo]:
         """Locks held in this schema (granted advisory locks with their holder rows).
 
-        This coordinator's own locks are reported exactly. Another process's lock re-taken on
-        the same session within its margin shows that session's previous owner token and fence
-        until the lock has been held ``publish_delay`` seconds (its row is then rewritten).
-        Advisory locks of other applications are never listed.
+        This coordinator's own locks carry its local expiry estimate; other processes' locks the
+        expiry of their lease rows (server clock). With ``takeover=session`` there are no lease
+        rows, so only this coordinator's locks are listed. Other applications' advisory locks
+        are never listed.
         """
         self._check_open()
         rows = self._aux_call(lambda c: c.execute(self._q.locks).fetchall(), "list locks")
@@ -923,13 +888,11 @@ class PostgresCoordinator(BaseCoordinator):
         with self._state:
             mine = {(h.session.pid, h.key): h for h in self._held.values() if not h.session.dead}
         infos: dict[str, LockInfo] = {}
-        for pid, key, name, owner, fence, expires in rows:
-            held = mine.get((pid, key))
-            if held is not None:
-                expires_at = now_wall + (held.deadline - now_mono)
-                infos[held.name] = LockInfo(held.name, held.owner, held.fence, expires_at)
-            else:
-                infos[name] = LockInfo(name, owner, int(fence), expires)
+        for _pid, _key, name, owner, fence, expires in rows:
+            infos[name] = LockInfo(name, owner, int(fence), expires)
+        for held in mine.values():  # ours: exact, and listed with takeover=session too
+            expires_at = now_wall + (held.deadline - now_mono)
+            infos[held.name] = LockInfo(held.name, held.owner, held.fence, expires_at)
         return [infos[name] for name in sorted(infos)]
 
     def record_run(self, run: RunRecord) -> None:
@@ -1004,7 +967,8 @@ class PostgresCoordinator(BaseCoordinator):
                 if got and not session.dead and not self._broken(session):
                     # our leases end now: their rows must not hold others off (best effort)
                     with contextlib.suppress(psycopg.Error):
-                        session.cur.execute(self._q.mark_all_released, (session.backend_start,))
+                        session.cur.execute(self._q.release_all)
+                        session.markers.clear()
                 lost += self._drop(session, "coordinator closed")
             finally:
                 if got:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -128,8 +129,9 @@ class RedisCoordinator(BaseCoordinator):
 
     Build it from a URL with :func:`coordlock.connect` (see :meth:`from_url`), or pass a ready
     ``redis.Redis`` client (e.g. ``fakeredis.FakeRedis``) as ``client``. ``wait_client`` serves
-    the blocking ``BLPOP`` of waiters; it must talk to the same server and have a socket timeout
-    longer than ``MAX_BLOCK`` (default: ``client`` itself, fine for fakeredis and tests).
+    the blocking ``BLPOP`` of waiters and must talk to the same server (default: ``client``
+    itself). A single ``BLPOP`` blocks at most ``MAX_BLOCK`` seconds, or less when
+    ``wait_client`` has a shorter socket timeout.
     """
 
     transient_errors: ClassVar[tuple[type[BaseException], ...]] = (
@@ -160,6 +162,10 @@ class RedisCoordinator(BaseCoordinator):
         self.history_limit = history_limit
         self.client = client
         self.wait_client = wait_client if wait_client is not None else client
+        self._max_block = MAX_BLOCK
+        wait_timeout = self.wait_client.connection_pool.connection_kwargs.get("socket_timeout")
+        if isinstance(wait_timeout, (int, float)) and wait_timeout < MAX_BLOCK + 1:
+            self._max_block = max(0.01, min(MAX_BLOCK, wait_timeout * 0.8))
         self.description = description or repr(client)
         self._on_close = on_close
         self._acquire_script: Script = client.register_script(lua.ACQUIRE)
@@ -190,7 +196,7 @@ class RedisCoordinator(BaseCoordinator):
 
         Query options (or keyword arguments): ``prefix`` (key prefix, default
         ``"coordlock:"``), ``retry_deadline`` (seconds), ``history_limit`` (runs kept per job),
-        and redis-py connection options (``socket_timeout`` – default 5 s,
+        and redis-py connection options (``socket_timeout`` – default 2 s,
         ``socket_connect_timeout`` – default 2 s, ``db``, ``client_name``, ``ssl_*``, …).
         Unknown options raise :class:`ConfigurationError`.
         """
@@ -373,6 +379,7 @@ class RedisCoordinator(BaseCoordinator):
         except (AuthenticationError, AuthorizationError) as exc:
             raise BackendUnavailable(f"{what}: {exc}") from exc
         except self.transient_errors as exc:
+            self._check_open()  # closed under our feet (e.g. a waiter in BLPOP): stop here
             log.warning("%s: %s; retrying", what, exc)
             return self._retry(fn, what)
 
@@ -393,7 +400,9 @@ class RedisCoordinator(BaseCoordinator):
         if fence > floor:
             seen = self._seen
             if len(seen) >= SEEN_FENCES_MAX and name not in seen:
-                seen.pop(next(iter(seen)), None)
+                # Evict the oldest entry (another thread may be doing the same).
+                with contextlib.suppress(RuntimeError, StopIteration):
+                    seen.pop(next(iter(seen)), None)
             seen[name] = fence
         return fence, 0
 
@@ -434,18 +443,17 @@ class RedisCoordinator(BaseCoordinator):
 
     def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
         script = self._claim_script
-        redis_keys = [self.claim_key(k) for k in keys]
-        args: list[str | int] = [_ms(hold), uuid.uuid4().hex]
-        won = self._call(lambda: script(keys=redis_keys, args=args), "redis claim")
+        args = [self.claim_key(k) for k in keys] + [str(_ms(hold)), uuid.uuid4().hex]
+        won = self._call(lambda: self._evalsha(script, len(keys), *args), "redis claim")
         return {keys[int(i) - 1] for i in cast("list[int]", won)}
 
     def _block(self, name: str, timeout: float) -> None:
         """BLPOP the wake list of ``name`` for up to ``timeout`` s (at least 1 ms)."""
-        timeout = min(max(timeout, 0.001), MAX_BLOCK)
+        # BLPOP takes a decimal timeout since Redis 6.0; 0 would mean "forever", so >= 1 ms.
+        timeout = round(min(max(timeout, 0.001), self._max_block), 3)
         client = self.wait_client
         key = self.wait_key(name)
-        # redis-py rounds nothing: BLPOP takes a decimal timeout since Redis 6.
-        self._call(lambda: client.blpop([key], timeout=round(timeout, 3)), "redis wait")
+        self._call(lambda: client.blpop([key], timeout=timeout), "redis wait")
 
     def _wait_for_release(self, name: str, timeout: float) -> None:
         if timeout > 0:
@@ -459,10 +467,9 @@ class RedisCoordinator(BaseCoordinator):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            if pttl >= 0:
+            if pttl >= 0:  # wake up when the holder's key expires, at the latest
                 remaining = min(remaining, pttl / 1000 + EXPIRY_SLACK)
-            if pttl != -2:  # -2: the lock vanished between the calls; try again at once
-                self._block(name, remaining)
+            self._block(name, remaining)
             self._check_open()
             started = time.monotonic()
             # Always try after a wake-up, even if the deadline just passed: the token we
