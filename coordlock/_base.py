@@ -101,12 +101,8 @@ class BaseCoordinator(ABC):
         lease._mark_released()
         self._renewer.forget(lease)
         ok = self._release(lease.name, lease.owner)
-        if not ok and not lease._lost:
-            log.warning(
-                "lease %r (fence %d) was no longer ours at release", lease.name, lease.fence
-            )
-            lease._lost = True
-            lease._lost_reason = lease._lost_reason or "not ours at release"
+        if not ok:
+            lease._mark_lost("the lock was no longer ours at release", even_if_released=True)
         return ok
 
     def extend(self, lease: Lease, ttl: float) -> bool:
@@ -230,7 +226,14 @@ class BaseCoordinator(ABC):
             time.sleep(timeout)
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
-        """Run ``fn`` with bounded retries of :attr:`transient_errors` (see ``_retry.py``)."""
+        """Run ``fn`` with bounded retries of :attr:`transient_errors` (see ``_retry.py``).
+
+        The first attempt runs bare: the retry machinery is only built after a failure.
+        """
+        try:
+            return fn()
+        except self.transient_errors:
+            pass
         return call_with_retry(
             fn, transient=self.transient_errors, deadline=self.retry_deadline, what=what
         )

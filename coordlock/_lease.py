@@ -168,10 +168,14 @@ class Lease:
         log.warning("lease %r (fence %d) at risk: %s", self.name, self.fence, reason)
         self._notify(AT_RISK)
 
-    def _mark_lost(self, reason: str) -> bool:
-        """Mark the lease lost; logs and runs callbacks the first time. Returns True if new."""
+    def _mark_lost(self, reason: str, *, even_if_released: bool = False) -> bool:
+        """Mark the lease lost; logs and runs callbacks the first time. Returns True if new.
+
+        A released lease is not marked, unless ``even_if_released`` (release found that the
+        lock had already stopped being ours: the holder must still hear of it).
+        """
         with self._guard:
-            if self._lost or self._released:
+            if self._lost or (self._released and not even_if_released):
                 return False
             self._lost = True
             self._lost_reason = reason

@@ -556,7 +556,12 @@ def test_fenced_register_rejects_stale_fence(tmp_path: Any) -> None:
     assert register.write(2, fence=4) == (False, 0)
     assert register.write(2, fence=5) == (False, 0)
     assert register.write(2, fence=9) == (True, 2)
-    assert register.state() == {"value": 2, "max_fence": 9, "accepted": 2, "rejected": 2}
+    assert register.read(fence=12) == 2  # a newer holder has read: fence 10 is stale now
+    assert register.write(3, fence=10) == (False, 0)
+    assert register.write(3, fence=12) == (True, 3)
+    assert register.state() == {
+        "value": 3, "max_fence": 12, "write_fence": 12, "accepted": 3, "rejected": 3
+    }
 
 
 def test_expires_at_is_wall_clock(mem: MemoryCoordinator) -> None:

@@ -34,7 +34,13 @@ from .._protocol import RunCoordinator
 
 
 class FencedRegister:
-    """A counter in a file that accepts a write only with a fence higher than any seen before."""
+    """A counter in a file that rejects operations from stale fences (Kleppmann's storage).
+
+    It remembers the highest fence it has *seen* (in a read or a write). A write is accepted
+    only if its fence is at least that high and higher than the fence of the last accepted
+    write. Recording read fences matters: a holder paused between its read and its write
+    cannot then overwrite the update of a newer holder that read after it.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -43,7 +49,10 @@ class FencedRegister:
         if not self.path.exists():
             with self._locked():
                 if not self.path.exists():
-                    self._save({"value": 0, "max_fence": 0, "accepted": 0, "rejected": 0})
+                    self._save(
+                        {"value": 0, "max_fence": 0, "write_fence": 0, "accepted": 0,
+                         "rejected": 0}
+                    )
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -63,24 +72,30 @@ class FencedRegister:
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.path)
 
-    def read(self) -> int:
-        """The current value."""
+    def read(self, fence: int | None = None) -> int:
+        """The current value; a ``fence`` given is recorded as seen (see the class docstring)."""
         with self._locked():
-            return self._load()["value"]
+            state = self._load()
+            if fence is not None and fence > state["max_fence"]:
+                state["max_fence"] = fence
+                self._save(state)
+            return state["value"]
 
     def write(self, value: int, fence: int) -> tuple[bool, int]:
-        """Store ``value`` if ``fence`` is higher than every accepted fence.
+        """Store ``value`` if ``fence`` is the highest seen and higher than the last write's.
 
         Returns ``(accepted, sequence)`` where ``sequence`` numbers accepted writes 1, 2, …
         (0 for a rejected write).
         """
         with self._locked():
             state = self._load()
-            if fence <= state["max_fence"]:
+            if fence < state["max_fence"] or fence <= state["write_fence"]:
                 state["rejected"] += 1
                 self._save(state)
                 return False, 0
-            state.update(value=value, max_fence=fence, accepted=state["accepted"] + 1)
+            state.update(
+                value=value, max_fence=fence, write_fence=fence, accepted=state["accepted"] + 1
+            )
             self._save(state)
             return True, state["accepted"]
 
@@ -223,7 +238,7 @@ def run_worker(
             continue
         history.log(worker, "acquired", fence=lease.fence)
         lease.on_lost(lambda lost: history.log(worker, "lost", fence=lost.fence))
-        value = register.read()
+        value = register.read(lease.fence)
         history.log(worker, "read", fence=lease.fence, value=value)
         if hold:
             time.sleep(hold)
