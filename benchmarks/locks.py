@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sqlite3
+import statistics
 import sys
 import threading
 import time
@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import coordlock  # noqa: E402
+import coordlock
 
 HERE = Path(__file__).resolve().parent
 RAW_MODULES = {
@@ -126,7 +126,9 @@ def coordlock_handoffs(url: str, n: int) -> list[float]:
             got = threading.Event()
             result: dict[str, float] = {}
 
-            def wait_for_it(name: str = name) -> None:
+            def wait_for_it(
+                name: str = name, got: threading.Event = got, result: dict[str, float] = result
+            ) -> None:
                 waited = waiter.acquire(name, 30, wait=30)
                 result["t"] = time.perf_counter()
                 got.set()
@@ -150,7 +152,7 @@ def coordlock_handoffs(url: str, n: int) -> list[float]:
 
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def median_of_rounds(fn: Callable[[str, int], float], url: str, n: int, rounds: int) -> float:

@@ -24,8 +24,8 @@ from coordlock import (
     LockLost,
     LockNotAcquired,
     NotConfigured,
+    _api,
 )
-from coordlock import _api
 from coordlock._validate import check_wait, parse_duration
 from coordlock.backends.memory import MemoryCoordinator
 from coordlock.testing.contract import eventually
@@ -235,7 +235,7 @@ def test_lock_busy_and_wait(mem: MemoryCoordinator) -> None:
     with pytest.raises(LockNotAcquired, match="held by another owner"):
         with coordlock.lock("script", coordinator=mem):
             pass
-    with pytest.raises(LockNotAcquired, match="after 0.2s"):
+    with pytest.raises(LockNotAcquired, match=r"after 0\.2s"):
         with coordlock.lock("script", wait=0.2, coordinator=mem):
             pass
     threading.Timer(0.2, holder.release).start()
@@ -474,7 +474,7 @@ def test_memory_clock_jump_is_judged_by_injected_clock() -> None:
 def test_sqlite_bad_files(tmp_path: Any) -> None:
     bad = tmp_path / "corrupt.db"
     bad.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(ConfigurationError, match="corrupt.db"):
+    with pytest.raises(ConfigurationError, match=r"corrupt\.db"):
         coordlock.connect(f"sqlite:///{bad}")
     with pytest.raises(ConfigurationError, match="does not exist"):
         coordlock.connect(f"sqlite:///{tmp_path}/missing/dir/x.db")
@@ -492,12 +492,12 @@ def test_sqlite_read_only_file(tmp_path: Any) -> None:
     try:
         if os.geteuid() == 0:
             # root ignores file modes: prove the error path with SQLite's own read-only mode.
-            with pytest.raises(ConfigurationError, match="ro.db"):
+            with pytest.raises(ConfigurationError, match=r"ro\.db"):
                 c = coordlock.connect(f"sqlite:///{path}")
                 c._conn.execute("PRAGMA query_only=1")  # type: ignore[attr-defined]
                 c.acquire("x", 5)
         else:
-            with pytest.raises(ConfigurationError, match="ro.db"):
+            with pytest.raises(ConfigurationError, match=r"ro\.db"):
                 coordlock.connect(f"sqlite:///{path}").acquire("x", 5)
     finally:
         tmp_path.chmod(0o755)
