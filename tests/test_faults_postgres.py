@@ -156,7 +156,7 @@ HOLDER = textwrap.dedent(
     url, register, ttl = sys.argv[1], FencedRegister(sys.argv[2]), float(sys.argv[3])
     c = coordlock.connect(url)
     lease = c.acquire("paused", ttl)
-    value = register.read()
+    value = register.read(lease.fence)
     print("HELD", lease.fence, value, flush=True)
     sys.stdin.readline()  # (stopped and resumed meanwhile)
     accepted, _ = register.write(value + 1, lease.fence)
@@ -193,7 +193,7 @@ def _pause_cycles(server: PostgresServer, tmp_path: Path, cycles: int, ttl: floa
                 lease = other.acquire("paused", 5, wait=PATIENCE)
                 takeover = time.monotonic() - stopped_at
                 assert lease is not None and lease.fence > old_fence
-                assert register.write(register.read() + 1, lease.fence)[0]
+                assert register.write(register.read(lease.fence) + 1, lease.fence)[0]
                 assert lease.release()
                 takeovers.append(takeover)
                 assert _process_state(proc.pid) == "T", "the holder was resumed too early"
