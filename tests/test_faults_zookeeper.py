@@ -260,8 +260,8 @@ def _leader_kills(
     finally:
         crew.kill()
         probe.close()
-    assert faults == kills, f"only {faults} of {kills} leader kills happened"
     assert not failures, "workers failed:\n" + "\n".join(failures)
+    assert faults == kills, f"only {faults} of {kills} leader kills happened"
     _judge("leader kill", crew.report(), faults, crew, total)
     probe_hits = [e for e in crew.history.events() if e["w"] == "probe" and e["op"] == "at-risk"]
     assert len(probe_hits) == kills, "a leader kill did not reach the holder"
@@ -340,8 +340,8 @@ def _server_restarts(
         failures = crew.finish(timeout=120 + 15 * kills)
     finally:
         crew.kill()
-    assert faults == kills
     assert not failures, "workers failed:\n" + "\n".join(failures)
+    assert faults == kills, f"only {faults} of {kills} restarts happened"
     _judge("server kill -9 + restart", crew.report(), faults, crew, total)
 
 
