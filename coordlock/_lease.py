@@ -157,14 +157,22 @@ class Lease:
         self.ttl = ttl
         self._deadline = started + ttl
         self.expires_at = time.time() - (time.monotonic() - started) + ttl
-        if self.at_risk:
+        self._restored()
+
+    def _restored(self) -> bool:
+        """Clear ``at_risk`` and notify ``restored`` once; True if it was at risk."""
+        with self._guard:
+            if not self.at_risk or self._lost:
+                return False
             self.at_risk = False
-            self._notify(RESTORED)
+        self._notify(RESTORED)
+        return True
 
     def _mark_at_risk(self, reason: str) -> None:
-        if self._lost or self._released or self.at_risk:
-            return
-        self.at_risk = True
+        with self._guard:
+            if self._lost or self._released or self.at_risk:
+                return
+            self.at_risk = True
         log.warning("lease %r (fence %d) at risk: %s", self.name, self.fence, reason)
         self._notify(AT_RISK)
 

@@ -47,7 +47,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .._base import BaseCoordinator
 from .._errors import BackendUnavailable, ConfigurationError
-from .._lease import RESTORED, Lease
+from .._lease import Lease
 from .._protocol import LockInfo, RunRecord
 from .._registry import missing_driver, redact
 from .._retry import call_with_retry
@@ -545,12 +545,10 @@ class ZooKeeperCoordinator(BaseCoordinator):
             if stat is None:
                 node.holder = False
                 lease._mark_lost("lock node gone after reconnecting")
-            elif time.monotonic() < node.deadline and lease.at_risk:
-                lease.at_risk = False
+            elif time.monotonic() < node.deadline and lease._restored():
                 log.info(
                     "lease %r (fence %d) restored: ZooKeeper reconnected", lease.name, lease.fence
                 )
-                lease._notify(RESTORED)
         self._cleanup_orphans()
 
     def _drop_node(self, node: _Node) -> None:
