@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import coordlock
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import percentile, timed_pairs
+
 HERE = Path(__file__).resolve().parent
 RAW_MODULES = {
     "redis": "redis_raw", "rediss": "redis_raw", "unix": "redis_raw",
@@ -96,15 +99,7 @@ def coordlock_pairs(url: str, n: int) -> float:
     """coordlock acquire + release pairs/s (fencing on, renewal on)."""
     coordinator = coordlock.connect(url)
     try:
-        lease = coordinator.acquire("bench-warmup", 30)
-        assert lease is not None
-        lease.release()
-        start = time.perf_counter()
-        for _ in range(n):
-            lease = coordinator.acquire("bench", 30)
-            assert lease is not None, "uncontended acquire failed"
-            lease.release()
-        return n / (time.perf_counter() - start)
+        return timed_pairs(coordinator, n)
     finally:
         coordinator.close()
 
@@ -150,9 +145,6 @@ def coordlock_handoffs(url: str, n: int) -> list[float]:
     return samples
 
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def median_of_rounds(fn: Callable[[str, int], float], url: str, n: int, rounds: int) -> float:

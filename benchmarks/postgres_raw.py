@@ -39,6 +39,10 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import coordlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import percentile, timed_pairs
+
 from coordlock.backends.postgres import URL_OPTIONS
 
 TTL = 30.0
@@ -78,16 +82,7 @@ def coordlock_pairs(url: str, n: int) -> float:
     """coordlock acquire + release pairs/s (fencing on, renewal on)."""
     coordinator = coordlock.connect(url)
     try:
-        for _ in range(min(n, 200)):
-            lease = coordinator.acquire("bench", TTL)
-            assert lease is not None
-            lease.release()
-        start = time.perf_counter()
-        for _ in range(n):
-            lease = coordinator.acquire("bench", TTL)
-            assert lease is not None, "uncontended acquire failed"
-            lease.release()
-        return n / (time.perf_counter() - start)
+        return timed_pairs(coordinator, n, ttl=TTL)
     finally:
         coordinator.close()
 
@@ -225,9 +220,6 @@ def tooz_pairs(url: str, n: int) -> float | None:
         second.stop()
 
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _ms(samples: list[float]) -> str:

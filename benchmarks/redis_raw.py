@@ -30,12 +30,16 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
 import coordlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import timed_pairs
 
 RAW_RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -109,22 +113,10 @@ def coordlock_pairs(url: str, n: int) -> float:
     prefix = _bench_prefix()
     coordinator = coordlock.connect(_coordlock_url(url, prefix))
     try:
-        for _ in range(min(n, 200)):
-            lease = coordinator.acquire("bench", TTL)
-            assert lease is not None
-            lease.release()
-        started = time.perf_counter()
-        for _ in range(n):
-            lease = coordinator.acquire("bench", TTL)
-            if lease is None:
-                raise RuntimeError("coordlock lock unexpectedly busy")
-            if not lease.release():
-                raise RuntimeError("coordlock release failed")
-        elapsed = time.perf_counter() - started
+        return timed_pairs(coordinator, n, ttl=TTL)
     finally:
         coordinator.close()
         _cleanup(url, prefix)
-    return n / elapsed
 
 
 LockOps = tuple[Callable[[], Any], Callable[[], Any], Callable[[Any], Any], Callable[[], None]]
@@ -249,6 +241,11 @@ def coordlock_handoff(url: str, rounds: int) -> dict[str, float]:
 def redis_py_handoff(url: str, rounds: int) -> dict[str, float]:
     """Hand-off median/p99 (ms) of redis-py's ``Lock`` (it polls every 0.1 s while blocked)."""
     return _summary(_handoff("redis-py", url, rounds))
+
+
+def raw_handoffs(url: str, rounds: int) -> dict[str, list[float]]:
+    """Hand-off samples (seconds) of redis-py's ``Lock``, for ``benchmarks/locks.py``."""
+    return {"redis-py": _handoff("redis-py", url, min(rounds, 40))}
 
 
 def redis_py_lock(url: str, n: int, handoffs: int = 40) -> dict[str, float]:

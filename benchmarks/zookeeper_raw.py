@@ -40,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import coordlock
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import timed_pairs
+
 TTL = 30.0
 
 
@@ -137,22 +140,10 @@ def coordlock_pairs(url: str, n: int) -> float:
     root = _bench_root(url)
     coordinator = coordlock.connect(_coordlock_url(url, root))
     try:
-        for _ in range(min(n, 50)):
-            lease = coordinator.acquire("bench", TTL)
-            assert lease is not None
-            lease.release()
-        started = time.perf_counter()
-        for _ in range(n):
-            lease = coordinator.acquire("bench", TTL)
-            if lease is None:
-                raise RuntimeError("coordlock lock unexpectedly busy")
-            if not lease.release():
-                raise RuntimeError("coordlock release failed")
-        elapsed = time.perf_counter() - started
+        return timed_pairs(coordinator, n, warmup=50, ttl=TTL)
     finally:
         coordinator.close()
         _cleanup(url, root)
-    return n / elapsed
 
 
 def _handoff(
