@@ -23,18 +23,15 @@ from coordlock import ConfigurationError, Lease
 from coordlock.backends._pg_keys import lock_key
 from coordlock.backends.postgres import PostgresCoordinator, _Session
 from coordlock.testing.contract import CoordinatorContract
+from coordlock.testing.contract import eventually as contract_eventually
 from coordlock.testing.servers import PostgresServer
 
 PATIENCE = 20.0
 
 
-def eventually(predicate: Callable[[], bool], within: float = PATIENCE, step: float = 0.02) -> bool:
-    stop = time.monotonic() + within
-    while time.monotonic() < stop:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
+def eventually(predicate: Callable[[], bool], within: float = PATIENCE) -> bool:
+    """The contract suite's bounded poll, with this module's longer patience."""
+    return contract_eventually(predicate, within)
 
 
 def _schema() -> str:
