@@ -734,3 +734,30 @@ def test_history_is_bounded_per_job(make: Callable[..., ZooKeeperCoordinator]) -
     assert c.history("nobody") == []
     with pytest.raises(ValueError):
         c.history(limit=0)
+
+
+def test_claim_many_batches_fresh_keys_and_falls_back_per_key(
+    make: Callable[..., ZooKeeperCoordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fresh keys go in multis of CLAIM_BATCH keys; a batch with one taken key falls back to
+    the per-key round, which still wins every free key of it (and only those)."""
+    monkeypatch.setattr(zkmod, "CLAIM_BATCH", 40)
+    first, second = make(), make()
+    keys = [f"job{i}@2026-01-01T00:00:00Z" for i in range(130)]  # 4 batches, the last short
+    taken = {keys[45], keys[90]}  # in batches 2 and 3
+    assert second.claim_many(sorted(taken), 30) == taken
+    batches: list[int] = []
+    original = first._claim_batches
+
+    def counting(paths: dict[str, str], data: bytes, token: str) -> tuple[set[str], list[str]]:
+        won, rest = original(paths, data, token)
+        batches.append(len(rest))
+        return won, rest
+
+    monkeypatch.setattr(first, "_claim_batches", counting)
+    assert first.claim_many(keys, 30) == set(keys) - taken
+    assert batches == [80]  # the two batches holding a taken key were retried per key
+    assert second.claim_many(keys, 30) == set()
+    assert first.claim_many([f"fresh{i}" for i in range(100)], 30) == {
+        f"fresh{i}" for i in range(100)
+    }

@@ -78,6 +78,9 @@ log = logging.getLogger("coordlock")
 T = TypeVar("T")
 
 ROOT = "coordlock"
+#: Claims created per multi on the fast path of ``claim_many`` (keeps a request far below
+#: ZooKeeper's 1 MB jute.maxbuffer even with 512-character keys).
+CLAIM_BATCH = 200
 LOCK_MARK = "-lock-"
 #: A SUSPENDED connection is presumed to have lost its session after this share of the
 #: negotiated session timeout: kazoo notices a dead connection up to 2/3 of the timeout after
@@ -958,9 +961,14 @@ class ZooKeeperCoordinator(BaseCoordinator):
             tx.set_data(path, data)
             return tx.commit_async()
 
+        won: set[str] = set()
+        if len(paths) > 1:  # fast path: fresh keys in a few multis, one log write each
+            won, rest = self._claim_batches(paths, data, token)
+            if not rest:
+                return won
+            paths = {key: paths[key] for key in rest}
         sent = time.monotonic()
         results = {key: create(path) for key, path in paths.items()}
-        won: set[str] = set()
         existing: list[str] = []
         for key, result in results.items():
             outcome = self._get(result)
@@ -1001,6 +1009,38 @@ class ZooKeeperCoordinator(BaseCoordinator):
                 self._note_clock(outcome[-1].mtime, sent)
                 won.add(key)
         return won
+
+    def _claim_batches(
+        self, paths: dict[str, str], data: bytes, token: str
+    ) -> tuple[set[str], list[str]]:
+        """Create the claims of up to ``CLAIM_BATCH`` keys per multi, all multis pipelined.
+
+        A multi is all-or-nothing: one key that exists (claimed elsewhere, or a missing claims
+        directory) rolls its whole batch back. Returns the keys won and those left for the
+        per-key round, which sorts out existing, expired and own (lost-reply) claims.
+        """
+        client = self._client
+        keys = list(paths)
+        sent = time.monotonic()
+        pending = []
+        for start in range(0, len(keys), CLAIM_BATCH):
+            chunk = keys[start : start + CLAIM_BATCH]
+            tx = client.transaction()
+            for key in chunk:
+                tx.create(paths[key], data)
+                tx.create(f"{paths[key]}/{token}", b"")
+            tx.set_data(paths[chunk[0]], data)  # its stat carries the server clock
+            pending.append((chunk, tx.commit_async()))
+        won: set[str] = set()
+        rest: list[str] = []
+        for chunk, result in pending:
+            outcome = self._get(result)
+            if any(isinstance(item, Exception) for item in outcome):
+                rest.extend(chunk)
+            else:
+                self._note_clock(outcome[-1].mtime, sent)
+                won.update(chunk)
+        return won, rest
 
     # -- cleanup -----------------------------------------------------------------------------
 
