@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -79,7 +79,7 @@ class BaseCoordinator(ABC):
         if not isinstance(renew, bool):
             raise TypeError("renew must be a bool")
         self._check_open()
-        owner = uuid.uuid4().hex
+        owner = os.urandom(16).hex()  # 128 random bits, like uuid4, at a fraction of the cost
         started = time.monotonic()
         fence = self._try_acquire(name, owner, ttl)
         if fence is None and timeout > 0:

@@ -54,7 +54,7 @@ class Renewer:
         _renewers.add(self)
 
     def _reset_after_fork(self) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._heap = []
         self._thread = None
 
@@ -74,8 +74,10 @@ class Renewer:
 
     def forget(self, lease: Lease) -> None:
         """``lease`` was released: drop it (lazily; the heap is compacted when mostly dead)."""
+        self._forgotten += 1  # a heuristic: a lost increment under a race only delays compaction
+        if self._forgotten < 1024:
+            return
         with self._cond:
-            self._forgotten += 1
             if self._forgotten >= 1024:
                 self._forgotten = 0
                 self._heap = [e for e in self._heap if not (e[2].released or e[2]._lost)]
