@@ -188,10 +188,10 @@ class Workers:
             later = [
                 e["op"] if e["op"] != "release-result" else ("released" if e["ok"] else "lost")
                 for e in events
-                if e["w"] == risky["w"]
-                and e["fence"] == risky["fence"]
+                if e["op"] in ("restored", "lost", "release-result")  # "error" has no fence
+                and e["w"] == risky["w"]
+                and e.get("fence") == risky["fence"]
                 and e["t"] >= risky["t"]
-                and e["op"] in ("restored", "lost", "release-result")
             ]
             outcomes[later[0] if later else "unresolved"] += 1
         return outcomes
