@@ -775,11 +775,21 @@ class TestRealServer:
                     return any(str(replica.port) in str(item) for item in reply)
 
                 assert eventually(sentinel_knows_replica, 30), "sentinel never saw the replica"
+
+                def replica_in_sync() -> bool:  # WAIT below needs a synced replica link
+                    info = replica.command("INFO", "replication")
+                    return "master_link_status:up" in (
+                        info.decode() if isinstance(info, bytes) else str(info)
+                    )
+
+                assert eventually(replica_in_sync, 30), "the replica never finished its sync"
                 url = sentinel.url + "?prefix=fo:&retry_deadline=30"
                 with rc(url) as c:
                     lease = c.acquire("failover", 1.0, renew=False)
                     assert lease is not None
-                    assert master.command("WAIT", "1", "5000", timeout=10) == 1  # replicated
+                    assert eventually(  # replicated (WAIT is safe to repeat)
+                        lambda: master.command("WAIT", "1", "1000", timeout=5) == 1, 30
+                    ), "the lock never reached the replica"
                     master.kill()
                     # The promoted replica serves the next acquisitions; the old lock either
                     # expired there or was lost, and the fence still grew.
