@@ -39,7 +39,7 @@ from coordlock import BackendUnavailable, connect
 from coordlock._lease import Lease
 from coordlock.backends.memory import MemoryCoordinator
 from coordlock.scheduler import Event, Scheduler
-from coordlock.scheduler._worker import append_line, record_run
+from coordlock.scheduler._worker import append_line, event_logger, record_run
 
 TICKS = int(os.environ.get("COORDLOCK_SCHED_TICKS", "30"))
 CRON = "* * * * * *"  # every second (cronsim: 6 fields, seconds first)
@@ -148,21 +148,7 @@ class Cluster:
         sched.add(record_run, CRON, name="cron", args=(str(self.runs), job_seconds))
         events = str(self.events)
 
-        def on_event(event: Event) -> None:
-            append_line(
-                events,
-                {
-                    "kind": event.kind,
-                    "job": event.job,
-                    "key": event.key,
-                    "instance": event.instance,
-                    "reason": event.reason,
-                    "count": event.count,
-                    "t": time.time(),
-                },
-            )
-
-        sched.on("*", on_event)
+        sched.on("*", event_logger(events))
         sched.start()
         append_line(events, {"kind": "ready", "instance": name, "t": time.time()})
         self.scheds[name] = sched

@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .._registry import connect
@@ -38,6 +39,27 @@ def append_line(path: str, record: dict[str, Any]) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+def event_logger(path: str) -> Callable[[Event], None]:
+    """A scheduler event callback that appends each event to ``path`` as one JSON line."""
+
+    def on_event(event: Event) -> None:
+        append_line(
+            path,
+            {
+                "kind": event.kind,
+                "job": event.job,
+                "key": event.key,
+                "instance": event.instance,
+                "reason": event.reason,
+                "count": event.count,
+                "error": event.error,
+                "t": time.time(),
+            },
+        )
+
+    return on_event
 
 
 def record_run(path: str, seconds: float) -> None:
@@ -98,22 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if events_path:
 
-        def on_event(event: Event) -> None:
-            append_line(
-                events_path,
-                {
-                    "kind": event.kind,
-                    "job": event.job,
-                    "key": event.key,
-                    "instance": event.instance,
-                    "reason": event.reason,
-                    "count": event.count,
-                    "error": event.error,
-                    "t": time.time(),
-                },
-            )
-
-        sched.on("*", on_event)
+        sched.on("*", event_logger(events_path))
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
