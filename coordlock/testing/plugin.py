@@ -17,6 +17,10 @@ Fixtures (servers are started lazily, on first use, per pytest-xdist worker)
     ``redis_sentinel`` — function scope, a :class:`SentinelServer` whose ``.master`` is a fresh
     :class:`RedisServer`; ``fresh_redis_server``, ``fresh_postgres_server``,
     ``fresh_zookeeper_server`` — function scope, yours to kill, pause and restart.
+    ``fault_proxy`` — function scope, a factory: ``fault_proxy(port, host="127.0.0.1",
+    **options)`` starts a :class:`~coordlock.testing.faultproxy.FaultProxy` in front of that
+    server port (``proxy.via(server.url)`` is the URL to give the client; ``freeze()``,
+    ``drop()``, ``delay(ms)``, ``heal()``); every proxy it made is stopped at teardown.
     ``backend_name`` / ``backend_url`` — tests requesting either are parametrized over the
     selected backends (ids ``memory``, ``sqlite``, ``redis``, ``postgres``, ``zookeeper``) and
     get a fresh isolated URL: ``memory://t-<hex>``, ``sqlite:////<tmp_path>/locks.db``,
@@ -35,11 +39,13 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
+from .faultproxy import FaultProxy
 from .servers import (
+    HOST,
     ManagedServer,
     PostgresServer,
     RedisServer,
@@ -54,6 +60,7 @@ __all__ = [
     "ENV_BACKENDS",
     "backend_name",
     "backend_url",
+    "fault_proxy",
     "fresh_postgres_server",
     "fresh_redis_server",
     "fresh_zookeeper_server",
@@ -298,6 +305,25 @@ def fresh_zookeeper_server() -> Iterator[ZooKeeperServer]:
     """A single-node ZooKeeper of this test alone (log written but not fsynced: a process kill
     loses nothing)."""
     yield from _served(lambda: ZooKeeperServer(fast=True))
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[..., FaultProxy]]:
+    """Factory ``fault_proxy(port, host="127.0.0.1", **options) -> FaultProxy``: a started
+    fault proxy in front of ``host:port`` (options as :class:`FaultProxy`). Every proxy made
+    by the factory is stopped (its connections reset) when the test ends."""
+    made: list[FaultProxy] = []
+
+    def make(port: int, host: str = HOST, **options: Any) -> FaultProxy:
+        proxy = FaultProxy(host, port, **options)
+        made.append(proxy)
+        return proxy.start()
+
+    try:
+        yield make
+    finally:
+        for proxy in reversed(made):
+            proxy.stop()
 
 
 # --------------------------------------------------------------------------------------------
