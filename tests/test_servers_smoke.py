@@ -35,10 +35,10 @@ from coordlock.testing.servers import (
     ServerUnavailable,
     ZooKeeperEnsemble,
     ZooKeeperServer,
-    _process_state,
     free_port,
     port_is_open,
 )
+from coordlock.testing.servers._common import _process_state
 
 pytest_plugins = ["pytester"]
 
@@ -503,9 +503,9 @@ def test_command_line_prints_url_and_stops_on_sigint() -> None:
 def test_missing_binaries_raise_server_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COORDLOCK_PG_BINDIR", "/nonexistent")
     monkeypatch.setenv("COORDLOCK_NO_INSTALL", "1")
-    import coordlock.testing.servers as servers
+    from coordlock.testing.servers import _install
 
-    monkeypatch.setattr(servers, "_install_failures", {})
+    monkeypatch.setattr(_install, "_install_failures", {})
     server = PostgresServer()
     try:
         with pytest.raises(ServerUnavailable, match="apt-get install -y redis-server postgresql"):
