@@ -206,18 +206,14 @@ def test_delay_is_a_floor_each_way_and_keeps_order(
 ) -> None:
     client = clients(proxy.via(server.url), timeout=PATIENCE)
     assert client.ping()  # connected before timing
-    started = time.monotonic()
-    assert client.ping()
-    plain = time.monotonic() - started
-
     proxy.delay(200)
     assert proxy.stats.delay_ms == 200
     started = time.monotonic()
     assert client.ping()
     delayed = time.monotonic() - started
-    # 200 ms each way is a floor the proxy enforces: the round trip cannot be shorter.
+    # 200 ms each way is a floor the proxy enforces: the round trip cannot be shorter (a lower
+    # bound by construction, so it cannot flake on a slow machine; no upper bound is checked).
     assert delayed >= 0.4
-    assert delayed > plain
 
     # Pipelined commands come back complete and in order under delay.
     key = f"fp-order-{proxy.port}"
@@ -232,12 +228,11 @@ def test_delay_is_a_floor_each_way_and_keeps_order(
     assert client.ping()
 
 
-def test_delayed_chunks_are_pipelined_not_serialised(
+def test_delayed_chunks_arrive_complete_in_order_and_never_early(
     proxy: FaultProxy, server: RedisServer
 ) -> None:
-    # Ten chunks sent 20 ms apart under a 300 ms delay: if the proxy slept per chunk, the
-    # last reply would come >= 10 * 300 ms after the first send; pipelined, the first reply
-    # cannot come before 600 ms and all of them come in order.
+    # Ten chunks sent 20 ms apart under a 300 ms delay each way: every reply comes, in order,
+    # and none before 600 ms after the first send.
     proxy.delay(300)
     sock = raw(proxy)
     started = time.monotonic()
@@ -287,12 +282,11 @@ def test_connections_over_the_bound_are_reset(fault_proxy: MakeProxy, server: Re
     for sock in kept:
         sock.sendall(b"PING\r\n")
         assert read_reply(sock, b"+PONG\r\n") == b"+PONG\r\n"
-    extra = raw(proxy)
-    extra.settimeout(PATIENCE)
-    with pytest.raises(ConnectionResetError):
+    # The reset may already hit the connect: on loopback the kernel completes the handshake
+    # and the proxy can accept and reset before connect() reads the socket's status.
+    with pytest.raises(ConnectionResetError), raw(proxy) as extra:
         extra.sendall(b"PING\r\n")
         extra.recv(16)
-    extra.close()
     assert proxy.connections == 2
     for sock in kept:
         sock.close()
@@ -302,11 +296,8 @@ def test_unreachable_target_resets_the_client(fault_proxy: MakeProxy) -> None:
     from coordlock.testing.servers import free_port
 
     proxy = fault_proxy(free_port())  # nobody listens there
-    sock = raw(proxy)
-    sock.settimeout(PATIENCE)
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(ConnectionResetError), raw(proxy) as sock:  # at connect, or at recv
         sock.recv(16)
-    sock.close()
 
 
 def test_bad_input_is_refused_at_the_call(server: RedisServer) -> None:
