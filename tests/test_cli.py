@@ -240,3 +240,15 @@ def test_history_and_empty_locks(url: str) -> None:
     c.close()
     out = run_cli("history", "--url", url)
     assert out.returncode == 0 and "nightly" in out.stdout and "boom" in out.stdout
+
+
+def test_exit_statuses_are_documented() -> None:
+    from coordlock.cli import _common
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for name in ("EX_USAGE", "EX_UNAVAILABLE", "EX_SOFTWARE", "EX_TEMPFAIL", "EX_CONFIG"):
+        assert f"| {getattr(_common, name)} (`{name}`) |" in page, name
+    assert "| 130, 143, 129 |" in page
+    help_text = run_cli("--help").stdout
+    for status in (64, 69, 75, 78, 130, 143):
+        assert str(status) in help_text
