@@ -369,6 +369,11 @@ class _Table:
             if others:
                 text += f"; {_and(others)} won the others"
             lines.append(text)
+        if self.killed_at is not None and not after:
+            lines.append(
+                f"instance {victim} was killed with SIGKILL after it had asked for the last "
+                "tick shown; run longer (--seconds 12) to see the others take over"
+            )
         if self.killed_at is not None and after:
             takers = sorted({n for t in after for n in ran[t]})
             clean = all(len(ran[t]) == 1 for t in after)
