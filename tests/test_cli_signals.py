@@ -195,3 +195,42 @@ def test_interrupt_while_waiting_forever(tmp_path: Path, sig: int, status: int) 
     finally:
         lease.release()
         holder.close()
+
+
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _wait_state(pid: int, wanted: str) -> str:
+    deadline = time.monotonic() + 20
+    state = _state(pid)
+    while state != wanted and time.monotonic() < deadline:
+        time.sleep(0.02)
+        state = _state(pid)
+    return state
+
+
+def test_ctrl_z_stops_the_child_and_fg_continues_it(tmp_path: Path, counter: Path) -> None:
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [*COORDLOCK, "run", "--name", "z", "--url", f"sqlite:///{tmp_path}/l.db", "--",
+         sys.executable, str(counter), str(ready), "SIGTERM"],
+        env=cli_env(), stderr=subprocess.PIPE, text=True,
+        # a job of this session in a group of its own, as a shell starts it
+        **({"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}),
+    )
+    try:
+        child = int(_wait_for(ready).split()[0])
+        os.killpg(proc.pid, signal.SIGTSTP)  # Ctrl-Z: the terminal signals the foreground job
+        assert _wait_state(child, "T") == "T"
+        assert _wait_state(proc.pid, "T") == "T"
+        os.killpg(proc.pid, signal.SIGCONT)  # fg
+        assert _wait_state(child, "S") in ("S", "R")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err  # and the SIGTERM still arrived exactly once
+    assert "Traceback" not in err
