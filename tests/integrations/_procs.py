@@ -3,6 +3,7 @@ the tally of which ticks ran how often."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -81,10 +82,8 @@ class Proc:
 
     def signal(self, sig: int) -> None:
         if self.popen.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM the process group, SIGKILL it after ``timeout``; returns the exit status."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _procs import EXAMPLES, Proc, Tally, env_with, next_tick, sleep_until
+from _procs import Proc, Tally, env_with, next_tick, sleep_until
 from celery import Celery
 from celery.exceptions import Ignore
 from celery.schedules import BaseSchedule, crontab
