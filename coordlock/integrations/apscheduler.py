@@ -45,6 +45,7 @@ from typing import Any
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.executors.base import BaseExecutor, MaxInstancesReachedError
+from apscheduler.triggers.interval import IntervalTrigger
 
 from .._protocol import RunCoordinator
 from ._claims import (
@@ -142,7 +143,7 @@ class CoordinatedExecutor(BaseExecutor):  # type: ignore[misc]
         Raises ``MaxInstancesReachedError`` without claiming when the job is at
         ``max_instances`` here.
         """
-        self._warn_auto_id(job)
+        self._warn_once(job)
         now = datetime.now(timezone.utc)
         limit = self._lateness_limit(job, run_times[-1])
         live = [rt for rt in run_times if now - rt <= limit]
@@ -299,16 +300,33 @@ class CoordinatedExecutor(BaseExecutor):  # type: ignore[misc]
         if self._scheduler is not None:
             self._scheduler._dispatch_event(event)
 
-    def _warn_auto_id(self, job: Any) -> None:
-        if job.id in self._warned or not _AUTO_ID.fullmatch(job.id):
+    def _warn_once(self, job: Any) -> None:
+        """Warn (once per job) about what keeps processes from computing the same claims."""
+        if job.id in self._warned:
             return
         self._warned.add(job.id)
-        log.warning(
-            "apscheduler job %r (%s) looks like an auto-generated id: every process needs the "
-            "same id to share its run times; pass id=... to add_job()",
-            job.id,
-            job.name,
-        )
+        if _AUTO_ID.fullmatch(job.id):
+            log.warning(
+                "apscheduler job %r (%s) looks like an auto-generated id: every process needs "
+                "the same id to share its run times; pass id=... to add_job()",
+                job.id,
+                job.name,
+            )
+        trigger = job.trigger
+        if getattr(trigger, "jitter", None):
+            log.warning(
+                "apscheduler job %r has jitter: each process shifts its run times at random, "
+                "so their claims differ and each may run; drop jitter= for coordinated jobs",
+                job.id,
+            )
+        start = getattr(trigger, "start_date", None)
+        if isinstance(trigger, IntervalTrigger) and start is not None and start.microsecond:
+            log.warning(
+                "apscheduler interval job %r has no fixed start_date (it starts when the "
+                "process added it), so processes compute different run times and their claims "
+                "differ; pass start_date='2024-01-01 00:00:00' to add_job()",
+                job.id,
+            )
 
     def __repr__(self) -> str:
         return f"<CoordinatedExecutor {self.inner!r}>"

@@ -304,3 +304,25 @@ def test_auto_generated_job_ids_are_warned_about(caplog: pytest.LogCaptureFixtur
     finally:
         sched.shutdown()
     assert "auto-generated id" in caplog.text
+
+
+def test_triggers_that_differ_between_processes_are_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events: list[Any] = []
+    sched = _scheduler(coordlock.connect("memory://aps-triggers"), events)
+    sched.start(paused=True)
+    try:
+        executor = sched._lookup_executor("default")
+        now = [datetime.now(timezone.utc)]
+        with caplog.at_level(logging.WARNING, logger="coordlock"):
+            executor.submit_job(sched.add_job(print, "interval", seconds=5, id="a"), now)
+            executor.submit_job(sched.add_job(print, "cron", second="*", jitter=3, id="b"), now)
+            fixed = sched.add_job(print, "interval", seconds=5, id="c",
+                                  start_date="2024-01-01 00:00:00")
+            executor.submit_job(fixed, now)
+    finally:
+        sched.shutdown()
+    assert "'a' has no fixed start_date" in caplog.text
+    assert "'b' has jitter" in caplog.text
+    assert "'c'" not in caplog.text
