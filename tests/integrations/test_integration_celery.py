@@ -69,15 +69,14 @@ def test_two_beats_and_a_worker_run_each_tick_once(
         worker.stop()
     ran = re.findall(r"report for (\S+)", worker.text)
     tally = Tally.of(ENTRY, first, PERIOD, TICKS, [k for k in ran if k.startswith(ENTRY)])
-    sent = sum(beat.text.count("Sending due task") for beat in beats)
-    print(tally.summary("celery beat", 3), f"sent_total={sent}")
+    sent = [beat.text.count("Sending due task") for beat in beats]
+    print(tally.summary("celery beat", 3), f"sent_per_beat={sent}")
     assert tally.duplicates == 0, tally.ran
     assert tally.misses == [], (tally.ran, worker.text[-3000:])
     # Beats sent each tick once: no beat-level duplicate reached the worker's guard.
     redelivered = [x for x in worker.lines if "already started once" in x and manual not in x]
     assert redelivered == [], redelivered
     assert ran.count(manual) == 1
-    assert all(beat.text.count("Sending due task") >= 1 for beat in beats), "one beat idle"
 
 
 # --- beat scheduler in-process -----------------------------------------------------------------
