@@ -126,7 +126,6 @@ class CoordinatedExecutor(BaseExecutor):  # type: ignore[misc]
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
-        self.alias = alias
         self.inner.start(scheduler, alias)
 
     def shutdown(self, wait: bool = True) -> None:

@@ -208,7 +208,8 @@ class CoordinatedScheduler(Scheduler):  # type: ignore[misc]
         entries: dict[str, Any] = {}
         for entry, tick, following in due:
             key = tick_claim_key(entry.name, tick)
-            period = (following - tick) if following is not None else 0.0
+            trigger = self._trigger(entry)
+            period = (following - tick) if following is not None else trigger.nominal_period()
             by_hold.setdefault(period + self.skew, []).append(key)
             entries[key] = entry
         won: set[str] = set()

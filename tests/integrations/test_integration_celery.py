@@ -170,13 +170,23 @@ def test_an_uncoordinated_schedule_fails_at_beat_start() -> None:
         Recording(app=app)
 
 
-def test_a_late_tick_past_the_grace_is_not_sent(caplog: pytest.LogCaptureFixture) -> None:
-    app = _app("memory://celery-late", schedule=3600.0, coordlock_grace=1)
-    beat = Recording(app=app)
+def test_a_late_tick_past_the_grace_is_not_sent(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    import coordlock.integrations.celery as module
+
+    now = [1_700_000_000.0 + 600]  # 1400 s after an hourly tick
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(time=lambda: now[0]))
+    beat = Recording(app=_app("memory://celery-late", schedule=3600.0, coordlock_grace=1))
     with caplog.at_level(logging.WARNING, logger="coordlock"):
-        beat.tick()  # the last hourly tick is (almost surely) more than 1 s ago
-    if time.time() % 3600 > 1.5:
-        assert beat.sent == [] and "past its grace" in caplog.text
+        delay = beat.tick()
+    assert beat.sent == [] and "past its grace" in caplog.text
+    assert delay == pytest.approx(300.0)  # beat's max_interval caps the sleep
+    now[0] = 1_700_000_000.0 + 2800.5  # the next hourly tick, half a second late
+    beat.tick()
+    assert [options["task_id"] for _, options in beat.sent] == ["tick@2023-11-14T23:00:00Z"]
 
 
 # --- worker guard in-process -------------------------------------------------------------------
