@@ -119,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     events_path = args.events
 
     if events_path:
-
         sched.on("*", event_logger(events_path))
 
     stop = threading.Event()
