@@ -108,10 +108,10 @@ def _warn(instance: str, keys: list[str], exc: BaseException) -> None:
 def check_instance_id(instance_id: object) -> str:
     """An instance id whose liveness lease name ``coordlock:instance:<id>`` every backend can
     store (at most 512 characters, valid UTF-8); ``TypeError``/``ValueError`` otherwise."""
-    checked = check_name(instance_id, "instance_id")
     limit = MAX_NAME_LENGTH - len(INSTANCE_LEASE_PREFIX)
-    if len(checked) > limit:
-        raise ValueError(f"instance_id is {len(checked)} characters long; at most {limit}")
+    if isinstance(instance_id, str) and len(instance_id) > limit:
+        raise ValueError(f"instance_id is {len(instance_id)} characters long; at most {limit}")
+    checked = check_name(instance_id, "instance_id")
     try:
         checked.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -122,13 +122,12 @@ def check_job_name(name: object) -> str:
     pass the 512-character limit of coordinator names) and for one that is not valid Unicode
     text (a lone surrogate cannot be encoded as UTF-8, which every server backend stores).
     """
-    checked = check_name(name, "job name")
-    if len(checked) > MAX_JOB_NAME:
+    if isinstance(name, str) and len(name) > MAX_JOB_NAME:
         raise ValueError(
-            f"job name is {len(checked)} characters long: its claim key "
-            f"'<name>@<tick>' must fit in {MAX_NAME_LENGTH} characters, so a job name may have "
-            f"at most {MAX_JOB_NAME}"
+            f"job name is {len(name)} characters long: its claim key '<name>@<tick>' must fit "
+            f"in {MAX_NAME_LENGTH} characters, so a job name may have at most {MAX_JOB_NAME}"
         )
+    checked = check_name(name, "job name")
     try:
         checked.encode("utf-8")
     except UnicodeEncodeError as exc:
