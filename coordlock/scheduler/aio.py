@@ -27,6 +27,10 @@ from .job import RunContext, _set_current
 log = logging.getLogger("coordlock")
 
 
+class RunCancelled(Exception):
+    """A coroutine run was cancelled because its scheduler stopped before it ended."""
+
+
 class LoopHost:
     """The event loop of one scheduler's coroutine jobs, and their outstanding tasks."""
 
@@ -74,7 +78,7 @@ class LoopHost:
         try:
             return future.result()
         except concurrent.futures.CancelledError:
-            raise JobTimeout("cancelled: the scheduler stopped before the run ended") from None
+            raise RunCancelled("cancelled: the scheduler stopped before the run ended") from None
         finally:
             with self._lock:
                 self._futures.discard(future)

@@ -34,7 +34,7 @@ from .._protocol import RunCoordinator
 from . import events as ev
 from . import report as st
 from ._clock import Clock
-from .aio import LoopHost
+from .aio import LoopHost, RunCancelled
 from .claims import JOB_LEASE_PREFIX
 from .isolation import ChildFailed, ChildRegistry, JobTimeout, run_in_process
 from .job import Job, RunContext, _set_current
@@ -319,7 +319,7 @@ class Runner:
             attempts=attempts,
             error=text if failed else None,
             exception=error
-            if isinstance(error, Exception) and not isinstance(error, ChildFailed)
+            if isinstance(error, Exception) and not isinstance(error, (ChildFailed, RunCancelled))
             else None,
         )
 
@@ -452,6 +452,6 @@ def _release(lease: Lease | None, instance: str) -> str | None:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
-    if isinstance(exc, (ChildFailed, JobTimeout)):
+    if isinstance(exc, (ChildFailed, JobTimeout, RunCancelled)):
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
