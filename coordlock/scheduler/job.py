@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import threading
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -244,6 +245,34 @@ class Job:
         if self.options.lease_ttl is not None:
             return self.options.lease_ttl
         return min(max(2.0 * self.trigger.nominal_period(), LEASE_TTL_MIN), LEASE_TTL_MAX)
+
+
+#: How a run executes: in a worker thread, on an event loop, or in a child process.
+THREAD, ASYNC, PROCESS = "thread", "async", "process"
+
+
+@dataclass(eq=False)
+class Run:
+    """One won tick of one job on this instance, from the claim to the outcome."""
+
+    job: Job
+    tick: float
+    following: float | None
+    key: str
+    run_id: str
+    claimed_at: float  # scheduler clock
+    kind: str  # THREAD, ASYNC or PROCESS
+    #: set to stop retrying (lease lost, scheduler stopping); ``why`` says which
+    abort: threading.Event = field(default_factory=threading.Event)
+    why: str = ""
+    started_wall: float | None = None  # None while queued
+    started_mono: float = 0.0
+    stuck: bool = False
+
+    def stop_retrying(self, why: str) -> None:
+        if not self.abort.is_set():
+            self.why = why
+            self.abort.set()
 
 
 @dataclass(frozen=True)

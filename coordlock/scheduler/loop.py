@@ -9,13 +9,14 @@ One tick of one job, on every instance:
    ``claim`` per job where the coordinator has no ``claim_many``; :mod:`.claims`). The claim is
    held for the job's period plus the skew tolerance, so an instance whose clock is late asks
    after the winner and still loses. Claims are per tick: a long hold never blocks the next tick.
-3. Losers report ``skipped(claimed-elsewhere)``. The winner records the claim in run history
-   and hands the tick to :mod:`.runner`: for an ``overlap=False`` job it only now takes the
-   name-level lease ``coordlock:job:{name}`` (renewed while the run goes); if a previous run
-   still holds it anywhere the tick is ``skipped(running)``.
+3. Losers report ``skipped(claimed-elsewhere)`` (:mod:`.dispatch`). The winner records the
+   claim in run history and hands the tick to :mod:`.runner`: for an ``overlap=False`` job it
+   only now takes the name-level lease ``coordlock:job:{name}`` (renewed while the run goes);
+   if a previous run still holds it anywhere the tick is ``skipped(running)``.
 4. The run goes to a bounded pool of worker threads (a coroutine job runs on an event loop,
-   :mod:`.aio`; a process job in a child, :mod:`.isolation`), with retries and a timeout;
-   ``started``/``finished``/``failed`` are emitted, logged and written to run history.
+   :mod:`.aio`; a process job in a child, :mod:`.isolation`), with retries and a timeout
+   (:mod:`.attempts`); ``started``/``finished``/``failed`` are emitted, logged and written to
+   run history (:mod:`.report`).
 5. The :mod:`.watchdog` reports runs past their timeout, runs of vanished instances and ticks
    claimed by an instance that vanished before starting them.
 
@@ -44,7 +45,8 @@ from .._validate import check_name, check_seconds
 from . import events as ev
 from ._clock import Clock, SystemClock
 from .aio import LoopHost
-from .claims import check_instance_id, claim_key, claim_keys
+from .claims import check_instance_id
+from .dispatch import claim_and_dispatch
 from .events import Callback, EventBus
 from .isolation import make_context
 from .job import (
@@ -57,7 +59,7 @@ from .job import (
     is_coroutine_job,
     job_info,
 )
-from .planner import Due, Planner
+from .planner import Planner
 from .report import Reporter
 from .runner import Pool, Runner
 from .triggers import CronTrigger, IntervalTrigger, Trigger, resolve_timezone
@@ -568,46 +570,11 @@ class Scheduler:
             self._report.note(miss.job, miss.tick, "missed")
             self._report.event(ev.MISSED, miss.job, miss.tick, reason=ev.LATE, count=miss.count)
         if due:
-            self._claim_and_dispatch(due)
-
-    def _claim_and_dispatch(self, due: list[Due]) -> None:
-        coordinator = self._coordinator
-        assert coordinator is not None
-        by_key: dict[str, Due] = {}
-        by_hold: dict[float, list[str]] = {}
-        for item in due:
-            job = item.job
-            key = claim_key(job.name, item.tick)
-            with self._lock:
-                busy_here = job.pending > 0 or (not job.options.overlap and job.running > 0)
-            if busy_here:
-                # A run of this job is still going (or queued) here: for overlap=False the
-                # lease would refuse anyway; don't burn the tick's claim — another instance may
-                # still run it if the run ends in time.
-                self._report.event(ev.SKIPPED, job, item.tick, reason=ev.RUNNING)
-                continue
-            by_key[key] = item
-            hold = job.hold_for(item.tick, item.following, self.skew_tolerance)
-            by_hold.setdefault(hold, []).append(key)
-        won: set[str] = set()
-        errors: dict[str, BaseException] = {}
-        for hold, keys in by_hold.items():
-            got, failed = claim_keys(coordinator, keys, hold, self.instance_id)
-            won |= got
-            errors.update(failed)
-        for key, item in by_key.items():
-            job, tick = item.job, item.tick
-            if key in errors:
-                exc = errors[key]
-                text = f"{type(exc).__name__}: {exc}"
-                self._report.note(job, tick, f"skipped:{ev.COORDINATOR_ERROR}", text)
-                self._report.event(ev.SKIPPED, job, tick, reason=ev.COORDINATOR_ERROR, error=text)
-            elif key not in won:
-                self._report.note(job, tick, f"skipped:{ev.CLAIMED_ELSEWHERE}")
-                self._report.event(ev.SKIPPED, job, tick, reason=ev.CLAIMED_ELSEWHERE)
-            else:
-                log.debug("scheduler %s won claim %s", self.instance_id, key)
-                self._runner.won(job, tick, item.following, key)
+            coordinator = self._coordinator
+            assert coordinator is not None
+            claim_and_dispatch(
+                due, coordinator, self.skew_tolerance, self._lock, self._report, self._runner
+            )
 
     def __repr__(self) -> str:
         return (

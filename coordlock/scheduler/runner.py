@@ -1,5 +1,5 @@
-"""Running a won tick: the no-overlap lease, the run (in a worker thread, on an event loop, or in
-a child process) with its timeout and retries, and its outcome as events and history.
+"""Running a won tick: the no-overlap lease, the run (its attempts: :mod:`.attempts`), and its
+outcome as events and history; the pool of worker threads and the runs queued or going here.
 
 A won tick becomes a :class:`Run` at once (history row ``claimed``) and goes to a bounded pool
 of worker threads. There, for an ``overlap=False`` job, the name-level lease is taken (a run
@@ -11,23 +11,13 @@ reason ``lease-lost`` even when the job returned, since it may have overlapped a
 
 from __future__ import annotations
 
-import inspect
 import logging
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
-
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-)
 
 from .._lease import Lease
 from .._protocol import RunCoordinator
@@ -35,39 +25,13 @@ from . import events as ev
 from . import report as st
 from ._clock import Clock
 from .aio import LoopHost, RunCancelled
+from .attempts import Attempts, describe, lost_text
 from .claims import JOB_LEASE_PREFIX
-from .isolation import ChildFailed, ChildRegistry, JobTimeout, run_in_process
-from .job import Job, RunContext, _set_current
+from .isolation import ChildFailed, ChildRegistry, JobTimeout
+from .job import ASYNC, PROCESS, THREAD, Job, Run
 from .report import Reporter
-from .triggers import tick_datetime
 
 log = logging.getLogger("coordlock")
-
-THREAD, ASYNC, PROCESS = "thread", "async", "process"
-
-
-@dataclass(eq=False)
-class Run:
-    """One won tick of one job on this instance, from the claim to the outcome."""
-
-    job: Job
-    tick: float
-    following: float | None
-    key: str
-    run_id: str
-    claimed_at: float  # scheduler clock
-    kind: str  # THREAD, ASYNC or PROCESS
-    #: set to stop retrying (lease lost, scheduler stopping); ``why`` says which
-    abort: threading.Event = field(default_factory=threading.Event)
-    why: str = ""
-    started_wall: float | None = None  # None while queued
-    started_mono: float = 0.0
-    stuck: bool = False
-
-    def stop_retrying(self, why: str) -> None:
-        if not self.abort.is_set():
-            self.why = why
-            self.abort.set()
 
 
 class Pool:
@@ -132,10 +96,17 @@ class Runner:
         self._report = report
         self._stopping = stopping
         self._host = host
-        self._mp = mp
         self._watch_wake = watch_wake
         self.cond = threading.Condition(lock)
         self.children = ChildRegistry()
+        self._attempts = Attempts(
+            instance=instance,
+            clock=clock,
+            stopping=stopping,
+            host=host,
+            mp=mp,
+            children=self.children,
+        )
         self.coordinator: RunCoordinator | None = None
         self.pool: Pool | None = None
         #: run_pending(): won ticks run in the calling thread after the step
@@ -265,8 +236,8 @@ class Runner:
                 self._watch_wake.set()
             self._report.event(ev.STARTED, job, run.tick, run_id=run.run_id)
             if lease is not None:
-                lease.on_lost(lambda lost: run.stop_retrying(_lost_text(lost)))
-            error, attempts, stopped = self._attempts(run, lease)
+                lease.on_lost(lambda lost: run.stop_retrying(lost_text(lost)))
+            error, attempts, stopped = self._attempts.run(run, lease)
             lost = _release(lease, self._instance)
             self._finish(run, error, attempts, stopped, lost)
         finally:
@@ -293,7 +264,7 @@ class Runner:
         elif isinstance(error, JobTimeout):
             reason = ev.TIMEOUT
         if error is not None:
-            parts.append(_describe(error))
+            parts.append(describe(error))
         if stopped is not None and error is not None:
             parts.append("retries stopped" if lost is not None else f"retries stopped: {stopped}")
         failed = error is not None or lost is not None
@@ -323,119 +294,6 @@ class Runner:
             else None,
         )
 
-    def _attempts(
-        self, run: Run, lease: Lease | None
-    ) -> tuple[BaseException | None, int, str | None]:
-        """Run the job, retrying as its options say; returns (error, attempts, why retries
-        stopped early)."""
-        opts = run.job.options
-        fence = lease.fence if lease is not None else None
-        count = 0
-        last: list[BaseException] = []
-
-        def once() -> None:
-            nonlocal count
-            count += 1
-            try:
-                self._attempt(run, fence, count)
-            except BaseException as exc:
-                last[:] = [exc]
-                raise
-
-        if opts.retries == 0:
-            try:
-                once()
-            except BaseException as exc:
-                return exc, count, None
-            return None, count, None
-
-        def why_stop() -> str | None:
-            if run.abort.is_set():
-                return run.why
-            if lease is not None and lease.lost:
-                return _lost_text(lease)
-            if self._stopping.is_set():
-                return "scheduler stopping"
-            return None
-
-        def worth_retrying(exc: BaseException) -> bool:
-            return isinstance(exc, Exception) and why_stop() is None
-
-        def backoff(seconds: float) -> None:
-            if seconds > 0 and why_stop() is None:
-                self._clock.wait(seconds, run.abort)
-            if why_stop() is not None:
-                raise _Abandon
-
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            log.warning(
-                "job %s attempt %d failed (%s); retrying",
-                run.key,
-                state.attempt_number,
-                _describe(exc) if exc else "?",
-            )
-
-        retrying = Retrying(
-            stop=stop_after_attempt(opts.retries + 1),
-            wait=wait_exponential(multiplier=opts.backoff, max=opts.backoff_max),
-            retry=retry_if_exception(worth_retrying),
-            sleep=backoff,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        try:
-            retrying(once)
-        except _Abandon:
-            return (last[0] if last else None), count, why_stop()
-        except BaseException as exc:
-            return exc, count, why_stop()
-        return None, count, None
-
-    def _attempt(self, run: Run, fence: int | None, attempt: int) -> None:
-        job = run.job
-        opts = job.options
-        ctx = RunContext(
-            job=job.name,
-            tick=tick_datetime(run.tick),
-            key=run.key,
-            instance=self._instance,
-            run_id=run.run_id,
-            attempt=attempt,
-            fence=fence,
-        )
-        if run.kind == PROCESS:
-            run_in_process(
-                job.func,
-                job.args,
-                job.kwargs,
-                ctx,
-                timeout=opts.timeout,
-                context=self._mp,
-                registry=self.children,
-            )
-            return
-        if job.is_async:
-            self._host.run(lambda: job.func(*job.args, **job.kwargs), ctx, opts.timeout)
-            return
-        _set_current(ctx)
-        try:
-            result = job.func(*job.args, **job.kwargs)
-        finally:
-            _set_current(None)
-        if inspect.isawaitable(result):  # a sync wrapper around a coroutine function
-            run.kind = ASYNC
-            awaitable = result
-            self._host.run(lambda: awaitable, ctx, opts.timeout)
-
-
-class _Abandon(Exception):
-    """Raised from the backoff sleep to stop retrying."""
-
-
-def _lost_text(lease: Lease) -> str:
-    return f"no-overlap lease lost: {lease.lost_reason or 'unknown reason'}"
-
 
 def _release(lease: Lease | None, instance: str) -> str | None:
     """Release the run's lease; returns why it was lost during the run (``None``: it held)."""
@@ -448,10 +306,3 @@ def _release(lease: Lease | None, instance: str) -> str | None:
     except Exception as exc:
         log.warning("scheduler %s: releasing %s failed: %s", instance, lease.name, exc)
     return lost
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, (ChildFailed, JobTimeout, RunCancelled)):
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

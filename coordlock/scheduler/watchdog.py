@@ -28,9 +28,9 @@ from . import events as ev
 from . import report as st
 from ._clock import Clock
 from .claims import INSTANCE_LEASE_PREFIX, VERDICT_PREFIX
-from .job import DEFAULT_SKIP_GRACE, Job
+from .job import ASYNC, DEFAULT_SKIP_GRACE, THREAD, Job, Run
 from .report import Reporter
-from .runner import ASYNC, THREAD, Run, Runner
+from .runner import Runner
 
 log = logging.getLogger("coordlock")
 
