@@ -9,17 +9,21 @@ Only the job's coroutine runs on the loop. Everything that talks to the coordina
 leases, history) stays in the scheduler's threads: a worker thread hands the coroutine to the
 loop and waits for its outcome, so a slow coordinator never stalls the application's loop. A
 timeout cancels the job's task (:class:`~coordlock.scheduler.JobTimeout`).
+
+``asyncio`` is imported on first use only: a program without coroutine jobs does not pay for it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 from .isolation import JobTimeout
 from .job import RunContext, _set_current
@@ -54,6 +58,10 @@ class LoopHost:
 
     def in_bound_loop(self) -> bool:
         """``True`` when called from a coroutine or callback of the bound loop."""
+        if self._bound is None:
+            return False
+        import asyncio
+
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
@@ -71,6 +79,8 @@ class LoopHost:
         raised once it has ended (a coroutine that swallows the cancellation keeps the worker
         until it does; the watchdog reports it ``stuck``).
         """
+        import asyncio
+
         loop = self._loop()
         future = asyncio.run_coroutine_threadsafe(_supervise(make, ctx, timeout), loop)
         with self._lock:
@@ -114,6 +124,8 @@ class LoopHost:
                     )
                 return bound
             if self._owned is None:
+                import asyncio
+
                 ready = threading.Event()
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(
@@ -126,6 +138,8 @@ class LoopHost:
 
 
 def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+    import asyncio
+
     asyncio.set_event_loop(loop)
     loop.call_soon(ready.set)
     try:
@@ -143,6 +157,8 @@ def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
 async def _supervise(
     make: Callable[[], Awaitable[object]], ctx: RunContext, timeout: float | None
 ) -> object:
+    import asyncio
+
     _set_current(ctx)  # this task's own context: other tasks never see it
     task = asyncio.ensure_future(make())
     try:

@@ -21,7 +21,6 @@ The child is bound to its scheduler three ways, so that a scheduler killed with 
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import inspect
 import multiprocessing
@@ -113,6 +112,8 @@ def _child_main(
     try:
         result = func(*args, **dict(kwargs))
         if inspect.isawaitable(result):
+            import asyncio
+
             asyncio.run(_await(result))
     except BaseException as exc:
         text = "".join(traceback.format_exception_only(type(exc), exc)).strip()

@@ -26,11 +26,11 @@ When the coordinator cannot be asked the tick does not run (fail closed):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -394,6 +394,8 @@ class Scheduler:
         (connecting, taking the liveness lease) runs in a thread, and so does every later
         coordinator call: the loop is never blocked by the scheduler. Stop with
         :meth:`astop`."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._state != "new":
@@ -462,6 +464,8 @@ class Scheduler:
     async def astop(self, wait: bool = True, timeout: float | None = None) -> None:
         """:meth:`stop` for an asyncio application: waits in a thread, so coroutine jobs still
         going on this loop can finish meanwhile."""
+        import asyncio
+
         await asyncio.to_thread(self.stop, wait, timeout)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -584,6 +588,9 @@ class Scheduler:
 
 
 def _in_event_loop() -> bool:
+    asyncio = sys.modules.get("asyncio")  # not imported: no loop can be running
+    if asyncio is None:
+        return False
     try:
         asyncio.get_running_loop()
     except RuntimeError:
