@@ -257,9 +257,11 @@ class Slow:
         time.sleep(self.delay)
         self.calls.append((what, threading.get_ident(), before, self.ticker.count))
 
-    def acquire(self, name: str, ttl: float, *, wait: float | None = None) -> Lease | None:
+    def acquire(
+        self, name: str, ttl: float, *, wait: float | None = None, renew: bool = True
+    ) -> Lease | None:
         self._slow(f"acquire {name}")
-        return self.inner.acquire(name, ttl, wait=wait)
+        return self.inner.acquire(name, ttl, wait=wait, renew=renew)
 
     def release(self, lease: Lease) -> bool:
         return self.inner.release(lease)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._lease import Lease
 from .._protocol import RunCoordinator
 from .._registry import connect
 from ._clock import OffsetClock
@@ -43,10 +44,12 @@ class DieOnJobLease:
     def __init__(self, inner: RunCoordinator) -> None:
         self._inner = inner
 
-    def acquire(self, name: str, ttl: float, *, wait: float | None = None) -> Any:
+    def acquire(
+        self, name: str, ttl: float, *, wait: float | None = None, renew: bool = True
+    ) -> Lease | None:
         if name.startswith(JOB_LEASE_PREFIX):
             os.kill(os.getpid(), signal.SIGKILL)
-        return self._inner.acquire(name, ttl, wait=wait)
+        return self._inner.acquire(name, ttl, wait=wait, renew=renew)
 
     def __getattr__(self, name: str) -> Any:  # release, extend, claim(_many), history…
         return getattr(self._inner, name)
