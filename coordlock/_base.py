@@ -213,6 +213,11 @@ class BaseCoordinator(LegacyHooks, ABC):
             self._executor.shutdown(wait=False)
 
     @property
+    def can_force_release(self) -> bool:
+        """``True`` when the backend implements :meth:`force_release`."""
+        return type(self)._force_release is not BaseCoordinator._force_release
+
+    @property
     def closed(self) -> bool:
         """``True`` after :meth:`close`."""
         return self._closed

@@ -106,11 +106,6 @@ def test_empty_locks_json(tmp_path: Path) -> None:
     assert json.loads(out.stdout) == {"locks": []}
 
 
-@pytest.mark.xfail(
-    not hasattr(MemoryCoordinator, "force_release"),
-    reason="force_release lands with the core rewrite",
-    strict=True,
-)
 def test_unlock_force_frees_the_lock_and_the_next_fence_increases(
     table: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -137,7 +132,9 @@ def test_unlock_force_frees_the_lock_and_the_next_fence_increases(
 def test_unlock_says_when_the_backend_cannot(
     table: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delattr(MemoryCoordinator, "force_release", raising=False)
+    from coordlock.backends import BaseCoordinator
+
+    monkeypatch.setattr(MemoryCoordinator, "_force_release", BaseCoordinator._force_release)
     assert main(["unlock", "x", "--force", "--yes", "--url", table]) == 69
     assert "cannot force-unlock" in capsys.readouterr().err
 

@@ -38,7 +38,7 @@ from coordlock.testing.servers import RedisServer, ServerUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
-MAX_SKIPS = 4
+MAX_SKIPS = 8  # framework sketches (FastAPI, aiohttp, Django, APScheduler, queues)
 
 #: Names the pages use for the reader's own code; each becomes a do-anything stub.
 PLACEHOLDERS = [

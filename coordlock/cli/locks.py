@@ -102,7 +102,7 @@ def cmd_unlock(args: argparse.Namespace, ctx: Context) -> int:
     coordinator = ctx.open()
     try:
         force_release = getattr(coordinator, "force_release", None)
-        if not callable(force_release):
+        if not callable(force_release) or not getattr(coordinator, "can_force_release", True):
             print(
                 f"coordlock: this backend ({type(coordinator).__name__}) cannot force-unlock",
                 file=sys.stderr,

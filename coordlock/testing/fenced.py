@@ -282,19 +282,20 @@ def worker_command(url: str, register: Path, log: Path, worker: str, **options: 
 
 def run_fenced(
     url: str, directory: Path, *, workers: int, iterations: int, timeout: float = 300.0,
-    mode: Mode = "sync", **options: Any,
+    mode: Mode = "sync", threads: bool | None = None, **options: Any,
 ) -> Report:
     """Run ``workers`` fenced workers against ``url`` and return the checked :class:`Report`.
 
-    Workers are processes, except for ``memory://`` URLs (one process only), where they are
-    threads sharing one coordinator per worker. ``mode="async"`` makes every worker use the
-    async API on an event loop of its own. Raises ``AssertionError`` if a worker fails.
+    Workers are processes, except for ``memory://`` URLs (one process only) or with
+    ``threads=True``, where they are threads with one coordinator per worker.
+    ``mode="async"`` makes every worker use the async API on an event loop of its own.
+    Raises ``AssertionError`` if a worker fails.
     """
     import subprocess
 
     register = FencedRegister(directory / "register.json")
     history = HistoryLog(directory / "history.jsonl")
-    if url.startswith("memory://"):
+    if threads or (threads is None and url.startswith("memory://")):
         results: dict[str, int] = {}
 
         def body(worker: str) -> None:
