@@ -193,9 +193,9 @@ def test_duplicate_name_raises() -> None:
     assert [j.name for j in sched.jobs()] == ["a"]
 
 
-def _async_job() -> Any:
-    async def job() -> None:
-        pass
+def _async_generator() -> Any:
+    async def job() -> Any:
+        yield 1
 
     return job
 
@@ -238,8 +238,8 @@ def test_bad_arguments() -> None:
         sched.cron("* * * * *", timezone="Mars/Olympus_Mons")
     with pytest.raises(TypeError):
         sched.add(42, 10, name="n")  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        sched.add(_async_job(), 10, name="a")
+    with pytest.raises(TypeError, match="generator"):
+        sched.add(_async_generator(), 10, name="a")
     with pytest.raises(TypeError, match="picklable"):
         sched.add(lambda: None, 10, name="p", isolation="process")
     with pytest.raises(TypeError):
