@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import functools
 import inspect
 import logging
@@ -50,6 +49,7 @@ from ._validate import (
     check_seconds,
     check_ttl,
     check_wait,
+    unknown_options,
 )
 
 log = logging.getLogger("coordlock")
@@ -98,7 +98,7 @@ class BaseCoordinator(LegacyHooks, ABC):
 
     def __init__(self, *, retry_deadline: float = 10.0, **unknown: Any) -> None:
         if unknown:
-            raise unknown_options(type(self), unknown)
+            raise _unknown_backend_options(type(self), unknown)
         self.retry_deadline = check_seconds(retry_deadline, "retry_deadline", allow_zero=True)
         self._policy = RetryPolicy(
             self.retry_deadline,
@@ -617,8 +617,8 @@ class BaseCoordinator(LegacyHooks, ABC):
         """Close the async resources kept in ``state`` (one event loop's :meth:`_loop_local`)."""
 
 
-def unknown_options(cls: type, unknown: dict[str, Any]) -> ConfigurationError:
-    """A :class:`ConfigurationError` naming the options of ``cls`` (with "did you mean")."""
+def _unknown_backend_options(cls: type, unknown: dict[str, Any]) -> ConfigurationError:
+    """The error for options no ``__init__`` of ``cls`` accepts."""
     known: set[str] = {"retry_deadline"}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -628,11 +628,5 @@ def unknown_options(cls: type, unknown: dict[str, Any]) -> ConfigurationError:
             if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD) and \
                     param.name != "self" and not param.name.startswith("_"):
                 known.add(param.name)
-    parts = []
-    for name in sorted(unknown):
-        close = difflib.get_close_matches(name, sorted(known), n=1)
-        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return ConfigurationError(
-        f"unknown option(s) for the {getattr(cls, 'backend_name', cls.__name__)} backend: "
-        f"{', '.join(parts)}; known options: {', '.join(sorted(known))}"
-    )
+    backend = getattr(cls, "backend_name", cls.__name__)
+    return unknown_options(f"the {backend} backend", unknown, known)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import Any, Literal
 
-from .._validate import MAX_NAME_LENGTH, check_name, check_seconds, check_ttl
+from .._validate import MAX_NAME_LENGTH, check_name, check_seconds, check_ttl, unknown_options
 from .triggers import UTC, CronTrigger, Trigger
 
 Misfire = Literal["skip", "run_once"]
@@ -90,8 +90,13 @@ def build_options(
     backoff_max: object = 60.0,
     hold: object = None,
     lease_ttl: object = None,
+    **unknown: object,
 ) -> JobOptions:
-    """Check every option; raise ``TypeError``/``ValueError`` naming the bad one."""
+    """Check every option; raise ``TypeError``/``ValueError`` naming the bad one, and
+    ``ConfigurationError`` (with "did you mean") for an option that does not exist."""
+    if unknown:
+        known = [p for p in inspect.signature(build_options).parameters if p != "unknown"]
+        raise unknown_options("a scheduled job", unknown, known)
     if not isinstance(overlap, bool):
         raise TypeError(f"overlap must be a bool, not {type(overlap).__name__}")
     if misfire not in ("skip", "run_once"):
