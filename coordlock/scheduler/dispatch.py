@@ -1,21 +1,47 @@
 """One tick on this instance: claim the due jobs in one batch, report the ticks lost to other
 instances (``skipped(claimed-elsewhere)``) or not claimable (``skipped(coordinator-error)``:
 fail closed), and hand the won ticks to the runner.
+
+A tick with more than :data:`CLAIM_CHUNK` due jobs is claimed in chunks (at most
+:data:`MAX_CHUNKS` calls), the won ticks of each chunk dispatched before the next chunk is
+asked for. Every instance cuts the same chunks (keys sorted) but starts at a chunk of its own
+choosing (random), so the instances of a cluster win *different* chunks and share a crowded
+tick's runs. With one call for all keys, the instance whose call reaches the server first wins
+every job of the tick and runs them all on its own worker threads while the others idle
+(measured with 8 instances × 200 jobs on Redis: one instance won all 200 on every tick).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 
 from .._protocol import RunCoordinator
 from . import events as ev
-from .claims import claim_key, claim_keys
+from .claims import WHOLE_BATCH_ERRORS, claim_key, claim_keys
 from .planner import Due
 from .report import Reporter
 from .runner import Runner
 
 log = logging.getLogger("coordlock")
+
+#: Due jobs of one tick claimed in one call; a tick with more is claimed in chunks.
+CLAIM_CHUNK = 32
+#: Most claim calls one tick makes per hold (chunks grow past :data:`CLAIM_CHUNK` instead).
+MAX_CHUNKS = 8
+
+
+def chunked(keys: list[str], rng: random.Random | None = None) -> list[list[str]]:
+    """``keys`` cut into the same chunks on every instance, starting at a random chunk."""
+    if len(keys) <= CLAIM_CHUNK:
+        return [keys] if keys else []
+    ordered = sorted(keys)
+    size = max(CLAIM_CHUNK, math.ceil(len(ordered) / MAX_CHUNKS))
+    parts = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    start = (rng or random).randrange(len(parts))
+    return parts[start:] + parts[:start]
 
 
 def claim_and_dispatch(
@@ -44,13 +70,33 @@ def claim_and_dispatch(
         by_key[key] = item
         hold = job.hold_for(item.tick, item.following, skew)
         by_hold.setdefault(hold, []).append(key)
-    won: set[str] = set()
-    errors: dict[str, BaseException] = {}
+    down: BaseException | None = None  # the coordinator cannot be asked: no more calls
     for hold, keys in by_hold.items():
-        got, failed = claim_keys(coordinator, keys, hold, report.instance)
-        won |= got
-        errors.update(failed)
-    for key, item in by_key.items():
+        for chunk in chunked(keys):
+            if down is not None:
+                _dispatch(chunk, by_key, set(), dict.fromkeys(chunk, down), report, runner)
+                continue
+            won, errors = claim_keys(coordinator, chunk, hold, report.instance)
+            down = next((e for e in errors.values() if isinstance(e, WHOLE_BATCH_ERRORS)), None)
+            _dispatch(chunk, by_key, won, errors, report, runner)
+
+
+def _dispatch(
+    keys: list[str],
+    by_key: dict[str, Due],
+    won: set[str],
+    errors: dict[str, BaseException],
+    report: Reporter,
+    runner: Runner,
+) -> None:
+    """Hand the won keys to the runner first, then report the others."""
+    for key in keys:
+        if key in won and key not in errors:
+            item = by_key[key]
+            log.debug("scheduler %s won claim %s", report.instance, key)
+            runner.won(item.job, item.tick, item.following, key)
+    for key in keys:
+        item = by_key[key]
         job, tick = item.job, item.tick
         if key in errors:
             exc = errors[key]
@@ -60,6 +106,3 @@ def claim_and_dispatch(
         elif key not in won:
             report.note(job, tick, f"skipped:{ev.CLAIMED_ELSEWHERE}")
             report.event(ev.SKIPPED, job, tick, reason=ev.CLAIMED_ELSEWHERE)
-        else:
-            log.debug("scheduler %s won claim %s", report.instance, key)
-            runner.won(job, tick, item.following, key)

@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta, tzinfo
@@ -373,6 +374,7 @@ class Scheduler:
             )
         if self._report.history is not None:
             self._liveness.take(coordinator, wait=5.0)
+        self._report.start_writer(f"coordlock-history-{self.instance_id}")
         self._thread = threading.Thread(
             target=self._loop, name=f"coordlock-scheduler-{self.instance_id}", daemon=True
         )
@@ -453,6 +455,7 @@ class Scheduler:
                 self._runner.wait_idle(5.0)
         if self._watch_thread is not None and self._watch_thread is not threading.current_thread():
             self._watch_thread.join(5)
+        self._report.stop_writer(5.0)
         self._liveness.release()
         idle = self._runner.idle()
         if idle:
@@ -469,8 +472,12 @@ class Scheduler:
         await asyncio.to_thread(self.stop, wait, timeout)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until no run is going or queued (``True``) or ``timeout`` real seconds pass."""
-        return self._runner.wait_idle(timeout)
+        """Block until no run is going or queued and its history rows are written (``True``),
+        or ``timeout`` real seconds pass."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._runner.wait_idle(timeout):
+            return False
+        return self._report.flush(None if deadline is None else deadline - time.monotonic())
 
     def run_forever(self) -> None:
         """Start and block until SIGTERM/SIGINT (or :meth:`stop`), then stop cleanly, letting

@@ -12,12 +12,24 @@ Run history statuses (``RunRecord.status``), in the order one run can go through
 * ``missed`` – its instance vanished between winning the claim and starting the run.
 
 Recording the same ``run_id`` again updates the row, so one run is one row.
+
+While the scheduler runs, rows are handed to background writer threads instead of being
+written on the spot: a tick won with many jobs would otherwise make the loop wait for one
+history round trip per won job before the last of them is dispatched (measured: 200 won jobs
+held the last run back by 130–240 ms on Redis), and each worker thread for two more before
+it can take the next queued run. The writers keep one pending row per run (a newer status
+replaces a pending older one, so a short run often costs one write instead of three), write
+the runs oldest first, and never write two rows of one run at once, so rows of a run never go
+back in time. A row may therefore be written shortly after its event is emitted;
+:meth:`Scheduler.wait_idle` and :meth:`Scheduler.stop` wait until every row is written.
+Outside :meth:`Scheduler.start` (``run_pending()``) rows are written on the spot.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from .._protocol import KeepsHistory, RunRecord
 from .claims import claim_key
@@ -36,6 +48,8 @@ STUCK = "stuck"
 MISSED = "missed"
 #: Every run history status the scheduler writes.
 STATUSES = (CLAIMED, RUNNING, FINISHED, FAILED, SKIPPED, STUCK, MISSED)
+#: Background writer threads per scheduler (rows of different runs are written in parallel).
+WRITERS = 2
 
 
 class Reporter:
@@ -50,6 +64,11 @@ class Reporter:
         self.bus = bus
         self._lock = lock
         self.history: KeepsHistory | None = None
+        self._writes = threading.Condition(threading.Lock())
+        self._pending: dict[str, RunRecord] = {}  # run_id → newest row not yet written
+        self._inflight: set[str] = set()  # run_ids being written right now
+        self._writers: list[threading.Thread] = []
+        self._writer_stop = False
 
     def event(
         self,
@@ -99,22 +118,111 @@ class Reporter:
         finished: float | None = None,
         error: str | None = None,
     ) -> None:
-        """Write (or update) the history row of ``run_id``, where history is kept."""
-        self.record(
-            RunRecord(
-                run_id=run_id,
-                job=job,
-                tick=tick_key(tick),
-                instance=self.instance,
-                started=started,
-                finished=finished,
-                status=status,
-                error=error,
-            )
+        """Write (or update) the history row of ``run_id``, where history is kept: by the
+        background writers while they run, else now."""
+        if self.history is None:
+            return
+        record = RunRecord(
+            run_id=run_id,
+            job=job,
+            tick=tick_key(tick),
+            instance=self.instance,
+            started=started,
+            finished=finished,
+            status=status,
+            error=error,
         )
+        with self._writes:
+            if self._writers:
+                self._pending.pop(run_id, None)  # queued again at the end, newest status
+                self._pending[run_id] = record
+                self._writes.notify_all()
+                return
+        self.record(record)
 
     def record(self, record: RunRecord) -> None:
-        """Write ``record`` as it is (the watchdog rewrites rows of other instances)."""
+        """Write ``record`` now (the watchdog rewrites rows of other instances): after a write
+        of the same run in progress, and instead of a row of it still pending."""
+        if self.history is None:
+            return
+        with self._writes:
+            self._pending.pop(record.run_id, None)
+            while record.run_id in self._inflight:
+                self._writes.wait()
+            self._inflight.add(record.run_id)
+        try:
+            self._write(record)
+        finally:
+            with self._writes:
+                self._inflight.discard(record.run_id)
+                self._writes.notify_all()
+
+    # -- the background writer --------------------------------------------------------------
+
+    def start_writer(self, name: str) -> None:
+        """Start the background writers (where history is kept)."""
+        if self.history is None:
+            return
+        with self._writes:
+            if self._writers:
+                return
+            self._writer_stop = False
+            self._writers = [
+                threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
+                for i in range(WRITERS)
+            ]
+            for writer in self._writers:
+                writer.start()
+
+    def flush(self, timeout: float | None) -> bool:
+        """Wait until every pending row is written; ``False`` if ``timeout`` seconds passed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._writes:
+            while self._pending or self._inflight:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._writes.wait(0.1 if remaining is None else min(remaining, 0.1))
+        return True
+
+    def stop_writer(self, timeout: float) -> None:
+        """Write what is pending (for up to ``timeout`` seconds) and stop the writers; rows
+        still pending then are written by the calling thread."""
+        self.flush(timeout)
+        with self._writes:
+            writers, self._writers = self._writers, []
+            self._writer_stop = True
+            self._writes.notify_all()
+        for writer in writers:
+            if writer is not threading.current_thread():
+                writer.join(timeout)
+        with self._writes:
+            left = list(self._pending.values())
+            self._pending.clear()
+        for record in left:
+            self.record(record)
+
+    def _serve(self) -> None:
+        while True:
+            with self._writes:
+                while not self._pending and not self._writer_stop:
+                    self._writes.wait()
+                run_id = next((r for r in self._pending if r not in self._inflight), None)
+                if run_id is None:
+                    if not self._pending:
+                        return  # stopping, nothing left
+                    self._writes.wait()  # every pending run is being written: wait for one
+                    continue
+                record = self._pending.pop(run_id)
+                self._inflight.add(run_id)
+            try:
+                self._write(record)
+            finally:
+                with self._writes:
+                    self._inflight.discard(run_id)
+                    self._writes.notify_all()
+
+    def _write(self, record: RunRecord) -> None:
         history = self.history
         if history is None:
             return

@@ -1,7 +1,8 @@
 """Running a won tick: the no-overlap lease, the run (its attempts: :mod:`.attempts`), and its
 outcome as events and history; the pool of worker threads and the runs queued or going here.
 
-A won tick becomes a :class:`Run` at once (history row ``claimed``) and goes to a bounded pool
+A won tick becomes a :class:`Run` at once (history row ``claimed``, written by the reporter's
+background writer: :mod:`.report`) and goes to a bounded pool
 of worker threads. There, for an ``overlap=False`` job, the name-level lease is taken (a run
 still going anywhere makes the tick ``skipped(running)``); then ``started``, the attempts, and
 ``finished`` or ``failed``. Retries stop as soon as the run's lease is known lost (another
