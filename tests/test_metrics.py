@@ -13,6 +13,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -464,3 +465,19 @@ def test_stuck_runs_are_counted(scraper: Scraper) -> None:
         "coordlock_runs_stuck_total", job="nightly", reason="instance-vanished"
     ) == 1
     coordinator.close()
+
+
+def test_the_docs_list_every_metric_with_its_labels() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "monitoring.md").read_text()
+    rows = {
+        cells[0].strip("` "): cells
+        for line in page.splitlines()
+        if line.startswith("| `coordlock_")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert set(rows) == {m.name for m in METRICS}
+    for metric in METRICS:
+        _, otel_name, kind, labels, _ = rows[metric.name]
+        assert otel_name == f"`{metric.otel}`"
+        assert kind == metric.kind
+        assert [x.strip() for x in labels.split(",")] == list(metric.labels)
