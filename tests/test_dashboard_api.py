@@ -23,7 +23,7 @@ from coordlock._protocol import RunRecord
 from coordlock.backends.memory import MemoryCoordinator
 from coordlock.dashboard import _data
 from coordlock.scheduler import ManualClock, Scheduler
-from coordlock.scheduler import loop as scheduler_loop
+from coordlock.scheduler import claims as scheduler_claims
 
 T0 = 1_800_000_000.0  # a whole minute: every(60) ticks fall on it
 TOKEN = "t0ken-" + "x" * 20
@@ -306,5 +306,5 @@ def test_bad_arguments() -> None:
 
 
 def test_lease_prefixes_match_the_scheduler() -> None:
-    assert scheduler_loop.INSTANCE_LEASE_PREFIX == _data.INSTANCE_PREFIX
-    assert scheduler_loop.JOB_LEASE_PREFIX == _data.JOB_PREFIX
+    assert scheduler_claims.INSTANCE_LEASE_PREFIX == _data.INSTANCE_PREFIX
+    assert scheduler_claims.JOB_LEASE_PREFIX == _data.JOB_PREFIX

@@ -3,12 +3,14 @@ JSON formatter or an OpenTelemetry log bridge sees them; the message text stays 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import logging
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,3 +130,30 @@ def test_no_coordlock_record_uses_a_reserved_attribute(
         memory.force_release("reserved-2")
         assert taken.extend() is False
     assert any(getattr(r, "lock", None) == "reserved-2" for r in caplog.records)
+
+
+def test_every_core_and_cli_log_call_carries_facts() -> None:
+    """Each ``log.<level>(...)`` in coordlock/_*.py and coordlock/cli/*.py passes ``extra=``,
+    and no literal ``extra`` uses a key reserved by ``logging.LogRecord``."""
+    root = Path(__file__).resolve().parents[1] / "coordlock"
+    levels = {"debug", "info", "warning", "error", "exception", "critical", "log"}
+    missing, reserved = [], []
+    for path in sorted([*root.glob("_*.py"), *(root / "cli").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "log"
+                and node.func.attr in levels
+            ):
+                continue
+            extra = next((k.value for k in node.keywords if k.arg == "extra"), None)
+            where = f"{path.relative_to(root.parent)}:{node.lineno}"
+            if extra is None:
+                missing.append(where)
+            elif isinstance(extra, ast.Dict):
+                keys = {k.value for k in extra.keys if isinstance(k, ast.Constant)}
+                reserved += [f"{where} {key}" for key in keys & STANDARD]
+    assert missing == [], f"log calls without extra=: {missing}"
+    assert reserved == [], f"extra keys reserved by LogRecord: {reserved}"

@@ -6,8 +6,8 @@ Sources, all read-only:
   instance's liveness lease ``coordlock:instance:<id>`` (the instance is alive while it is
   held) and a job's no-overlap lease ``coordlock:job:<name>`` (a run is going on).
 * ``coordinator.history(None, window)`` – the newest ``window`` runs of every job: statuses
-  ``running``, ``finished``, ``failed``, ``stuck`` (and ``missed`` where a scheduler records
-  misses).
+  ``claimed``, ``running``, ``finished``, ``failed``, ``skipped``, ``stuck``, ``missed`` (see
+  :mod:`coordlock.scheduler.report`).
 * optionally a :class:`~coordlock.Scheduler` of this process: its jobs (schedule, next run,
   last status) and the ticks it missed (events), which run history does not keep.
 
@@ -27,12 +27,14 @@ from .._protocol import KeepsHistory, ListsLocks, LockInfo, RunRecord
 from ..cli.history import iso, run_record
 from ..cli.locks import lock_record
 
-#: Lock-name prefixes the scheduler uses (see coordlock.scheduler.loop).
+#: Lock-name prefixes the scheduler uses (see coordlock.scheduler.claims).
 INSTANCE_PREFIX = "coordlock:instance:"
 JOB_PREFIX = "coordlock:job:"
 
 #: Run statuses a filter may ask for.
-STATUSES = ("running", "finished", "failed", "stuck", "missed")
+STATUSES = ("claimed", "running", "finished", "failed", "skipped", "stuck", "missed")
+#: Statuses of a run that has not ended.
+ACTIVE = frozenset({"claimed", "running"})
 #: Statuses the page highlights.
 PROBLEMS = frozenset({"failed", "stuck", "missed"})
 #: Most runs one request may list.
@@ -106,7 +108,7 @@ def _run_entry(run: RunRecord, alive: dict[str, bool] | None) -> dict[str, Any]:
     entry["started_iso"] = iso(run.started)
     entry["finished_iso"] = iso(run.finished)
     entry["warning"] = None
-    if run.status == "running" and alive is not None and not alive.get(run.instance, False):
+    if run.status in ACTIVE and alive is not None and not alive.get(run.instance, False):
         entry["warning"] = "its instance holds no liveness lease: stopped or vanished?"
     return entry
 
@@ -211,7 +213,7 @@ def _jobs(
             jobs[name] = {
                 "job": name, "schedule": None, "next_run": None, "next_run_iso": None,
                 "last_run": None, "last_status": None, "running": name in running_jobs,
-                "runs": 0, "finished": 0, "failed": 0, "stuck": 0, "missed": 0,
+                "runs": 0, "finished": 0, "failed": 0, "skipped": 0, "stuck": 0, "missed": 0,
                 "registered": False,
             }  # fmt: skip
         return jobs[name]
@@ -225,9 +227,9 @@ def _jobs(
             e["missed"] += run.get("count", 1)
         else:
             e["runs"] += 1
-            if run["status"] in ("finished", "failed", "stuck"):
+            if run["status"] in ("finished", "failed", "skipped", "stuck"):
                 e[run["status"]] += 1
-            if run["status"] == "running":
+            if run["status"] in ACTIVE:
                 e["running"] = True
     if scheduler is not None:
         for info in scheduler.jobs():

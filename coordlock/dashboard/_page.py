@@ -9,7 +9,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from ._data import STATUSES
+from ._data import PROBLEMS, STATUSES
 
 _DASH = "–"
 
@@ -129,9 +129,9 @@ def _jobs(data: dict[str, Any], now: float) -> str:
         took = _secs(last["duration"]) if last and last["duration"] is not None else _DASH
         running = ' <span class="badge s-running">running</span>' if j["running"] else ""
         counts = " · ".join(
-            f'<span class="{"bad" if j[k] and k != "finished" else ""}">{j[k]} {word}</span>'
+            f'<span class="{"bad" if j[k] and k in PROBLEMS else ""}">{j[k]} {word}</span>'
             for k, word in (("finished", "ok"), ("failed", "failed"), ("stuck", "stuck"),
-                            ("missed", "missed"))
+                            ("missed", "missed"), ("skipped", "skipped"))
         )  # fmt: skip
         rows.append((
             f'class="{"problem" if j["problem"] else ""}" data-job="{_e(j["job"])}"',
