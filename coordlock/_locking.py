@@ -170,6 +170,8 @@ class LockContext:
         With a tick spec, first claim the tick of a call at ``now`` (epoch seconds; default:
         the time of day now).
         """
+        if self.tick_spec is not None and now is None:
+            now = wall_clock()  # when the call came, not when a first connection was made
         target = self._target()
         key = self._decide(now)
         if key is not None:
@@ -182,6 +184,8 @@ class LockContext:
 
     async def aacquire(self, *, now: float | None = None) -> AsyncLease:
         """:meth:`acquire` for ``async with``."""
+        if self.tick_spec is not None and now is None:
+            now = wall_clock()
         target = self._target()
         aacquire = getattr(target, "aacquire", None)
         if aacquire is None:

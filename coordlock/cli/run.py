@@ -31,6 +31,7 @@ import threading
 from types import FrameType
 from typing import Any
 
+from .. import _locking
 from .._errors import BackendUnavailable, LockNotAcquired
 from .._lease import Lease
 from .._locking import OFF_TICK, LockContext, TickNotRun
@@ -104,6 +105,7 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     """Take the lock, run the command, release the lock; see ``coordlock run --help``."""
     command = check_run_args(args)
     spec = tick_spec_of(args)
+    started = _locking.wall_clock()  # cron started us for this tick, however slow the connect
     coordinator = ctx.open()
     try:
         held = LockContext(
@@ -112,7 +114,7 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
         )  # fmt: skip
         try:
             with signals_raise():  # Ctrl-C during --wait: exit 130, no traceback
-                lease = held.acquire()
+                lease = held.acquire(now=started)
         except TickNotRun as exc:
             return _tick_not_run(exc, command, args)
         except LockNotAcquired:

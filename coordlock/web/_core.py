@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
+from .. import _locking
 from .._api import _tick_spec, get_coordinator
 from .._errors import ConfigurationError, CoordlockError, LockNotAcquired
 from .._lease import BaseLease
@@ -213,6 +214,7 @@ class CronGuard:
         """Check the secret (raising :class:`Unauthorized`), then claim the tick of a request
         arriving at ``now`` (epoch seconds, default: now) and take the lock. When the result
         is ``won``, call :meth:`end` after the job (a ``finally``)."""
+        now = _locking.wall_clock() if now is None else now  # the request's arrival
         self.check(authorization)
         try:
             held = self._context()
@@ -227,6 +229,7 @@ class CronGuard:
 
     async def abegin(self, authorization: str | None, *, now: float | None = None) -> CronTick:
         """:meth:`begin` for asyncio (the coordinator's async API; the loop never blocks)."""
+        now = _locking.wall_clock() if now is None else now
         self.check(authorization)
         try:
             held = self._context()
