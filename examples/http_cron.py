@@ -22,6 +22,7 @@ servers, point ``COORDLOCK_URL`` at Redis, PostgreSQL or ZooKeeper.
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 from fastapi import Depends, FastAPI
 
@@ -35,7 +36,7 @@ report_tick = cron_tick("report", every=10)
 
 
 @app.get("/api/cron/report")
-def report(tick: CronTick = Depends(report_tick)) -> dict[str, object]:
+def report(tick: Annotated[CronTick, Depends(report_tick)]) -> dict[str, object]:
     if tick.won:  # this delivery won the tick: run the job, under the lock
         with open(os.environ["REPORT_FILE"], "a", encoding="utf-8") as out:
             out.write(f"{tick.tick_iso}\n")

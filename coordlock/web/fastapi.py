@@ -10,7 +10,7 @@ FastAPI, with the dependency (the handler runs the job only when ``tick.won``)::
     report_tick = cron_tick("report", cron="0 * * * *")
 
     @app.get("/api/cron/report")
-    async def report(tick: CronTick = Depends(report_tick)) -> dict:
+    async def report(tick: Annotated[CronTick, Depends(report_tick)]) -> dict:
         if tick.won:
             await build_report(tick.tick)
         return tick.body()          # {"job", "tick", "ran", "reason"}
