@@ -167,3 +167,31 @@ def test_the_crontab_line_with_the_real_executable(tmp_path: Path) -> None:
             return  # one ran, the other found the same tick claimed
         assert len(ran) == 2 and ran[0] != ran[1], (ran, errors)  # two different ticks
     pytest.fail("three attempts straddled a tick boundary")
+
+
+def test_the_crontab_lines_of_the_docs_and_examples_are_valid() -> None:
+    """Every ``coordlock run`` in the example crontab, README and docs parses and validates
+    (as it would before connecting): a typo in a flag fails here, not in someone's cron."""
+    import re
+    import shlex
+
+    from coordlock.cli import build_parser
+    from coordlock.cli.run import check_run_args, tick_spec_of
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [root / "examples" / "crontab", root / "README.md", root / "docs" / "cli.md",
+               root / "docs" / "which-tool.md"]  # fmt: skip
+    lines = [
+        line
+        for source in sources
+        for line in source.read_text().splitlines()
+        if re.match(r"^\s*(\S+\s+){5}\S*coordlock run ", line)  # five cron fields first
+    ]
+    assert len(lines) >= 8
+    with_ticks = 0
+    for line in lines:
+        argv = shlex.split(line.split("coordlock ", 1)[1])
+        args = build_parser().parse_args(argv)
+        assert check_run_args(args), line
+        with_ticks += tick_spec_of(args) is not None
+    assert with_ticks >= 5
