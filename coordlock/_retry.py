@@ -128,8 +128,11 @@ class RetryPolicy:
             return await fn()
         except Exception as exc:
             self.first_failure(exc, what, deadline)
+        async def attempt() -> T:  # a coroutine function, so tenacity awaits each try
+            return await fn()
+
         try:
-            return await AsyncRetrying(**self.retrying_options(what, deadline))(fn)
+            return await AsyncRetrying(**self.retrying_options(what, deadline))(attempt)
         except Exception as exc:
             raise self._final(exc, what)  # noqa: B904 (the cause is set by _final)
 
