@@ -114,7 +114,14 @@ class LockContext:
         return coordinator
 
     def _options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"wait": self.wait}
+        wait = self.wait
+        decision = self.decision
+        if decision is not None and decision.tick is not None and decision.key is not None:
+            # A won tick waits a little for a run (of an earlier tick) that is just ending,
+            # as the Scheduler does: within what is left of the tick's skew, at most 5 s.
+            assert self.tick_spec is not None
+            wait = max(wait, self.tick_spec.lease_wait(decision.tick, wall_clock()))
+        options: dict[str, Any] = {"wait": wait}
         if not self.renew:
             options["renew"] = False
         if self.hold_at_least is not None:

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, tzinfo
 from typing import Literal
 
 from ._validate import check_name, check_seconds
+from .scheduler.job import LEASE_WAIT_MAX
 from .scheduler.triggers import CronTrigger, IntervalTrigger, Trigger, tick_datetime, tick_key
 
 OffTick = Literal["skip", "run"]
@@ -122,6 +123,12 @@ class TickSpec:
         following = self.trigger.next_after(tick)
         period = (following - tick) if following is not None else self.period
         return period + self.skew + max(0.0, tick - now)
+
+    def lease_wait(self, tick: float, now: float) -> float:
+        """How long a call that won ``tick`` waits (at ``now``) for a lock still held by a run
+        that is just ending: what is left of the tick's skew window, at most
+        :data:`~coordlock.scheduler.job.LEASE_WAIT_MAX` (the Scheduler's bound)."""
+        return max(0.0, min(tick + self.skew - now, LEASE_WAIT_MAX))
 
     def resolve(self, now: float) -> TickDecision:
         """The tick of a call at ``now`` (epoch seconds), with its claim key and hold."""

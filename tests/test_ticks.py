@@ -361,3 +361,19 @@ def test_scheduler_and_decorator_share_claims(clock: Clock, pair: Any) -> None:
     sched.clock.set(T0 + 10)  # type: ignore[attr-defined]
     assert sched.run_pending() == 0  # the Scheduler finds T0 + 10 claimed
     assert ran == ["scheduler", "locked"]
+
+
+def test_a_won_tick_waits_for_a_run_just_ending(clock: Clock, pair: Any) -> None:
+    """As the Scheduler: a won tick waits for the lock within what is left of its skew (at
+    most 5 s), so a previous tick's run that ends a moment late does not cost this tick."""
+    import threading
+
+    a, b = pair
+    holder = a.acquire("job", 30)  # the previous tick's run, about to end
+    assert holder is not None
+    threading.Timer(0.3, holder.release).start()
+    clock.now = T0 + 0.5  # skew 2 s: up to 1.5 s left for the lock
+    assert coordlock.locked("job", every=4, coordinator=b)(lambda: "ran")() == "ran"
+    spec = TickSpec("job", IntervalTrigger(60))
+    assert spec.lease_wait(T0, T0 + 1) == 5.0  # at most 5 s
+    assert spec.lease_wait(T0, T0 + 29) == 1.0 and spec.lease_wait(T0, T0 + 31) == 0.0
