@@ -1,6 +1,10 @@
 """Once per tick outside the Scheduler, on every backend: three servers whose crons fire 0, 0.8
 and 1.6 s after each tick of an ``--every 4s`` schedule (as crontabs on skewed servers fire)
-start the job as a process of its own each time; over six ticks, each tick ran exactly once.
+start the job as a process of its own each time; over seven ticks, each tick ran exactly once
+and no tick ran twice. (On a machine so loaded that a run still holds the lock when the next
+tick is won, that tick is refused as ``running`` — the no-overlap rule — and reported; at least
+five ticks must run once. Starts that come seconds late belong to a later tick: the test
+follows the tick each start named, recorded by ``tick_server.py``.)
 
 Three jobs run side by side (``tests/tick_server.py``): the crontab line ``coordlock run
 --every 4s``, a ``@coordlock.locked(every=4)`` function and the same on an ``async def``. On the
@@ -198,19 +202,38 @@ def _check_once(part: Part, job: str) -> None:
     for o in attempts:
         by_tick[o[6]].append(o[3])
     last = _iso(part.ticks[-1])
+    ends = [(r[1], float(r[4])) for r in part.runs if r[0] == job and r[2] == "end"]
+    excused = []
     for tick, outcomes in sorted(by_tick.items()):
         won = [o for o in outcomes if o in ("ran", "killed")]
-        if tick <= last:  # a scheduled tick (or an earlier one a clock named)
-            assert len(won) == 1 and starts[tick] == 1, (tick, outcomes, starts)
-            assert all(o in NOT_RUN for o in outcomes if o not in won), (tick, outcomes)
-        else:  # a start seconds late under load, named the tick after the schedule
+        if tick > last:  # a start seconds late under load, named the tick after the schedule
             assert len(won) <= 1, (tick, outcomes)
+            continue
+        if not won and _held_by_an_earlier_run(attempts, ends, tick):
+            excused.append(tick)  # no overlap: the previous tick's run still held the lock
+            continue
+        assert len(won) == 1 and starts[tick] == 1, (tick, outcomes, starts)
+        assert all(o in NOT_RUN for o in outcomes if o not in won), (tick, outcomes)
     assert sum(starts.values()) == sum(o[3] in ("ran", "killed") for o in attempts)
-    covered = [t for t in part.ticks if _iso(t) in by_tick]
+    covered = [t for t in part.ticks if _iso(t) in by_tick and _iso(t) not in excused]
+    if excused:
+        print(f"[{part.backend} {job}] not run, a previous run still held the lock: {excused}")
     assert len(covered) >= 5, f"only {len(covered)} scheduled ticks had a start near them"
     if part.backend != "memory" or job != "cli":  # memory's cli cannot tell why (shared stderr)
         refused = sum(o[3] == "claimed-elsewhere" for o in attempts)
         assert refused >= 1, "no start ever found its tick claimed: the test tested nothing"
+
+
+def _held_by_an_earlier_run(
+    attempts: list[list[str]], ends: list[tuple[str, float]], tick: str
+) -> bool:
+    """Whether ``tick`` was won but refused as ``running`` while a run of an earlier tick was
+    ending (it ended no earlier than the skew before the refused start named its tick): the
+    lock's no-overlap rule at work on a machine too loaded to finish a run within a tick."""
+    refused = [float(o[5]) for o in attempts if o[6] == tick and o[3] == "running"]
+    if len(refused) != 1:
+        return False
+    return any(t < tick and end >= refused[0] - EVERY / 2 for t, end in ends)
 
 
 def test_crontab_line_runs_each_tick_once(experiment: dict[str, Part], backend_name: str) -> None:
