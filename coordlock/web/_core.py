@@ -16,12 +16,12 @@ from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
 from .. import _locking
-from .._api import _tick_spec, get_coordinator
+from .._api import _tick_spec
 from .._errors import ConfigurationError, CoordlockError, LockNotAcquired
 from .._lease import BaseLease
 from .._locking import COORDINATOR_ERROR, OFF_TICK, WON, LockContext, TickNotRun
 from .._protocol import RunCoordinator
-from .._validate import check_name, check_ttl
+from .._validate import check_hold_at_least, check_name, check_ttl
 from ..integrations._claims import CoordinatorRef
 
 log = logging.getLogger("coordlock")
@@ -127,9 +127,7 @@ class CronGuard:
         assert spec is not None
         self.spec = spec
         self.ttl = check_ttl(ttl)
-        self.hold_at_least = hold_at_least
-        LockContext(job, ttl, coordinator=None, resolve=get_coordinator,
-                    hold_at_least=hold_at_least)  # fmt: skip  # validates the options now
+        self.hold_at_least = check_hold_at_least(hold_at_least)
         self._coordinator = CoordinatorRef(coordinator)
         self._secret = self._load_secret(secret, secret_env, require_secret)
 
