@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 
 import coordlock
-from coordlock import BackendUnavailable, NotConfigured, RunCoordinator, Scheduler, _api
+from coordlock import (
+    BackendUnavailable,
+    ConfigurationError,
+    NotConfigured,
+    RunCoordinator,
+    Scheduler,
+    _api,
+)
 from coordlock._lease import Lease
 from coordlock._protocol import ClaimsMany, RunRecord
 from coordlock.backends.memory import MemoryCoordinator
@@ -214,7 +221,7 @@ def _async_generator() -> Any:
         ({"hold": 0}, ValueError),
         ({"backoff": -2}, ValueError),
         ({"lease_ttl": 0}, ValueError),
-        ({"bogus": 1}, TypeError),
+        ({"bogus": 1}, ConfigurationError),  # an option that does not exist (did you mean)
     ],
 )
 def test_bad_job_options_raise_at_registration(
