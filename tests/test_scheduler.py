@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 
@@ -415,6 +416,67 @@ def test_one_claim_many_round_trip_per_tick(clock: ManualClock) -> None:
     claims = spy.of("claim_many")
     assert len(claims) == 1 and len(claims[0][0]) == 50
     assert len(ran) == 50
+
+
+def test_a_crowded_tick_is_claimed_in_chunks_that_instances_share(clock: ManualClock) -> None:
+    """200 due jobs: 4 claim calls of 50 keys (the same chunks on every instance, each
+    instance starting at a chunk of its own), so two instances each win whole chunks and
+    every job runs once."""
+    name = f"spy-{uuid.uuid4().hex}"
+    spies = [SpyCoordinator(name), SpyCoordinator(name)]
+    ran: list[str] = []
+    scheds = [Scheduler(spy, clock=clock, instance_id=f"i{n}") for n, spy in enumerate(spies)]
+    for sched in scheds:
+        for i in range(200):
+            sched.add(lambda i=i: ran.append(f"j{i:03d}"), 10, name=f"j{i:03d}")
+    clock.set(T0)
+    with patch("coordlock.scheduler.dispatch.random.randrange", side_effect=[0, 2]):
+        won = [sched.run_pending() for sched in scheds]
+    assert sorted(ran) == [f"j{i:03d}" for i in range(200)]  # each job once
+    assert won == [200, 0]  # the first instance (alone) took every chunk
+    for spy in spies:
+        calls = spy.of("claim_many")
+        assert [len(keys) for keys, _ in calls] == [50, 50, 50, 50]
+        assert sorted(k for keys, _ in calls for k in keys) == sorted(
+            f"j{i:03d}@2023-11-14T22:13:20Z" for i in range(200)
+        )
+    first = [keys[0] for keys, _ in spies[1].of("claim_many")]
+    assert first[0] == "j100@2023-11-14T22:13:20Z"  # started at chunk 2, then 3, 0, 1
+    assert first[1:] == [
+        "j150@2023-11-14T22:13:20Z",
+        "j000@2023-11-14T22:13:20Z",
+        "j050@2023-11-14T22:13:20Z",
+    ]
+
+
+def test_instances_reaching_a_crowded_tick_together_share_its_runs(clock: ManualClock) -> None:
+    """Two instances claiming the chunks of one tick at the same time, from different
+    starting chunks, each win some: neither runs all 200 jobs while the other idles."""
+    name = f"mem-{uuid.uuid4().hex}"
+    ran: list[tuple[str, str]] = []
+    gate = threading.Barrier(2, timeout=10)
+
+    class Stepping(MemoryCoordinator):
+        def claim_many(self, keys: Any, hold: float) -> set[str]:
+            won = super().claim_many(keys, hold)
+            gate.wait()  # both instances finish one chunk before either asks for the next
+            return won
+
+    scheds = [Scheduler(Stepping(name), clock=clock, instance_id=f"i{n}") for n in range(2)]
+    for n, sched in enumerate(scheds):
+        for i in range(200):
+            sched.add(lambda i=i, n=n: ran.append((f"j{i:03d}", f"i{n}")), 10, name=f"j{i:03d}")
+    clock.set(T0)
+    starts = iter([0, 2])
+    with patch("coordlock.scheduler.dispatch.random.randrange", lambda n: next(starts)):
+        threads = [threading.Thread(target=sched.run_pending) for sched in scheds]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+    assert sorted(job for job, _ in ran) == [f"j{i:03d}" for i in range(200)]
+    per_instance = {inst: sum(1 for _, i in ran if i == inst) for inst in ("i0", "i1")}
+    assert per_instance == {"i0": 100, "i1": 100}
 
 
 def test_falls_back_to_claim_per_job_without_claim_many(clock: ManualClock) -> None:

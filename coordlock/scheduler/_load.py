@@ -96,6 +96,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=600.0)
     parser.add_argument("--max-workers", type=int, default=10)
     parser.add_argument("--overlap", action="store_true")
+    parser.add_argument("--grace", type=float, default=None, help="misfire grace (seconds)")
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -119,7 +120,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     )
     trigger = IntervalTrigger(args.period)
     for i in range(args.jobs):
-        sched.add(rec.job, trigger, name=job_name(i), args=(i,), overlap=args.overlap)
+        sched.add(
+            rec.job, trigger, name=job_name(i), args=(i,), overlap=args.overlap, grace=args.grace
+        )
     parent = os.getppid()
     deadline = time.monotonic() + args.duration
     sched.start()
@@ -177,6 +180,8 @@ class Cluster:
     period: float
     max_workers: int = 10
     overlap: bool = False
+    #: the jobs' misfire grace in seconds (``None``: the default, 1 s)
+    grace: float | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     #: how a worker is started after the interpreter (a profiler wrapper may replace it)
     entry: list[str] = field(default_factory=lambda: ["-m", "coordlock.scheduler._load"])
@@ -202,6 +207,8 @@ class Cluster:
             ]  # fmt: skip
             if self.overlap:
                 command.append("--overlap")
+            if self.grace is not None:
+                command += ["--grace", str(self.grace)]
             log = open(self.workdir / f"worker-{index:02d}.log", "wb")  # noqa: SIM115
             self.popen.append(
                 subprocess.Popen(

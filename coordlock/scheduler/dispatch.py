@@ -28,17 +28,19 @@ from .runner import Runner
 log = logging.getLogger("coordlock")
 
 #: Due jobs of one tick claimed in one call; a tick with more is claimed in chunks.
-CLAIM_CHUNK = 32
+CLAIM_CHUNK = 64
 #: Most claim calls one tick makes per hold (chunks grow past :data:`CLAIM_CHUNK` instead).
 MAX_CHUNKS = 8
 
 
 def chunked(keys: list[str], rng: random.Random | None = None) -> list[list[str]]:
-    """``keys`` cut into the same chunks on every instance, starting at a random chunk."""
+    """``keys`` cut into equal chunks of at most :data:`CLAIM_CHUNK` keys (at most
+    :data:`MAX_CHUNKS` chunks), the same on every instance, starting at a random chunk."""
     if len(keys) <= CLAIM_CHUNK:
         return [keys] if keys else []
     ordered = sorted(keys)
-    size = max(CLAIM_CHUNK, math.ceil(len(ordered) / MAX_CHUNKS))
+    count = min(MAX_CHUNKS, math.ceil(len(ordered) / CLAIM_CHUNK))
+    size = math.ceil(len(ordered) / count)
     parts = [ordered[i : i + size] for i in range(0, len(ordered), size)]
     start = (rng or random).randrange(len(parts))
     return parts[start:] + parts[:start]
