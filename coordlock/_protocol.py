@@ -91,8 +91,11 @@ class ListsLocks(Protocol):
 class RunRecord:
     """One run of a scheduled job, as kept in run history. Times are epoch seconds.
 
-    ``status`` is one of ``running``, ``finished``, ``failed``, ``stuck``.
-    ``run_id`` identifies the run; recording the same ``run_id`` again updates it.
+    ``status`` is one of ``claimed``, ``running``, ``finished``, ``failed``, ``skipped``,
+    ``stuck``, ``missed``. ``run_id`` identifies the run; recording the same ``run_id`` again
+    updates it. ``result`` is the job's return value as JSON text (size-capped by the
+    scheduler), ``None`` when it returned nothing or has not finished; a backend stores it
+    as it stores ``error``.
     """
 
     run_id: str
@@ -103,6 +106,7 @@ class RunRecord:
     finished: float | None = None
     status: str = "running"
     error: str | None = None
+    result: str | None = None
 
 
 @runtime_checkable

@@ -8,11 +8,12 @@ winner runs it. See ``docs/scheduler.md`` for the exact promise per backend.
 from __future__ import annotations
 
 from ._clock import Clock, ManualClock, OffsetClock, SystemClock
+from .control import JobStatus
 from .events import Event
 from .isolation import ChildFailed, JobTimeout
 from .job import JobInfo, RunContext, current_run
 from .loop import Scheduler
-from .triggers import CronTrigger, IntervalTrigger, Trigger, tick_key
+from .triggers import CronTrigger, IntervalTrigger, OnceTrigger, Trigger, tick_key
 
 __all__ = [
     "ChildFailed",
@@ -21,9 +22,11 @@ __all__ = [
     "Event",
     "IntervalTrigger",
     "JobInfo",
+    "JobStatus",
     "JobTimeout",
     "ManualClock",
     "OffsetClock",
+    "OnceTrigger",
     "RunContext",
     "Scheduler",
     "SystemClock",

@@ -25,7 +25,7 @@ from .._lease import Lease
 from ._clock import Clock
 from .aio import LoopHost, RunCancelled
 from .isolation import ChildFailed, ChildRegistry, JobTimeout, run_in_process
-from .job import ASYNC, PROCESS, Run, RunContext, _set_current
+from .job import ASYNC, PROCESS, Run, RunContext, _set_current, encode_result
 from .triggers import tick_datetime
 
 log = logging.getLogger("coordlock")
@@ -53,7 +53,8 @@ class Attempts:
 
     def run(self, run: Run, lease: Lease | None) -> tuple[BaseException | None, int, str | None]:
         """Run the job, retrying as its options say; returns (error, attempts, why retries
-        stopped early)."""
+        stopped early). The successful attempt's return value, as JSON text, is left in
+        ``run.result``."""
         opts = run.job.options
         fence = lease.fence if lease is not None else None
         count = 0
@@ -63,7 +64,7 @@ class Attempts:
             nonlocal count
             count += 1
             try:
-                self.attempt(run, fence, count)
+                run.result = self.attempt(run, fence, count)
             except BaseException as exc:
                 last[:] = [exc]
                 raise
@@ -118,7 +119,8 @@ class Attempts:
             return exc, count, why_stop()
         return None, count, None
 
-    def attempt(self, run: Run, fence: int | None, attempt: int) -> None:
+    def attempt(self, run: Run, fence: int | None, attempt: int) -> str | None:
+        """One attempt; returns the job's return value as JSON text (``None`` for none)."""
         job = run.job
         opts = job.options
         ctx = RunContext(
@@ -131,7 +133,7 @@ class Attempts:
             fence=fence,
         )
         if run.kind == PROCESS:
-            run_in_process(
+            return run_in_process(
                 job.func,
                 job.args,
                 job.kwargs,
@@ -140,10 +142,9 @@ class Attempts:
                 context=self._mp,
                 registry=self._children,
             )
-            return
         if job.is_async:
-            self._host.run(lambda: job.func(*job.args, **job.kwargs), ctx, opts.timeout)
-            return
+            value = self._host.run(lambda: job.func(*job.args, **job.kwargs), ctx, opts.timeout)
+            return encode_result(value)
         _set_current(ctx)
         try:
             result = job.func(*job.args, **job.kwargs)
@@ -152,7 +153,8 @@ class Attempts:
         if inspect.isawaitable(result):  # a sync wrapper around a coroutine function
             run.kind = ASYNC
             awaitable = result
-            self._host.run(lambda: awaitable, ctx, opts.timeout)
+            result = self._host.run(lambda: awaitable, ctx, opts.timeout)
+        return encode_result(result)
 
 
 class _Abandon(Exception):

@@ -21,6 +21,7 @@ import threading
 from .._protocol import RunCoordinator
 from . import events as ev
 from .claims import WHOLE_BATCH_ERRORS, claim_key, claim_keys
+from .control import Control
 from .planner import Due
 from .report import Reporter
 from .runner import Runner
@@ -53,9 +54,12 @@ def claim_and_dispatch(
     lock: threading.RLock,
     report: Reporter,
     runner: Runner,
+    control: Control | None = None,
 ) -> None:
     """Claim every due tick (batched per hold), report the ticks lost or not claimable, and
-    hand the won ones to ``runner``."""
+    hand the won ones to ``runner``. With ``control`` (the coordinator keeps history), the
+    paused jobs are read once, after the first claim that won something: a won tick of a
+    paused job is ``skipped(paused)``."""
     by_key: dict[str, Due] = {}
     by_hold: dict[float, list[str]] = {}
     for item in due:
@@ -73,6 +77,7 @@ def claim_and_dispatch(
         hold = job.hold_for(item.tick, item.following, skew)
         by_hold.setdefault(hold, []).append(key)
     down: BaseException | None = None  # the coordinator cannot be asked: no more calls
+    paused: frozenset[str] | BaseException | None = None  # read once, when first needed
     for hold, keys in by_hold.items():
         for chunk in chunked(keys):
             if down is not None:
@@ -80,7 +85,22 @@ def claim_and_dispatch(
                 continue
             won, errors = claim_keys(coordinator, chunk, hold, report.instance)
             down = next((e for e in errors.values() if isinstance(e, WHOLE_BATCH_ERRORS)), None)
-            _dispatch(chunk, by_key, won, errors, report, runner)
+            if won and control is not None and paused is None:
+                try:
+                    paused = control.read_paused(coordinator)
+                except Exception as exc:
+                    log.warning(
+                        "scheduler %s: reading paused jobs failed: %s: %s",
+                        report.instance,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    paused = exc
+            if isinstance(paused, BaseException):  # fail closed: won, but not run
+                errors.update(dict.fromkeys(won, paused))
+                won = set()
+            names = paused if isinstance(paused, frozenset) else frozenset()
+            _dispatch(chunk, by_key, won, errors, report, runner, names)
 
 
 def _dispatch(
@@ -90,11 +110,15 @@ def _dispatch(
     errors: dict[str, BaseException],
     report: Reporter,
     runner: Runner,
+    paused: frozenset[str] = frozenset(),
 ) -> None:
     """Hand the won keys to the runner first, then report the others."""
     for key in keys:
         if key in won and key not in errors:
             item = by_key[key]
+            if item.job.name in paused:
+                runner.skip_won(item.job, item.tick, ev.PAUSED)
+                continue
             log.debug("scheduler %s won claim %s", report.instance, key)
             runner.won(item.job, item.tick, item.following, key)
     for key in keys:

@@ -25,7 +25,8 @@ CLAIMED_ELSEWHERE = "claimed-elsewhere"  # another instance won this tick's clai
 RUNNING = "running"  # overlap=False and a run of the job is still going (on any instance)
 COORDINATOR_ERROR = "coordinator-error"  # the coordinator could not be asked: fail closed
 STOPPING = "stopping"  # won, but the scheduler was stopped before the run could start
-REASONS = (CLAIMED_ELSEWHERE, RUNNING, COORDINATOR_ERROR, STOPPING)
+PAUSED = "paused"  # won, but the job is paused cluster-wide (Scheduler.pause)
+REASONS = (CLAIMED_ELSEWHERE, RUNNING, COORDINATOR_ERROR, STOPPING, PAUSED)
 
 #: Why a tick was missed, a run failed or was reported stuck.
 LATE = "late"  # missed: this instance reached the tick past its grace (down, paused, starved)
@@ -45,6 +46,7 @@ _SKIP_LEVELS = {
     RUNNING: logging.INFO,
     COORDINATOR_ERROR: logging.WARNING,
     STOPPING: logging.WARNING,
+    PAUSED: logging.INFO,
 }
 
 
@@ -56,9 +58,9 @@ class Event:
     * ``job`` / ``tick`` – the job name and the tick (an aware UTC datetime); ``key`` is the
       claim key ``f"{job}@{tick_utc_iso}"``.
     * ``instance`` – the scheduler instance that saw it.
-    * ``reason`` – for ``skipped``: ``claimed-elsewhere``, ``running``, ``coordinator-error``
-      or ``stopping``; for ``missed``: ``late`` (this instance reached it past its grace) or
-      ``instance-vanished`` (the instance that won its claim vanished before starting it);
+    * ``reason`` – for ``skipped``: ``claimed-elsewhere``, ``running``, ``coordinator-error``,
+      ``stopping`` or ``paused``; for ``missed``: ``late`` (this instance reached it past its
+      grace) or ``instance-vanished`` (the instance that won its claim vanished before starting it);
       for ``failed``: ``timeout``, ``lease-lost`` or ``None`` (the job raised); for ``stuck``:
       ``timeout`` or ``instance-vanished``.
     * ``error`` – the exception text for ``failed``/``coordinator-error``; ``exception`` the

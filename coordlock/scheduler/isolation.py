@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from .job import RunContext, _set_current
+from .job import RunContext, _set_current, encode_result
 
 #: Seconds after its timeout a child ends itself if the scheduler has not killed it.
 CHILD_GRACE = 1.0
@@ -114,12 +114,13 @@ def _child_main(
         if inspect.isawaitable(result):
             import asyncio
 
-            asyncio.run(_await(result))
+            result = asyncio.run(_await(result))
+        encoded = encode_result(result)
     except BaseException as exc:
         text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         conn.send(("error", text, traceback.format_exc()))
     else:
-        conn.send(("ok", None, None))
+        conn.send(("ok", encoded, None))
     finally:
         conn.close()
 
@@ -164,9 +165,10 @@ def run_in_process(
     context: BaseContext,
     registry: ChildRegistry,
     pdeathsig: bool = True,
-) -> None:
-    """Run ``func`` in a child process; raise :class:`JobTimeout` (after killing it) or
-    :class:`ChildFailed`. Timeouts are real seconds. ``pdeathsig=False`` leaves the child to
+) -> str | None:
+    """Run ``func`` in a child process; return its return value as JSON text
+    (:func:`~coordlock.scheduler.job.encode_result`); raise :class:`JobTimeout` (after killing
+    it) or :class:`ChildFailed`. Timeouts are real seconds. ``pdeathsig=False`` leaves the child to
     the pipe watch alone (tests of the portable path)."""
     parent, child = context.Pipe(duplex=False)
     alive_r, alive_w = context.Pipe(duplex=False)
@@ -215,6 +217,7 @@ def run_in_process(
         status, text, tb = result
         if status != "ok":
             raise ChildFailed(str(text), tb)
+        return text
     finally:
         registry.discard(proc)
         parent.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import pickle
 import threading
 from collections.abc import Callable, Mapping
@@ -24,6 +25,8 @@ LEASE_TTL_MIN = 2.0
 LEASE_TTL_MAX = 30.0
 #: Longest a won tick waits for a run that is just ending to release the no-overlap lease.
 LEASE_WAIT_MAX = 5.0
+#: Longest JSON text of a job's return value kept in run history (characters).
+RESULT_MAX = 16_384
 #: Longest tick name in a claim key: ``YYYY-MM-DDTHH:MM:SS.ffffffZ``.
 TICK_NAME_MAX = 27
 #: Longest job name: its claim key ``f"{name}@{tick}"`` must fit the coordinator's name limit.
@@ -45,6 +48,23 @@ class RunContext:
     run_id: str
     attempt: int
     fence: int | None
+
+
+def encode_result(value: object) -> str | None:
+    """A job's return value as the JSON text history keeps: ``None`` for ``None``; a value
+    JSON cannot encode is kept as the JSON string of its ``repr``; a text longer than
+    :data:`RESULT_MAX` characters as ``{"truncated": true, "length": N, "head": "…"}``."""
+    if value is None:
+        return None
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        text = json.dumps(repr(value), ensure_ascii=False)
+    if len(text) > RESULT_MAX:
+        text = json.dumps(
+            {"truncated": True, "length": len(text), "head": text[:200]}, ensure_ascii=False
+        )
+    return text
 
 
 # A context variable, not a thread-local: coroutine jobs share the event loop's thread, and
@@ -273,6 +293,10 @@ class Run:
     started_wall: float | None = None  # None while queued
     started_mono: float = 0.0
     stuck: bool = False
+    #: asked for by run_now(), not a tick of the schedule
+    manual: bool = False
+    #: the job's return value as JSON text (set when an attempt returns)
+    result: str | None = None
 
     def stop_retrying(self, why: str) -> None:
         if not self.abort.is_set():

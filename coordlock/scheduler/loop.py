@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from types import FrameType
 from typing import Any, TypeVar, overload
 
@@ -47,6 +47,20 @@ from . import events as ev
 from ._clock import Clock, SystemClock
 from .aio import LoopHost
 from .claims import check_instance_id
+from .control import (
+    RESERVED,
+    RUN_NOW_HOLD,
+    Control,
+    JobStatus,
+    history_of,
+    job_status,
+    read_registry,
+    registration,
+    request_id,
+    request_run,
+    run_now_key,
+    set_paused,
+)
 from .dispatch import claim_and_dispatch
 from .events import Callback, EventBus
 from .isolation import make_context
@@ -63,7 +77,14 @@ from .job import (
 from .planner import Planner
 from .report import Reporter
 from .runner import Pool, Runner
-from .triggers import CronTrigger, IntervalTrigger, Trigger, resolve_timezone
+from .triggers import (
+    ONCE_WINDOW,
+    CronTrigger,
+    IntervalTrigger,
+    OnceTrigger,
+    Trigger,
+    resolve_timezone,
+)
 from .watchdog import Liveness, Watchdog
 
 log = logging.getLogger("coordlock")
@@ -100,6 +121,8 @@ class Scheduler:
       claimed ticks of vanished instances, where the coordinator keeps history (default 30).
     * ``heartbeat_ttl`` – TTL of this instance's liveness lease (default 30 s).
     * ``mp_context`` – multiprocessing start method for ``isolation="process"`` (``spawn``).
+    * ``control_interval`` – how often (real seconds) run-now requests are looked for, where
+      the coordinator keeps history (default 1).
     """
 
     def __init__(
@@ -115,6 +138,7 @@ class Scheduler:
         watchdog_interval: float | timedelta = 30.0,
         heartbeat_ttl: float | timedelta = 30.0,
         mp_context: str | None = None,
+        control_interval: float | timedelta = 1.0,
     ) -> None:
         if coordinator is not None and not isinstance(coordinator, (str, RunCoordinator)):
             raise TypeError(
@@ -142,6 +166,9 @@ class Scheduler:
         self.shutdown_grace = check_seconds(shutdown_grace, "shutdown_grace", allow_zero=True)
         self.watchdog_interval = check_seconds(watchdog_interval, "watchdog_interval")
         self.heartbeat_ttl = check_seconds(heartbeat_ttl, "heartbeat_ttl")
+        self.control_interval = check_seconds(control_interval, "control_interval")
+        self._control = Control(self.instance_id)
+        self._published = False
 
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
@@ -180,6 +207,8 @@ class Scheduler:
             find_job=self._jobs.get,
             wake=self._watch_wake,
             stopping=self._stopping,
+            control=self._control_poll,
+            control_interval=self.control_interval,
         )
 
     # -- registration ------------------------------------------------------------------------
@@ -271,14 +300,47 @@ class Scheduler:
         trig = self._make_trigger(trigger)
         job_name = check_job_name(name if name is not None else default_name(func))
         job = Job(job_name, func, trig, opts, args, dict(kwargs or {}), is_coroutine_job(func))
+        if job_name in RESERVED:
+            raise ValueError(f"{job_name!r} is a name coordlock reserves for job control")
         with self._lock:
             if job_name in self._jobs:
                 raise ValueError(f"a job named {job_name!r} is already registered")
             self._jobs[job_name] = job
             if self._planner.active:
                 self._planner.activate(job, self.clock.time())
+            publish = self._published
+        if publish:
+            self._report.enqueue(registration(job_name, trig, self.instance_id))
         self._wake.set()
         return job_name
+
+    def at(
+        self,
+        when: datetime | float,
+        *,
+        name: str | None = None,
+        **options: Any,
+    ) -> Callable[[F], F]:
+        """Decorator: run the function once, at ``when`` (an aware ``datetime`` or epoch
+        seconds), on one instance of the cluster – the tick's claim decides, as for any tick.
+
+        Defaults differ from repeating jobs: ``misfire="run_once"`` with ``grace`` of a day,
+        so an instance that starts (or reaches the time) up to a day late still runs it if no
+        instance did; the claim is held for that day plus ``skew_tolerance``. Options as for
+        :meth:`add`.
+        """
+        trigger = OnceTrigger(when)
+        options.setdefault("misfire", "run_once")
+        options.setdefault("grace", ONCE_WINDOW)
+        build_options(**options)
+        if name is not None:
+            check_job_name(name)
+
+        def decorate(func: F) -> F:
+            self.add(func, trigger, name=name, **options)
+            return func
+
+        return decorate
 
     def remove(self, name: str) -> bool:
         """Unregister a job (a run in progress finishes). ``False`` if there was none."""
@@ -574,6 +636,78 @@ class Scheduler:
             if timeout > 0:
                 self.clock.wait(timeout, self._wake)
 
+    # -- cluster-wide control --------------------------------------------------------------
+
+    def _history_coordinator(self) -> RunCoordinator:
+        with self._lock:
+            coordinator = self._resolve()
+        history_of(coordinator)  # ConfigurationError when it keeps no history
+        return coordinator
+
+    def pause(self, name: str, *, note: str | None = None) -> None:
+        """Pause ``name`` on every instance sharing the coordinator, from each instance's next
+        tick on: its ticks are still claimed (one instance per tick) and recorded as
+        ``skipped`` with reason ``paused``. The job need not be registered here. Needs a
+        coordinator that keeps run history (``ConfigurationError`` otherwise)."""
+        set_paused(self._history_coordinator(), name, True, by=self.instance_id, note=note)
+
+    def resume(self, name: str, *, note: str | None = None) -> None:
+        """Undo :meth:`pause` on every instance, from each instance's next tick on."""
+        set_paused(self._history_coordinator(), name, False, by=self.instance_id, note=note)
+
+    def run_now(self, name: str) -> str:
+        """Run ``name`` once, now, on exactly one instance that registers it (within
+        ``control_interval`` seconds), even while it is paused; returns the request id.
+
+        The run takes the job's no-overlap lease like a scheduled one (waiting up to 5 s for
+        a run still going; ``skipped(running)`` after that), and is recorded in history with
+        the request's time as its tick. A request no instance takes within an hour is
+        dropped."""
+        return request_run(self._history_coordinator(), name, by=self.instance_id)
+
+    def status(self, name: str) -> JobStatus:
+        """The cluster's view of ``name``: paused or not (and by whom, when), its trigger and
+        next run (this instance's registration, else the one published by another), its
+        newest history row from any instance, and pending run-now requests."""
+        coordinator = self._history_coordinator()
+        job = self._jobs.get(name)
+        return job_status(
+            coordinator,
+            check_job_name(name),
+            trigger=job.trigger if job is not None else None,
+            now=self.clock.time(),
+        )
+
+    def _control_poll(self) -> None:
+        """Watchdog thread: publish the jobs once, then take run-now requests."""
+        coordinator = self._coordinator
+        if coordinator is None or self._report.history is None:
+            return
+        if not self._published:
+            self._publish(coordinator)
+        with self._lock:
+            jobs = dict(self._jobs)
+        for row in self._control.untried(coordinator, set(jobs)):
+            job = jobs[row.tick]
+            key = run_now_key(job.name, request_id(row))
+            if not coordinator.claim(key, RUN_NOW_HOLD):
+                continue
+            self._control.mark_taken(coordinator, row)
+            log.info("scheduler %s takes run-now request %s", self.instance_id, key)
+            self._runner.won(job, row.started, None, key, manual=True)
+
+    def _publish(self, coordinator: RunCoordinator) -> None:
+        """Write a registry row for every job whose row is missing or different."""
+        known = read_registry(coordinator)
+        with self._lock:
+            self._published = True
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            row = registration(job.name, job.trigger, self.instance_id)
+            seen = known.get(job.name)
+            if seen is None or seen.tick != row.tick or seen.error != row.error:
+                self._report.enqueue(row)
+
     def _step(self, now: float) -> None:
         """Deal with every job due at ``now``: plan, claim, hand the won ticks to the runner."""
         due, missed = self._planner.take_due(now, self._jobs)
@@ -584,7 +718,13 @@ class Scheduler:
             coordinator = self._coordinator
             assert coordinator is not None
             claim_and_dispatch(
-                due, coordinator, self.skew_tolerance, self._lock, self._report, self._runner
+                due,
+                coordinator,
+                self.skew_tolerance,
+                self._lock,
+                self._report,
+                self._runner,
+                self._control if self._report.history is not None else None,
             )
 
     def __repr__(self) -> str:

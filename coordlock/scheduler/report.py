@@ -117,6 +117,7 @@ class Reporter:
         *,
         finished: float | None = None,
         error: str | None = None,
+        result: str | None = None,
     ) -> None:
         """Write (or update) the history row of ``run_id``, where history is kept: by the
         background writers while they run, else now."""
@@ -131,7 +132,13 @@ class Reporter:
             finished=finished,
             status=status,
             error=error,
+            result=result,
         )
+        self.enqueue(record)
+
+    def enqueue(self, record: RunRecord) -> None:
+        """Hand ``record`` to the background writers while they run, else write it now."""
+        run_id = record.run_id
         with self._writes:
             if self._writers:
                 self._pending.pop(run_id, None)  # queued again at the end, newest status

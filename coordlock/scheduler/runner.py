@@ -29,7 +29,7 @@ from .aio import LoopHost, RunCancelled
 from .attempts import Attempts, describe, lost_text
 from .claims import JOB_LEASE_PREFIX
 from .isolation import ChildFailed, ChildRegistry, JobTimeout
-from .job import ASYNC, PROCESS, THREAD, Job, Run
+from .job import ASYNC, LEASE_WAIT_MAX, PROCESS, THREAD, Job, Run
 from .report import Reporter
 
 log = logging.getLogger("coordlock")
@@ -116,10 +116,14 @@ class Runner:
 
     # -- what the loop and the watchdog use -------------------------------------------------
 
-    def won(self, job: Job, tick: float, following: float | None, key: str) -> Run:
-        """Note a won tick (history row ``claimed``) and queue it."""
+    def won(
+        self, job: Job, tick: float, following: float | None, key: str, *, manual: bool = False
+    ) -> Run:
+        """Note a won tick (history row ``claimed``) and queue it. ``manual``: a run-now
+        request (``tick`` is when it was asked for), not a tick of the schedule."""
         kind = PROCESS if job.options.isolation == "process" else ASYNC if job.is_async else THREAD
         run = Run(job, tick, following, key, uuid.uuid4().hex, self._clock.time(), kind)
+        run.manual = manual
         with self.cond:
             job.pending += 1
             self._runs[run.run_id] = run
@@ -181,7 +185,11 @@ class Runner:
                     # Wait a little (within the tick's grace) for a run that is just ending: with
                     # skewed clocks, two instances can win *different* ticks at the same real
                     # instant; only a run that is really still going should block this tick.
-                    wait = job.lease_wait(run.tick, run.following, self._clock.time())
+                    wait = (
+                        LEASE_WAIT_MAX
+                        if run.manual
+                        else job.lease_wait(run.tick, run.following, self._clock.time())
+                    )
                     lease = coordinator.acquire(
                         JOB_LEASE_PREFIX + job.name, job.lease_ttl(), wait=wait or None
                     )
@@ -197,6 +205,16 @@ class Runner:
             log.exception("scheduler %s: internal error running %s", self._instance, run.key)
             self._forget(run)
             return False
+
+    def skip_won(self, job: Job, tick: float, reason: str) -> None:
+        """A won tick that will not run here at all (its job is paused): a ``skipped`` row
+        and event, nothing queued."""
+        now = self._clock.time()
+        self._report.note(job, tick, f"skipped:{reason}")
+        self._report.row(
+            uuid.uuid4().hex, job.name, tick, now, st.SKIPPED, finished=now, error=reason
+        )
+        self._report.event(ev.SKIPPED, job, tick, reason=reason)
 
     def _skip(self, run: Run, reason: str, exc: BaseException | None = None) -> None:
         """A won tick that will not run: report it, then let wait_idle() see it gone."""
@@ -276,7 +294,14 @@ class Runner:
         finished = self._clock.time()
         assert run.started_wall is not None
         self._report.row(
-            run.run_id, job.name, run.tick, run.started_wall, status, finished=finished, error=text
+            run.run_id,
+            job.name,
+            run.tick,
+            run.started_wall,
+            status,
+            finished=finished,
+            error=text,
+            result=None if failed else run.result,
         )
         with self.cond:
             job.note(run.tick, status, text)

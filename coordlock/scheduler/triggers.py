@@ -244,3 +244,52 @@ class CronTrigger(Trigger):
 
     def __hash__(self) -> int:
         return hash((self.expr, self.timezone))
+
+
+#: Default grace and claim-hold base of a one-shot job (:class:`OnceTrigger`): a day.
+ONCE_WINDOW = 86400.0
+
+
+class OnceTrigger(Trigger):
+    """One tick at ``when`` (an aware ``datetime`` or epoch seconds): a one-shot job.
+
+    A naive ``datetime`` is refused (``ValueError``): the instant must not depend on the
+    instance's timezone. Its nominal period is :data:`ONCE_WINDOW` (the claim's hold and the
+    default grace of :meth:`Scheduler.at`).
+    """
+
+    def __init__(self, when: datetime | float) -> None:
+        if isinstance(when, datetime):
+            if when.tzinfo is None or when.utcoffset() is None:
+                raise ValueError(
+                    "a one-shot time must be timezone-aware (datetime(..., tzinfo=...)); "
+                    "a naive datetime would mean a different instant on each instance"
+                )
+            self.when = when.timestamp()
+        elif isinstance(when, (int, float)) and not isinstance(when, bool):
+            if not math.isfinite(when):
+                raise ValueError(f"a one-shot time must be finite, got {when!r}")
+            self.when = float(when)
+        else:
+            raise TypeError(
+                f"a one-shot time must be an aware datetime or epoch seconds, not "
+                f"{type(when).__name__}"
+            )
+
+    def next_after(self, ts: float) -> float | None:
+        return self.when if ts < self.when else None
+
+    def previous(self, ts: float) -> float | None:
+        return self.when if self.when <= ts else None
+
+    def nominal_period(self) -> float:
+        return ONCE_WINDOW
+
+    def describe(self) -> str:
+        return f"at {tick_key(self.when)}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OnceTrigger) and other.when == self.when
+
+    def __hash__(self) -> int:
+        return hash(("once", self.when))

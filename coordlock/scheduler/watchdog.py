@@ -128,6 +128,8 @@ class Watchdog:
         find_job: Callable[[str], Job | None],
         wake: threading.Event,
         stopping: threading.Event,
+        control: Callable[[], None] | None = None,
+        control_interval: float = 1.0,
     ) -> None:
         self._instance = instance
         self._clock = clock
@@ -138,15 +140,28 @@ class Watchdog:
         self._find_job = find_job
         self._wake = wake
         self._stopping = stopping
+        self._control = control
+        self._control_interval = control_interval
         #: when this instance started (scheduler clock): older rows of its id are leftovers
         self.since = float("inf")
 
     def serve(self) -> None:
         """Until the scheduler stops: keep the liveness lease, watch timeouts, scan history."""
         next_scan = time.monotonic() + min(self._interval, 5.0)
+        next_control = time.monotonic()
         while not self._stopping.is_set():
             now = time.monotonic()
             soonest = next_scan
+            if self._control is not None and self._report.history is not None:
+                if now >= next_control:
+                    next_control = now + self._control_interval
+                    try:
+                        self._control()
+                    except Exception as exc:
+                        log.warning(
+                            "scheduler %s: job control poll failed: %s", self._instance, exc
+                        )
+                soonest = min(soonest, next_control)
             coordinator = self._runner.coordinator
             if coordinator is not None and self._report.history is not None:
                 soonest = min(soonest, self._liveness.keep(coordinator))
