@@ -371,3 +371,59 @@ def test_history_keeps_the_return_value(
         assert row.result == '{"rows": 42}'
     finally:
         coordinator.close()
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_coordlock_jobs_pause_resume_run(tmp_path: Path) -> None:
+    from cli_helpers import run_cli
+
+    url = f"sqlite:///{tmp_path}/ctl.db"
+    clock = ManualClock(T0 - 5)
+    publisher = Scheduler(url, clock=ManualClock(T0 - 5), control_interval=0.05)
+    publisher.every(10, name="sync")(noop)
+    publisher.start()  # publishes its jobs
+    assert publisher.coordinator is not None
+    assert eventually(lambda: "sync" in read_registry(publisher.coordinator), 10)
+    publisher.stop()
+    sched = Scheduler(url, clock=clock, instance_id="web-1")
+    sched.every(10, name="sync")(lambda: {"synced": 3})
+
+    out = run_cli("jobs", "pause", "sync", "--note", "deploy", "--url", url)
+    assert out.returncode == 0, out.stderr
+    assert "paused sync" in out.stdout
+    assert sched.status("sync").paused and sched.status("sync").note == "deploy"
+    assert (sched.status("sync").changed_by or "").startswith("cli:")
+    clock.set(T0)
+    assert sched.run_pending() == 0  # skipped(paused)
+
+    listing = json.loads(run_cli("jobs", "--json", "--url", url).stdout)["jobs"]
+    (sync,) = listing
+    assert sync["job"] == "sync" and sync["paused"] is True
+    assert sync["last_run"]["status"] == "skipped" and sync["last_run"]["error"] == "paused"
+    assert sync["trigger"] == "every 10s" and sync["next_run"] is not None
+    text = run_cli("jobs", "--url", url).stdout
+    assert "paused" in text and "NEXT RUN" in text
+
+    out = run_cli("jobs", "resume", "sync", "--json", "--url", url)
+    assert out.returncode == 0 and json.loads(out.stdout) == {"job": "sync", "paused": False}
+    clock.set(T0 + 10)
+    assert sched.run_pending() == 1
+    last = json.loads(run_cli("jobs", "--json", "--url", url).stdout)["jobs"][0]["last_run"]
+    assert last["status"] == "finished"
+    assert last["result"] in (None, '{"synced": 3}')  # None: SQLite does not store it yet
+
+    out = run_cli("jobs", "run", "sync", "--json", "--url", url)
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["job"] == "sync" and answer["registered"] is True and answer["request"]
+    assert sched.status("sync").run_now_pending == 1
+    out = run_cli("jobs", "run", "nobody-has-it", "--url", url)
+    assert out.returncode == 0 and "no scheduler has published" in out.stdout
+
+    # control rows stay out of `coordlock history`
+    runs = json.loads(run_cli("history", "--json", "--url", url).stdout)["runs"]
+    assert runs and all(not r["job"].startswith("coordlock:") for r in runs)
+    assert run_cli("jobs", "pause", "coordlock:control", "--url", url).returncode == 64
+    sched.stop()

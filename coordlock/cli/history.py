@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .._protocol import KeepsHistory, RunRecord
+from ..scheduler.control import RESERVED
+from . import jobs as jobs_cli
 from ._common import EX_UNAVAILABLE, Context, positive_int, print_json
 
 #: How many runs ``coordlock jobs`` reads to find each job's last run.
@@ -43,15 +45,18 @@ def run_record(run: RunRecord) -> dict[str, Any]:
 
 
 def _history(
-    ctx: Context, job: str | None, limit: int
+    ctx: Context, job: str | None, limit: int, extras: dict[str, Any] | None = None
 ) -> list[RunRecord] | None:
     coordinator = ctx.open()
     try:
         if not isinstance(coordinator, KeepsHistory):
             return None
-        return coordinator.history(job, limit=limit)
+        runs = coordinator.history(job, limit=limit)
+        if extras is not None:
+            extras.update(jobs_cli.job_extras(coordinator))
     finally:
         coordinator.close()
+    return [run for run in runs if run.job not in RESERVED]  # job control rows
 
 
 def cmd_history(args: argparse.Namespace, ctx: Context) -> int:
@@ -88,43 +93,65 @@ def last_runs(runs: list[RunRecord]) -> list[RunRecord]:
 
 
 def cmd_jobs(args: argparse.Namespace, ctx: Context) -> int:
-    """Each job that has run, with its last run, from run history."""
-    runs = _history(ctx, None, JOBS_SCAN)
+    """Each job that has run or is published by a scheduler: paused or not, next run, and
+    its last run, from the coordinator."""
+    extras: dict[str, dict[str, Any]] = {}
+    runs = _history(ctx, None, JOBS_SCAN, extras)
     if runs is None:
         print("coordlock: this backend keeps no run history", file=sys.stderr)
         return EX_UNAVAILABLE
-    jobs = last_runs(runs)
+    last = {run.job: run for run in last_runs(runs)}
+    names = sorted(set(last) | set(extras))
+    none: dict[str, Any] = {"paused": False, "trigger": None, "next_run": None}
     if ctx.json:
         print_json(
             {
                 "jobs": [
                     {
-                        "job": run.job,
-                        "last_run": {
-                            "tick": run.tick,
-                            "started": run.started,
-                            "started_iso": iso(run.started),
-                            "status": run.status,
-                            "instance": run.instance,
-                            "duration": duration_of(run),
-                            "error": run.error,
+                        "job": name,
+                        "paused": extras.get(name, none)["paused"],
+                        "trigger": extras.get(name, none)["trigger"],
+                        "next_run": extras.get(name, none)["next_run"],
+                        "next_run_iso": iso(extras.get(name, none)["next_run"]),
+                        "last_run": None if name not in last else {
+                            "tick": last[name].tick,
+                            "started": last[name].started,
+                            "started_iso": iso(last[name].started),
+                            "status": last[name].status,
+                            "instance": last[name].instance,
+                            "duration": duration_of(last[name]),
+                            "error": last[name].error,
+                            "result": last[name].result,
                         },
                     }
-                    for run in jobs
+                    for name in names
                 ]
             }
-        )
+        )  # fmt: skip
         return 0
-    if not jobs:
+    if not names:
         print("no runs recorded")
         return 0
-    width = max(3, *(len(r.job) for r in jobs))
-    print(f"{'JOB':<{width}}  {'LAST RUN (UTC)':<24}  {'STATUS':<9}  {'SECONDS':>8}  INSTANCE")
-    for run in jobs:
+    width = max(3, *(len(name) for name in names))
+    print(
+        f"{'JOB':<{width}}  {'STATE':<6}  {'NEXT RUN (UTC)':<19}  {'LAST RUN (UTC)':<19}  "
+        f"{'STATUS':<9}  {'SECONDS':>8}  INSTANCE"
+    )
+    for name in names:
+        extra = extras.get(name, none)
+        state = "paused" if extra["paused"] else "active"
+        upcoming = (iso(extra["next_run"]) or "-")[:19].replace("T", " ")
+        run = last.get(name)
+        if run is None:
+            print(f"{name:<{width}}  {state:<6}  {upcoming:<19}  {'-':<19}  {'-':<9}  {'-':>8}")
+            continue
         took = duration_of(run)
         shown = "-" if took is None else f"{took:.2f}"
         started = (iso(run.started) or "-")[:19].replace("T", " ")
-        print(f"{run.job:<{width}}  {started:<24}  {run.status:<9}  {shown:>8}  {run.instance}")
+        print(
+            f"{name:<{width}}  {state:<6}  {upcoming:<19}  {started:<19}  {run.status:<9}  "
+            f"{shown:>8}  {run.instance}"
+        )
     return 0
 
 
@@ -153,15 +180,21 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     jobs = sub.add_parser(
         "jobs",
         parents=parents,
-        help="each scheduled job's last run (time, status, instance, duration)",
+        help="scheduled jobs: state, next run, last run; pause|resume|run NAME",
         description=(
-            "Each job found in run history with its last run: when it started (UTC), status,\n"
-            "instance and duration. Jobs that never ran are not listed, and the next run is\n"
-            "not shown yet: both need the schedulers' own registrations, which a later\n"
-            'version will publish. --json prints {"jobs": [{"job", "last_run": {"tick",\n'
-            '"started", "started_iso", "status", "instance", "duration", "error"}}]}.\n'
-            "Exits 69 when the backend keeps no history."
+            "Without an action: each job that ran or that a running scheduler published,\n"
+            "with its state (active or paused, cluster-wide), its next run (UTC, from the\n"
+            "published schedule) and its last run: when it started, status, instance and\n"
+            'duration. --json prints {"jobs": [{"job", "paused", "trigger", "next_run",\n'
+            '"next_run_iso", "last_run": {"tick", "started", "started_iso", "status",\n'
+            '"instance", "duration", "error", "result"} or null}]}.\n'
+            "Actions (on every instance at once, from its next tick on):\n"
+            "  pause NAME [--note TEXT]   its ticks are recorded as skipped(paused)\n"
+            "  resume NAME [--note TEXT]\n"
+            "  run NAME                   run it once, now, on one instance\n"
+            "Exits 69 when the backend keeps no history (78 for an action)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     jobs.set_defaults(func=cmd_jobs, supports_json=True)
+    jobs_cli.add_parsers(jobs, parents)
