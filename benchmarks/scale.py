@@ -58,20 +58,32 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def group_cpu(pgid: int | None) -> float:
-    """CPU seconds (user + system) of every live process of process group ``pgid``."""
-    if pgid is None:
+def tree_cpu(root: int | None) -> float:
+    """CPU seconds (user + system) of process ``root`` and every live descendant, plus what
+    its exited children used (PostgreSQL's backends are children of the postmaster, each in a
+    session of its own)."""
+    if root is None:
         return 0.0
-    total = 0
+    stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if entry.isdigit():
+            try:
+                stats[int(entry)] = (
+                    Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+                )
+            except OSError:
+                continue
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        fields = stats.get(pid)
+        if fields is None:
             continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        todo.extend(children.get(pid, []))
     return total / CLK_TCK
 
 
@@ -123,6 +135,7 @@ def load_run(
         period=args.period,
         max_workers=args.max_workers,
         overlap=args.overlap,
+        job_seconds=args.job_seconds,
     )
     sample: dict[str, float] = {}
 
@@ -131,7 +144,7 @@ def load_run(
         wait = first - time.time()
         if wait > 0:
             time.sleep(wait)
-        sample["cpu0"], sample["t0"] = group_cpu(pgid), time.monotonic()
+        sample["cpu0"], sample["t0"] = tree_cpu(pgid), time.monotonic()
         middle = (first + last) / 2 + args.period / 2 - time.time()
         if middle > 0:
             time.sleep(middle)
@@ -140,7 +153,7 @@ def load_run(
         end = last + args.period - time.time()
         if end > 0:
             time.sleep(end)
-        sample["cpu1"], sample["t1"] = group_cpu(pgid), time.monotonic()
+        sample["cpu1"], sample["t1"] = tree_cpu(pgid), time.monotonic()
 
     load_before = loadavg()
     results, first, last = run_cluster(cluster, args.ticks, during=during)
@@ -168,7 +181,7 @@ def print_load(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'backend':10} {'procs':>5} {'jobs':>5} {'ticks':>5} {'runs':>6} {'dup':>4} "
         f"{'miss':>5} {'lag p50':>8} {'p99':>7} {'max':>7} {'claim p50':>9} {'p99':>7} "
-        f"{'claim@':>7} {'cpu/proc':>8} {'srv cpu':>8} {'conn/proc':>9}  load"
+        f"{'claim@':>7} {'cpu/run':>8} {'srv cpu':>8} {'conn/proc':>9}  load"
     )
     print(head)
     for r in rows:
@@ -178,7 +191,7 @@ def print_load(rows: list[dict[str, Any]]) -> None:
             f"{r['backend']:10} {r['procs']:5} {r['jobs']:5} {r['ticks']:5} {r['runs']:6} "
             f"{r['duplicates']:4} {r['misses']:5} {r['lag_p50_ms']:8.1f} {r['lag_p99_ms']:7.1f} "
             f"{r['lag_max_ms']:7.0f} {r['claim_rtt_p50_ms']:9.1f} {r['claim_rtt_p99_ms']:7.1f} "
-            f"{r['claim_start_p99_ms']:7.1f} {r['cpu_per_worker_s']:7.1f}s {srv_cpu:>8} "
+            f"{r['claim_start_p99_ms']:7.1f} {r['cpu_per_run_ms']:6.2f}ms {srv_cpu:>8} "
             f"{conns:>9}  {r['load_before']} → {r['load_after']}",
             flush=True,
         )
@@ -261,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ticks", type=int, default=15)
     parser.add_argument("--max-workers", type=int, default=10)
     parser.add_argument("--overlap", action="store_true", help="jobs with overlap=True")
+    parser.add_argument("--job-seconds", type=float, default=0.0, help="how long a run lasts")
     parser.add_argument("--growth", default="", help="process counts, e.g. 1,5,10,20")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--contend", action="store_true")

@@ -55,8 +55,9 @@ def job_name(index: int) -> str:
 class Recorder:
     """What one worker saw: runs (job index, tick, lag) and claim calls."""
 
-    def __init__(self, period: float) -> None:
+    def __init__(self, period: float, job_seconds: float = 0.0) -> None:
         self.period = period
+        self.job_seconds = job_seconds
         self.lock = threading.Lock()
         self.runs: list[tuple[int, float, float]] = []
         #: (tick, seconds after the tick the call began, round trip, keys, won)
@@ -69,6 +70,8 @@ class Recorder:
         tick = ctx.tick.timestamp()
         with self.lock:
             self.runs.append((index, tick, now - tick))
+        if self.job_seconds > 0:
+            time.sleep(self.job_seconds)
 
     def timed_claims(self, claim_many: Callable[[Iterable[str], float], set[str]]) -> Any:
         def timed(keys: Iterable[str], hold: float) -> set[str]:
@@ -97,12 +100,13 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-workers", type=int, default=10)
     parser.add_argument("--overlap", action="store_true")
     parser.add_argument("--grace", type=float, default=None, help="misfire grace (seconds)")
+    parser.add_argument("--job-seconds", type=float, default=0.0, help="how long a run lasts")
     args = parser.parse_args(argv)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    rec = Recorder(args.period)
+    rec = Recorder(args.period, args.job_seconds)
     coordinator = connect(args.url)
     claim_many = getattr(coordinator, "claim_many", None)
     if claim_many is not None:
@@ -182,6 +186,8 @@ class Cluster:
     overlap: bool = False
     #: the jobs' misfire grace in seconds (``None``: the default, 1 s)
     grace: float | None = None
+    #: how long each run lasts (seconds)
+    job_seconds: float = 0.0
     extra_env: dict[str, str] = field(default_factory=dict)
     #: how a worker is started after the interpreter (a profiler wrapper may replace it)
     entry: list[str] = field(default_factory=lambda: ["-m", "coordlock.scheduler._load"])
@@ -209,6 +215,8 @@ class Cluster:
                 command.append("--overlap")
             if self.grace is not None:
                 command += ["--grace", str(self.grace)]
+            if self.job_seconds:
+                command += ["--job-seconds", str(self.job_seconds)]
             log = open(self.workdir / f"worker-{index:02d}.log", "wb")  # noqa: SIM115
             self.popen.append(
                 subprocess.Popen(
