@@ -449,6 +449,27 @@ def test_a_crowded_tick_is_claimed_in_chunks_that_instances_share(clock: ManualC
     ]
 
 
+def test_a_slow_coordinator_gets_the_rest_of_a_crowded_tick_in_one_call(
+    clock: ManualClock,
+) -> None:
+    """Past CHUNK_BUDGET seconds of claiming, the chunks not yet asked for go in one call."""
+
+    class Slow(SpyCoordinator):
+        def claim_many(self, keys: Iterable[str], hold: float) -> set[str]:
+            time.sleep(0.3)  # slower than the budget (0.25 s)
+            return super().claim_many(keys, hold)
+
+    spy = Slow(f"spy-{uuid.uuid4().hex}")
+    sched = Scheduler(spy, clock=clock)
+    for i in range(200):
+        sched.add(noop, 10, name=f"j{i:03d}")
+    clock.set(T0)
+    with patch("coordlock.scheduler.dispatch.random.randrange", return_value=1):
+        assert sched.run_pending() == 200
+    sizes = [len(keys) for keys, _ in spy.of("claim_many")]
+    assert sizes == [50, 150]  # chunk 1 alone, then chunks 2, 3 and 0 at once
+
+
 def test_instances_reaching_a_crowded_tick_together_share_its_runs(clock: ManualClock) -> None:
     """Two instances claiming the chunks of one tick at the same time, from different
     starting chunks, each win some: neither runs all 200 jobs while the other idles."""

@@ -9,6 +9,10 @@ choosing (random), so the instances of a cluster win *different* chunks and shar
 tick's runs. With one call for all keys, the instance whose call reaches the server first wins
 every job of the tick and runs them all on its own worker threads while the others idle
 (measured with 8 instances × 200 jobs on Redis: one instance won all 200 on every tick).
+Once claiming has taken :data:`CHUNK_BUDGET` seconds, the chunks left go in one call: a slow
+coordinator is asked twice, not eight times in a row (measured on ZooKeeper with 20 instances
+× 1,000 jobs: 8 claim calls of about a second each made every instance reach the next tick
+late).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import math
 import random
 import threading
+import time
 
 from .._protocol import RunCoordinator
 from . import events as ev
@@ -32,6 +37,9 @@ log = logging.getLogger("coordlock")
 CLAIM_CHUNK = 64
 #: Most claim calls one tick makes per hold (chunks grow past :data:`CLAIM_CHUNK` instead).
 MAX_CHUNKS = 8
+#: Seconds of claiming after which the chunks not yet asked for go in one call: a slow
+#: coordinator must not be asked 8 times in a row (each slow call delays the next tick).
+CHUNK_BUDGET = 0.25
 
 
 def chunked(keys: list[str], rng: random.Random | None = None) -> list[list[str]]:
@@ -78,8 +86,13 @@ def claim_and_dispatch(
         by_hold.setdefault(hold, []).append(key)
     down: BaseException | None = None  # the coordinator cannot be asked: no more calls
     paused: frozenset[str] | BaseException | None = None  # read once, when first needed
+    began = time.monotonic()
     for hold, keys in by_hold.items():
-        for chunk in chunked(keys):
+        chunks = chunked(keys)
+        while chunks:
+            if len(chunks) > 1 and time.monotonic() - began > CHUNK_BUDGET:
+                chunks = [[key for part in chunks for key in part]]  # slow: the rest at once
+            chunk = chunks.pop(0)
             if down is not None:
                 _dispatch(chunk, by_key, set(), dict.fromkeys(chunk, down), report, runner)
                 continue
