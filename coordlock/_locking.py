@@ -146,6 +146,21 @@ class LockContext:
             decision,
         )  # fmt: skip
 
+    def _check_fresh(self, key: str) -> None:
+        """Refuse to claim a tick named so long ago (a stalled process) that its next tick
+        has come: the first claim of it may have expired by now."""
+        assert self.decision is not None and self.decision.tick is not None
+        assert self.tick_spec is not None
+        now = wall_clock()
+        deadline = self.tick_spec.claim_deadline(self.decision.tick)
+        if now > deadline:
+            raise TickNotRun(
+                self.name, OFF_TICK,
+                f"tick {key!r} was named {now - self.decision.now:.1f}s ago and its next tick "
+                "has come: too late to claim it safely (the process was stalled)",
+                self.decision,
+            )  # fmt: skip
+
     def _claimed(self, key: str, won: bool) -> None:
         if not won:
             raise TickNotRun(
@@ -183,6 +198,7 @@ class LockContext:
         key = self._decide(now)
         if key is not None:
             assert self.decision is not None
+            self._check_fresh(key)
             self._claimed(key, bool(target.claim(key, self.decision.hold)))
         lease: Lease | None = target.acquire(self.name, self.ttl, **self._options())
         self._got(lease)
@@ -202,6 +218,7 @@ class LockContext:
         key = self._decide(now)
         if key is not None:
             assert self.decision is not None
+            self._check_fresh(key)
             self._claimed(key, bool(await target.aclaim(key, self.decision.hold)))
         lease: AsyncLease | None = await aacquire(self.name, self.ttl, **self._options())
         self._got(lease)
