@@ -287,5 +287,8 @@ class LockContext:
 
 
 def _unreleased(lease: BaseLease, exc: BaseException) -> bool:
-    log.warning("could not release %r (it expires by itself after its ttl): %s", lease.name, exc)
+    log.warning(
+        "could not release %r (it expires by itself after its ttl): %s", lease.name, exc,
+        extra=lease._facts("release", outcome="error", error=f"{type(exc).__name__}: {exc}"),
+    )
     return True  # unknown; a loss, if any, was already reported

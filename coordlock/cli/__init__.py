@@ -22,7 +22,7 @@ from .._errors import (
 )
 from .._redact import redact_url
 from .._registry import known_schemes
-from . import check, demo, history, locks, run
+from . import check, dashboard, demo, history, locks, run
 from ._common import (
     EX_CONFIG,
     EX_SOFTWARE,
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_parsers(sub, parents)
     check.add_parser(sub, parents)
     demo.add_parser(sub, parents)
+    dashboard.add_parser(sub, parents)
     return parser
 
 
