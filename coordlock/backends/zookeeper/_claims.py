@@ -21,7 +21,13 @@ from ._layout import claim_data, claim_info, escape
 from ._session import Session
 
 try:
-    from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError, NotEmptyError
+    from kazoo.exceptions import (
+        BadVersionError,
+        NoAuthError,
+        NodeExistsError,
+        NoNodeError,
+        NotEmptyError,
+    )
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
     from ..._registry import missing_driver
 
@@ -40,6 +46,10 @@ SWEEP_MAX_DELETES = 10_000
 
 
 def _failed(outcome: Any) -> bool:
+    """True when a multi failed; raises its NoAuthError (access refused is not "taken")."""
+    for item in outcome:
+        if isinstance(item, NoAuthError):
+            raise item
     return any(isinstance(item, Exception) for item in outcome)
 
 
@@ -84,6 +94,7 @@ class Claims:
         existing: list[str] = []
         for key, result in results.items():
             outcome = session.get(result)
+            _failed(outcome)  # access refused: raise
             if isinstance(outcome[0], NoNodeError):  # no claims directory yet
                 session.get(client.ensure_path_async(self.dir))
                 outcome = session.get(create(paths[key]))

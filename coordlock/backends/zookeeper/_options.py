@@ -167,7 +167,7 @@ def parse_url(url: str, options: dict[str, Any]) -> tuple[str, str, dict[str, An
         collect_hosts(hosts)
     except ValueError as exc:
         raise ConfigurationError(f"bad ZooKeeper hosts {hosts!r}: {exc}") from exc
-    chroot = check_chroot(parts.path)
+    chroot = check_chroot(unquote(parts.path))
     merged: dict[str, Any] = {}
     if at:
         user, colon, password = userinfo.partition(":")

@@ -17,7 +17,6 @@ session for the child.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -244,16 +243,18 @@ class Session:
         context = self.tls.context()
         for host, port in reachable:
             try:
-                with (
-                    socket.create_connection((host, port), timeout=1.0) as raw,
-                    context.wrap_socket(raw, server_hostname=host),
-                ):
-                    return None  # a handshake works: the failure is elsewhere
+                with socket.create_connection((host, port), timeout=1.0) as raw:
+                    with context.wrap_socket(raw, server_hostname=host) as tls:
+                        # TLS 1.3 servers refuse a client certificate after the handshake:
+                        # their alert arrives on the first read (ZooKeeper sends nothing else).
+                        tls.settimeout(0.5)
+                        tls.recv(1)
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                continue  # the server hung up: may be restarting
             except ssl.SSLError as exc:
                 return ConfigurationError(f"TLS handshake with ZooKeeper {host}:{port}: {exc}")
-            except OSError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.ETIMEDOUT, None):
-                    return None
+            except OSError:
+                continue  # refused, timed out (also: nothing to read, the handshake worked)
         return None
 
     def close(self) -> None:
