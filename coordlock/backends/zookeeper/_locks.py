@@ -336,16 +336,18 @@ class Locks:
             node.pred_expiry = time.monotonic() + left_ms / 1000.0
         return "busy"
 
-    def restamp(self, node: LockNode, ttl: float) -> bool:
-        """``set_data`` our node with ``ttl``; False when the node is gone."""
+    def restamp(self, node: LockNode, ttl: float, timeout: float | None = None) -> bool:
+        """``set_data`` our node with ``ttl``; False when the node is gone. ``timeout``
+        (seconds, default the operation timeout) bounds the wait for the reply: a renewal
+        passes what is left of the lease, so a frozen connection cannot hold it longer."""
         path = node.path
         if path is None:
             return False
         session = self.session
-        session.ready()
+        session.ready(0.0 if timeout is not None else 1.0)
         sent = time.monotonic()
         try:
-            stat = session.get(session.client.set_async(path, stamp(ttl)))
+            stat = session.get(session.client.set_async(path, stamp(ttl)), timeout)
         except NoNodeError:
             node.path = None
             node.create_sent = False

@@ -317,12 +317,22 @@ class ZooKeeperCoordinator(BaseCoordinator):
             return False
         if not self._session.connected.is_set():
             raise BackendUnavailable(f"extend {name!r}: ZooKeeper connection suspended")
-        left = node.deadline - time.monotonic()
+        deadline = node.deadline
+        left = deadline - time.monotonic()
         if left <= 0:
             return False
+
+        def restamp() -> bool:
+            # Every wait ends by the lease's deadline: a frozen connection (no reply, no
+            # error) must not keep the renewal thread past it.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise KazooTimeoutError("the lease ended before the renewal was answered")
+            return self._locks.restamp(node, ttl, timeout=remaining)
+
         try:
             ok = call_with_retry(
-                lambda: self._locks.restamp(node, ttl),
+                restamp,
                 transient=self.transient_errors,
                 deadline=min(left, self.retry_deadline, 2.0),
                 what=f"extend {name!r}",
