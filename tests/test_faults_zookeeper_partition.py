@@ -296,13 +296,13 @@ def test_partition_short(
 @pytest.mark.coordlock_soak
 @pytest.mark.timeout(3600)
 def test_sigstop_soak(zookeeper_server: ZooKeeperServer, tmp_path: Path) -> None:
-    _sigstop_soak(zookeeper_server, tmp_path, target=SOAK_ACQUISITIONS, min_faults=50)
+    _sigstop_soak(zookeeper_server, tmp_path, target=SOAK_ACQUISITIONS, min_faults=30)
 
 
 @pytest.mark.coordlock_soak
 @pytest.mark.timeout(3600)
 def test_kill_soak(zookeeper_server: ZooKeeperServer, tmp_path: Path) -> None:
-    _kill_soak(zookeeper_server, tmp_path, target=SOAK_ACQUISITIONS, min_faults=50)
+    _kill_soak(zookeeper_server, tmp_path, target=SOAK_ACQUISITIONS, min_faults=30)
 
 
 @pytest.mark.coordlock_soak
@@ -311,5 +311,5 @@ def test_partition_soak(
     zookeeper_server: ZooKeeperServer, fault_proxy: Callable[..., FaultProxy], tmp_path: Path
 ) -> None:
     _partition_soak(
-        zookeeper_server, fault_proxy, tmp_path, target=SOAK_ACQUISITIONS, min_faults=50
+        zookeeper_server, fault_proxy, tmp_path, target=SOAK_ACQUISITIONS, min_faults=30
     )

@@ -198,6 +198,7 @@ def test_without_credentials_nodes_are_world_writable(
         ("ca=/tmp/ca.pem", "without use_ssl=true"),
         ("use_ssl=true&ca=/nonexistent/ca.pem", "TLS files"),
         ("use_ssl=true&certfile=/nonexistent/c.pem", "certfile and keyfile go together"),
+        ("use_ssl=true&verify_certs=false&check_hostname=true", "needs verify_certs"),
     ],
 )
 def test_bad_security_options_fail_fast(
@@ -305,12 +306,12 @@ def test_locks_and_claims_over_tls(
     client_files: dict[str, str],
     make: Callable[..., ZooKeeperCoordinator],  # noqa: F811
 ) -> None:
-    url = _tls_url(tls_server, use_ssl="true", **client_files)
+    url = _tls_url(tls_server, use_ssl="true", check_hostname="true", **client_files)
     a, b = make(url), make(url)
     lease = a.acquire("tls", 10)
     assert lease is not None
     assert b.acquire("tls", 10) is None
-    assert a._client.use_ssl is True
+    assert a._client.use_ssl is True and a._client.check_hostname is True
     assert lease.release()
     taken = b.acquire("tls", 10, wait=5)
     assert taken is not None and taken.fence > lease.fence and taken.release()

@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
 DURATION_OPTIONS = frozenset({"session_timeout", "sweep_interval", "retry_deadline"})
 #: kazoo's own TLS options, passed through under the same names.
 TLS_FILE_OPTIONS = ("ca", "certfile", "keyfile")
-BOOL_OPTIONS = frozenset({"use_ssl", "verify_certs"})
+BOOL_OPTIONS = frozenset({"use_ssl", "verify_certs", "check_hostname"})
 OPTIONS = frozenset(
     {
         "session_timeout",
@@ -54,6 +54,7 @@ class TLS:
     keyfile: str | None = None
     keyfile_password: str | None = field(default=None, repr=False)
     verify_certs: bool = True
+    check_hostname: bool = False
 
     def kazoo_options(self) -> dict[str, Any]:
         """Keyword arguments for ``KazooClient`` (and ``kazoo.handlers.utils``)."""
@@ -64,6 +65,7 @@ class TLS:
             "keyfile": self.keyfile,
             "keyfile_password": self.keyfile_password,
             "verify_certs": self.verify_certs,
+            "check_hostname": self.check_hostname,
         }
 
     def context(self) -> ssl.SSLContext:
@@ -71,8 +73,9 @@ class TLS:
         front and to diagnose a refused handshake. Raises ConfigurationError."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        context.check_hostname = False  # as kazoo does
+        context.check_hostname = False  # before verify_mode may become CERT_NONE
         context.verify_mode = ssl.CERT_REQUIRED if self.verify_certs else ssl.CERT_NONE
+        context.check_hostname = self.check_hostname
         try:
             if self.ca:
                 context.load_verify_locations(self.ca)
@@ -214,19 +217,29 @@ def make_tls(
     keyfile: str | None,
     keyfile_password: str | None,
     verify_certs: bool,
+    check_hostname: bool = False,
 ) -> TLS | None:
     """The TLS settings, checked (files readable, key matches); None without ``use_ssl``."""
     given = [name for name, v in zip(TLS_FILE_OPTIONS, (ca, certfile, keyfile), strict=True) if v]
     if not use_ssl:
-        if given or keyfile_password:
+        if given or keyfile_password or check_hostname:
             raise ConfigurationError(
                 f"{', '.join(given) or 'keyfile_password'} given without use_ssl=true "
                 "(the connection would not use TLS)"
             )
         return None
+    if check_hostname and not verify_certs:
+        raise ConfigurationError("check_hostname=true needs verify_certs=true")
     if bool(certfile) != bool(keyfile):
         raise ConfigurationError("certfile and keyfile go together (the client certificate)")
-    tls = TLS(ca or None, certfile or None, keyfile or None, keyfile_password, verify_certs)
+    tls = TLS(
+        ca or None,
+        certfile or None,
+        keyfile or None,
+        keyfile_password,
+        verify_certs,
+        check_hostname,
+    )
     tls.context()  # raises ConfigurationError for unreadable files
     return tls
 

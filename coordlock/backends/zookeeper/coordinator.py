@@ -74,8 +74,8 @@ class ZooKeeperCoordinator(BaseCoordinator):
       :class:`~coordlock.BackendUnavailable` (see :class:`~coordlock._base.BaseCoordinator`).
     * ``read_acl`` – with credentials: ``scheme:id`` entries (comma-separated) granted READ on
       every node, e.g. a monitoring identity ``digest:monitor:<base64 sha1>``.
-    * ``use_ssl``, ``ca``, ``certfile``, ``keyfile``, ``keyfile_password``, ``verify_certs`` –
-      kazoo's TLS options (PEM files).
+    * ``use_ssl``, ``ca``, ``certfile``, ``keyfile``, ``keyfile_password``, ``verify_certs``,
+      ``check_hostname`` – kazoo's TLS options (PEM files).
 
     A ``user:password@`` in the URL is sent as ``digest`` authentication, and then every node
     coordlock creates carries an ACL granting all permissions to that identity only (plus READ
@@ -106,6 +106,7 @@ class ZooKeeperCoordinator(BaseCoordinator):
         keyfile: str | None = None,
         keyfile_password: str | None = None,
         verify_certs: bool = True,
+        check_hostname: bool = False,
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
@@ -120,7 +121,9 @@ class ZooKeeperCoordinator(BaseCoordinator):
         self.chroot = chroot.rstrip("/")
         self.root = f"{self.chroot}/{ROOT}"
         self.acl = node_acl(auth, tuple(read_acl))
-        tls = make_tls(use_ssl, ca, certfile, keyfile, keyfile_password, verify_certs)
+        tls = make_tls(
+            use_ssl, ca, certfile, keyfile, keyfile_password, verify_certs, check_hostname
+        )
         self._session = Session(
             hosts,
             timeout=self.session_timeout,
