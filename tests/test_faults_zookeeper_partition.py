@@ -248,7 +248,7 @@ def _kill_soak(server: ZooKeeperServer, tmp_path: Path, target: int, min_faults:
         _spawn(crew, url, f"r{spawned[0]}", options)  # a fresh process takes its place
         return victim.returncode == -signal.SIGKILL
 
-    _soak(crew, target, inject, label="SIGKILL soak", min_faults=min_faults, pause=(1.0, 2.0))
+    _soak(crew, target, inject, label="SIGKILL soak", min_faults=min_faults, pause=(2.0, 4.0))
 
 
 def _partition_soak(
@@ -280,17 +280,17 @@ def _partition_soak(
 
 
 def test_sigstop_short(zookeeper_server: ZooKeeperServer, tmp_path: Path) -> None:
-    _sigstop_soak(zookeeper_server, tmp_path, target=400, min_faults=2)
+    _sigstop_soak(zookeeper_server, tmp_path, target=1200, min_faults=2)
 
 
 def test_kill_short(zookeeper_server: ZooKeeperServer, tmp_path: Path) -> None:
-    _kill_soak(zookeeper_server, tmp_path, target=400, min_faults=2)
+    _kill_soak(zookeeper_server, tmp_path, target=1200, min_faults=2)
 
 
 def test_partition_short(
     zookeeper_server: ZooKeeperServer, fault_proxy: Callable[..., FaultProxy], tmp_path: Path
 ) -> None:
-    _partition_soak(zookeeper_server, fault_proxy, tmp_path, target=400, min_faults=2)
+    _partition_soak(zookeeper_server, fault_proxy, tmp_path, target=1200, min_faults=2)
 
 
 @pytest.mark.coordlock_soak

@@ -311,9 +311,11 @@ def test_fences_increase_across_names_clients_and_waiters(
 def test_try_acquire_is_idempotent_per_owner(make: Callable[..., ZooKeeperCoordinator]) -> None:
     c = make()
     owner = uuid.uuid4().hex
-    first = c._try_acquire("idem", owner, 10)
-    assert first is not None
-    assert c._try_acquire("idem", owner, 10) == first
+    first = c._try_acquire("idem", owner, 10, None)
+    assert first.fence is not None
+    # A retry of the same first attempt (no ticket yet: its reply was lost) finds the node.
+    assert c._try_acquire("idem", owner, 10, None).fence == first.fence
+    assert c._try_acquire("idem", owner, 10, first.ticket).fence == first.fence
     assert c._extend("idem", owner, 10) is True
     assert c._release("idem", owner) is True
     assert c._release("idem", owner) is False

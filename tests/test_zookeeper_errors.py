@@ -90,7 +90,7 @@ def test_connection_refused_is_retried_quietly_then_unavailable(
     try:
         with caplog.at_level(logging.DEBUG, logger="coordlock"):
             began = time.monotonic()
-            with pytest.raises(BackendUnavailable, match="answered within 2s") as info:
+            with pytest.raises(BackendUnavailable, match="no connection to ZooKeeper") as info:
                 c.acquire("x", 5)
             took = time.monotonic() - began
         attempts = [

@@ -17,7 +17,8 @@ Clock bounds (see ``_clock.py``): another owner's node is judged expired against
 of server time (``ServerClock.at_least_ms``, anchored at replies); our own lease deadline counts
 from the SEND time of our last stamp (``LockNode.stamped``), so it never outlives the node.
 
-One :class:`LockNode` is the per-acquisition state (the ticket of an acquire call); nothing is
+One :class:`LockNode` is the per-acquisition state: the ticket of an acquire call, also found by
+its owner token (a retried request of the same call must find the node it created). Nothing is
 kept in thread-locals.
 """
 
@@ -29,9 +30,9 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any
 
-from ..._errors import BackendUnavailable, ConfigurationError
+from ..._errors import ConfigurationError
 from ._layout import LOCK_MARK, escape, ordered, seq_of, stamp, ttl_ms
 from ._session import Session
 
@@ -44,11 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
 
     raise missing_driver("zookeeper", "kazoo", "zookeeper") from exc
 
-if TYPE_CHECKING:
-    from ..._lease import Lease
-
 log = logging.getLogger("coordlock")
-T = TypeVar("T")
 
 #: A waiter that becomes the holder re-stamps its node when its stamp is older than this share
 #: of the ttl (so a new lease starts with at least 90 % of its ttl).
@@ -63,25 +60,20 @@ QUIET_TTL = 60.0
 MAX_ROUNDS = 16
 
 
-class Caller(Protocol):
-    """Runs ``fn`` with the coordinator's bounded retries and error translation."""
-
-    def __call__(self, fn: Callable[[], T], what: str) -> T: ...
-
-
 class LockNode:
     """One acquisition (one owner token): its node in the lock's queue, once created."""
 
     __slots__ = (
         "_wake",
         "abandoned",
+        "at_risk",
         "child",
         "create_sent",
         "deadline",
+        "deletes_sent",
         "fence",
         "gone",
         "holder",
-        "lease",
         "name",
         "next_seq",
         "owner",
@@ -97,6 +89,8 @@ class LockNode:
         "session",
         "stamped",
         "ttl",
+        "wakers",
+        "watching",
     )
 
     def __init__(self, name: str, owner: str, parent: str, ttl: float) -> None:
@@ -116,45 +110,54 @@ class LockNode:
         self.stamped = 0.0
         self.holder = False
         self.deadline = 0.0  # time.monotonic(): local end of the lease unless renewed
-        self.lease: Lease | None = None
         self.gone = ""  # why the node is known gone (session expired), if it is
-        self.presumed_lost = False  # marked lost while suspended: delete the node on reconnect
+        self.at_risk = False  # reported at risk (connection SUSPENDED), not yet restored
+        self.presumed_lost = False  # reported lost while suspended: delete the node on reconnect
         self.abandoned = False
+        self.deletes_sent = 0  # release: deletes sent (a retry after a lost reply finds NoNode)
+        self.watching = False  # a watch is set on the predecessor (a waiter)
         self.next_seq: int | None = None  # if alone: the next create's seq when still quiet
         self.pred: str | None = None
         self.pred_lowest = False
         self.pred_gone = False
         self.pred_expiry: float | None = None  # time.monotonic() when pred may have expired
         self._wake: threading.Event | None = None
+        self.wakers: list[Callable[[], None]] = []  # async waiters (loop.call_soon_threadsafe)
 
     @property
     def wake(self) -> threading.Event:
         """Set when the waiter should look again (created on first use: the uncontended path
-        never needs one)."""
+        never needs one). Stays set until the waiter consumed it, so no wake-up is lost."""
         wake = self._wake
         if wake is None:
             wake = self._wake = threading.Event()
         return wake
 
     def poke(self) -> None:
-        """Wake a waiter, if there is one."""
-        if self._wake is not None:
-            self._wake.set()
+        """Wake the waiter (sync or async), if there is one. Any thread."""
+        self.wake.set()
+        for waker in list(self.wakers):
+            waker()
 
     def on_pred_event(self, event: Any) -> None:
         """kazoo watch callback (kazoo's thread): note a deleted predecessor and wake up."""
         if event.path == self.pred and event.type == EventType.DELETED:
             self.pred_gone = True
-        self.wake.set()
+        self.poke()
+
+    def retry_in(self) -> float | None:
+        """Seconds until the lowest predecessor (the holder) may have expired, if known."""
+        if not self.pred_lowest or self.pred_expiry is None:
+            return None
+        return max(self.pred_expiry - time.monotonic(), 0.0)
 
 
 class Locks:
     """The lock nodes of one session: acquisitions in progress, holders, orphans."""
 
-    def __init__(self, session: Session, locks_dir: str, call: Caller) -> None:
+    def __init__(self, session: Session, locks_dir: str) -> None:
         self.session = session
         self.dir = locks_dir
-        self._call = call
         self.reset()
 
     def reset(self) -> None:
@@ -163,6 +166,8 @@ class Locks:
         self.nodes: dict[str, LockNode] = {}
         self.orphans: dict[str, str] = {}  # owner -> lock directory
         self.quiet: dict[str, tuple[int, float]] = {}  # dir -> (next seq, trusted until)
+        # Nodes kept after release for hold_at_least: (delete at, monotonic; path).
+        self.lingering: list[tuple[float, str]] = []
 
     def lock_dir(self, name: str) -> str:
         return f"{self.dir}/{escape(name)}"
@@ -300,7 +305,7 @@ class Locks:
             verdict = self._judge_predecessor(node, lower, waiting)
             if verdict != "again":
                 return None
-        node.wake.set()  # too many races in a row: let the waiting loop come straight back
+        node.poke()  # too many races in a row: let the waiting loop come straight back
         return None
 
     def _judge_predecessor(self, node: LockNode, lower: list[str], waiting: bool) -> str:
@@ -312,6 +317,7 @@ class Locks:
             return "busy"
         node.pred, node.pred_lowest, node.pred_gone = pred, pred_lowest, False
         node.pred_expiry = None
+        node.watching = waiting
         session = self.session
         try:
             data, stat = session.get(
@@ -332,7 +338,7 @@ class Locks:
                     return "again"
                 log.info("lock %r: deleted the expired holder node %s", node.name, pred)
                 return "again"
-        if waiting and left_ms is not None:
+        if left_ms is not None:
             node.pred_expiry = time.monotonic() + left_ms / 1000.0
         return "busy"
 
@@ -370,43 +376,41 @@ class Locks:
         node.next_seq = None
         return True
 
-    def wait_step(self, node: LockNode, timeout: float) -> bool:
-        """Block up to ``timeout`` s, or until the predecessor changed, may have expired, or
-        our own stamp needs refreshing; then act on it. True when we hold the lock now (our
-        predecessor was the holder and is gone: no read needed)."""
+    def wait_bound(self, node: LockNode, timeout: float) -> float:
+        """How long (seconds) a waiter may block before it must act anyway: ``timeout``, cut
+        to when the holder may have expired and to when our own stamp needs refreshing."""
         now = time.monotonic()
         if node.pred_expiry is not None:
             timeout = min(timeout, max(node.pred_expiry - now, 0.0))
         if node.path is not None:
             timeout = min(timeout, max(node.stamped + node.ttl / 3 - now, 0.0))
-        wake = node.wake
-        wake.wait(min(timeout, 60.0))
-        wake.clear()
+        return max(min(timeout, 60.0), 0.0)
+
+    def after_wake(self, node: LockNode) -> bool:
+        """Act on a wake-up (or a bound reached). True when we hold the lock now (our
+        predecessor was the holder and is gone: no read needed); False: look again."""
+        node.wake.clear()
         if self.session.closing:
             raise ConfigurationError("the ZooKeeper coordinator is closed")
-        what = f"acquire {node.name!r}"
-        if (
-            node.pred_gone
-            and node.pred_lowest
-            and node.path is not None
-            and self._call(lambda: self.become_holder(node), what)
-        ):
-            return True
+        if node.pred_gone and node.pred_lowest and node.path is not None:
+            return self.become_holder(node)
         if node.path is not None and time.monotonic() - node.stamped >= node.ttl / 3:
             # Keep a long wait's stamp fresh, so we are never judged expired at handoff.
-            self._call(lambda: self.restamp(node, node.ttl), what)
+            self.restamp(node, node.ttl)
         return False
 
     # -- giving it back --------------------------------------------------------------------
 
     def abandon(self, owner: str) -> None:
-        """Forget an acquisition that did not end with a lease; delete its node (async)."""
+        """An acquire call gave up (busy, timed out, failed, cancelled): forget its node and
+        delete it (asynchronously; a failed delete is retried as an orphan)."""
         with self.lock:
-            node = self.nodes.get(owner)
-            if node is None or node.lease is not None:
-                return
-            del self.nodes[owner]
+            node = self.nodes.pop(owner, None)
+        if node is None:
+            return
         node.abandoned = True
+        node.holder = False
+        node.poke()
         path = node.path
         if path is not None:
             node.path = None
@@ -441,56 +445,115 @@ class Locks:
                     log.info("deleted orphan lock node %s/%s", parent, child)
             with self.lock:
                 self.orphans.pop(owner, None)
+                node = self.nodes.get(owner)
+                if node is not None and (node.abandoned or node.deletes_sent):
+                    del self.nodes[owner]  # an abandoned or released acquisition: done
 
     def release(self, name: str, owner: str) -> bool:
-        """Delete our node; returns only when it is gone. True when we still held the lock."""
-        with self.lock:
-            node = self.nodes.get(owner)
-            if node is None or node.name != name:
-                return False
-            del self.nodes[owner]
+        """Delete our node; returns only when it is gone. True when we still held the lock.
+
+        Idempotent across retries of one release: the node stays known until a delete is
+        answered, and a retry that finds it gone after an unanswered delete counts as done
+        (that delete landed; its reply was lost). A node whose deletes all failed is left to
+        the orphan cleanup (after a reconnect, or at the next sweep).
+        """
+        node = self.get(owner)
+        if node is None or node.name != name:
+            return False
         path = node.path
         if not node.holder or path is None or self.session.closing:
+            self._forget(node)
             return False
-        expired = time.monotonic() >= node.deadline
         session = self.session
+        expired = time.monotonic() >= node.deadline
         began = time.monotonic()
-        sent = 0
-
-        def delete() -> bool:
-            nonlocal sent
-            session.ready()
-            sent += 1
-            try:
-                session.get(session.client.delete_async(path))
-            except NoNodeError:
-                return sent > 1  # an earlier attempt's delete landed; its reply was lost
-            if sent == 1 and node.next_seq is not None:
-                with self.lock:
-                    self.quiet[node.parent] = (node.next_seq, began + QUIET_TTL)
-            return True
-
+        self.orphan(node)  # until a delete is answered
+        session.ready()
+        node.deletes_sent += 1
         try:
-            deleted = self._call(delete, f"release {name!r}")
-        except BackendUnavailable:
-            self.orphan(node)
-            raise
-        finally:
-            node.holder = False
-            node.path = None
+            session.get(session.client.delete_async(path))
+            deleted = True
+        except NoNodeError:
+            deleted = node.deletes_sent > 1  # an earlier delete landed; its reply was lost
+        self._forget(node)
+        node.holder = False
+        node.path = None
+        if deleted and node.deletes_sent == 1 and node.next_seq is not None:
+            with self.lock:
+                self.quiet[node.parent] = (node.next_seq, began + QUIET_TTL)
         return deleted and not expired
+
+    def _forget(self, node: LockNode) -> None:
+        with self.lock:
+            if self.nodes.get(node.owner) is node:
+                del self.nodes[node.owner]
+            self.orphans.pop(node.owner, None)
+
+    def release_later(self, name: str, owner: str, linger: float) -> bool:
+        """Release for ``hold_at_least``: keep our node, stamped with ``linger`` as its ttl, so
+        every contender judges it held until ``mtime + linger`` by the SERVER's clock (and
+        deletes it then); it is deleted here too once ``linger`` has passed. True when we
+        still held the lock. If this process dies meanwhile, the node goes with the session
+        (``session_timeout`` after the last contact), which may end the hold early."""
+        node = self.get(owner)
+        if node is None or node.name != name or not node.holder or node.path is None:
+            return False
+        path = node.path
+        if not self.restamp(node, linger):
+            self._forget(node)
+            return False
+        with self.lock:
+            self.lingering.append((node.stamped + linger, path))
+        self._forget(node)
+        node.holder = False
+        node.path = None
+        return True
+
+    def next_linger(self) -> float | None:
+        """When (monotonic) the next lingering node is due for deletion, if any."""
+        with self.lock:
+            return min((due for due, _ in self.lingering), default=None)
+
+    def delete_lingering(self) -> int:
+        """Delete the lingering nodes whose hold is over (a waiter may have done it already)."""
+        now = time.monotonic()
+        with self.lock:
+            due = [path for at, path in self.lingering if at <= now]
+            self.lingering = [(at, path) for at, path in self.lingering if at > now]
+        results = [self.session.client.delete_async(path) for path in due]
+        for result in results:
+            with contextlib.suppress(NoNodeError):
+                self.session.get(result)
+        return len(due)
+
+    def force_release(self, name: str) -> bool:
+        """Delete the node holding ``name`` (the lowest), whoever owns it. True when one was
+        deleted; the next holder's node is newer, so its fence (czxid) is greater."""
+        session = self.session
+        session.ready()
+        parent = self.lock_dir(name)
+        children = [c for c in session.children(parent) if seq_of(c) is not None]
+        if not children:
+            return False
+        head = ordered(children, seq_of(children[0]) or 0)[0][1]
+        try:
+            session.get(session.client.delete_async(f"{parent}/{head}"))
+        except NoNodeError:
+            return False
+        log.warning("lock %r: force-released (deleted %s/%s)", name, parent, head)
+        return True
 
     # -- session events --------------------------------------------------------------------
 
-    def forget_session_node(self, node: LockNode, reason: str) -> None:
-        """Our node went with its session: a holder's lease is lost; a waiter requeues."""
+    def forget_session_node(self, node: LockNode, reason: str) -> bool:
+        """Our node went with its session: returns True when it was a holder's (that lease is
+        lost); a waiter requeues with a new node at its next attempt."""
         was_holder = node.holder
         node.holder = False
         node.path = None
         node.gone = reason
-        if was_holder and node.lease is not None:
-            node.lease._mark_lost(f"{reason}: its lock node is gone")
         node.poke()
+        return was_holder
 
     def drop_node(self, node: LockNode) -> None:
         """Delete the node of a lease presumed lost (so others need not wait for its ttl)."""

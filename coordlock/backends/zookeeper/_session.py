@@ -56,6 +56,7 @@ _RETRY_NOISE = (
     "Connection time-out",
     "Transition to CONNECTING",
     "Cannot resolve",
+    "Failed connecting to Zookeeper",
 )
 
 
@@ -179,15 +180,20 @@ class Session:
         return int(client_id[0]) if client_id else 0
 
     def ready(self, wait: float = 1.0) -> None:
-        """Return when connected; else raise ConnectionLoss (transient) after up to ``wait`` s.
-        The caller's retry loop decides how long to keep trying (see :meth:`diagnose`)."""
+        """Return when connected; else, after up to ``wait`` s, raise ConfigurationError when
+        the session never connected for a permanent cause (:meth:`diagnose`), or ConnectionLoss
+        (transient: the caller's retry policy decides how long to keep trying)."""
         if self.connected.is_set():
             return
         if self.closing:
             raise ConfigurationError("the ZooKeeper coordinator is closed")
         if wait > 0 and self.connected.wait(wait):
             return
-        raise ConnectionLoss("not connected to ZooKeeper")
+        if not self.ever_connected:
+            problem = self.diagnose()
+            if problem is not None:
+                raise problem
+        raise ConnectionLoss(f"no connection to ZooKeeper {self.hosts}")
 
     def get(self, result: Any, timeout: float | None = None) -> Any:
         """Wait for a kazoo async result (bounded by the operation timeout, seconds)."""
@@ -200,8 +206,9 @@ class Session:
         except NoNodeError:
             return []
 
-    def refresh_clock(self, path: str) -> None:
-        """Write the clock node ``path`` and note its server stamp, anchored at the reply."""
+    def refresh_clock(self, path: str) -> float:
+        """Write the clock node ``path`` and note its server stamp (epoch ms, returned),
+        anchored at the reply."""
         self.ready()
         try:
             stat = self.get(self.client.set_async(path, b""))
@@ -210,6 +217,25 @@ class Session:
                 self.get(self.client.create_async(path, b"", makepath=True))
             stat = self.get(self.client.set_async(path, b""))
         self.clock.note_reply(stat.mtime, time.monotonic())
+        return float(stat.mtime)
+
+    def version(self) -> str | None:
+        """The server's version from the ``srvr`` four-letter word; None when the server does
+        not allow it (``4lw.commands.whitelist``) or does not answer within a second."""
+        try:
+            client = self.client
+            peer = client._connection._socket.getpeername()[:2]
+            with socket.create_connection(peer, timeout=1.0) as raw:
+                sock = self.tls.context().wrap_socket(raw) if self.tls else raw
+                sock.settimeout(1.0)
+                sock.sendall(b"srvr")
+                reply = sock.recv(8192).decode("utf-8", "replace")
+        except (OSError, AttributeError):
+            return None
+        for line in reply.splitlines():
+            if line.startswith("Zookeeper version:"):
+                return line.split(":", 1)[1].split(",")[0].strip()
+        return None
 
     def server_now_ms(self, clock_path: str, *, refresh: bool = False) -> float:
         """A lower bound of server time now (epoch ms); with ``refresh``, a reading older than

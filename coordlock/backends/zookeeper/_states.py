@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ..._errors import BackendUnavailable
 from ._locks import LockNode, Locks
@@ -39,6 +39,16 @@ SUSPEND_GRACE_FRACTION = 1 / 3
 _STOP = object()
 
 
+class Reporter(Protocol):
+    """Where lease states go (the coordinator's protected ``_report_*`` API), by owner."""
+
+    def _report_lost(self, owner: str, reason: str) -> None: ...
+
+    def _report_at_risk(self, owner: str, reason: str) -> None: ...
+
+    def _report_restored(self, owner: str) -> None: ...
+
+
 class StateWorker:
     """Turns kazoo connection states into lease states; runs ``sweep`` every
     ``sweep_interval`` seconds (0: never) while connected."""
@@ -47,6 +57,7 @@ class StateWorker:
         self,
         session: Session,
         locks: Locks,
+        reporter: Reporter,
         *,
         sweep: Callable[[], object],
         sweep_interval: float,
@@ -54,6 +65,7 @@ class StateWorker:
     ) -> None:
         self.session = session
         self.locks = locks
+        self.reporter = reporter
         self.sweep = sweep
         self.sweep_interval = sweep_interval
         self.transient = transient
@@ -107,6 +119,9 @@ class StateWorker:
                 due = min(due, since + self.grace())
             if pending_verify:
                 due = min(due, now + 0.5)
+            linger = self.locks.next_linger()
+            if linger is not None:
+                due = min(due, linger)
             timeout = None if math.isinf(due) else max(due - now, 0.0)
             try:
                 item = events.get(timeout=timeout)
@@ -128,6 +143,13 @@ class StateWorker:
                 if pending_verify and self.session.connected.is_set():
                     self._verify_after_reconnect()
                     pending_verify = False
+                linger = self.locks.next_linger()
+                if (
+                    linger is not None
+                    and linger <= time.monotonic()
+                    and self.session.connected.is_set()
+                ):
+                    self.locks.delete_lingering()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + interval * random.uniform(0.9, 1.1)
                     if self.session.connected.is_set():
@@ -141,26 +163,27 @@ class StateWorker:
         if self.suspended_since is None:
             self.suspended_since = at
             self.grace_spent = False
+        reason = (
+            "ZooKeeper connection SUSPENDED: the session may expire; the lease is lost "
+            f"unless the connection is back within {self.grace():.1f}s"
+        )
         for node in self.locks.holders():
-            if node.lease is not None:
-                node.lease._mark_at_risk(
-                    "ZooKeeper connection SUSPENDED: the session may expire; the lease is lost "
-                    f"unless the connection is back within {self.grace():.1f}s"
-                )
+            node.at_risk = True
+            self.reporter._report_at_risk(node.owner, reason)
 
     def _check_suspension(self) -> None:
         since = self.suspended_since
         if since is None or self.grace_spent or time.monotonic() < since + self.grace():
             return
         self.grace_spent = True
+        reason = (
+            f"ZooKeeper connection suspended for more than {self.grace():.1f}s:"
+            " the session may have expired"
+        )
         for node in self.locks.holders():
-            lease = node.lease
-            if lease is not None and not lease._lost and not lease.released:
+            if not node.presumed_lost:
                 node.presumed_lost = True
-                lease._mark_lost(
-                    f"ZooKeeper connection suspended for more than {self.grace():.1f}s:"
-                    " the session may have expired"
-                )
+                self.reporter._report_lost(node.owner, reason)
 
     def _on_lost(self) -> None:
         """The session expired: every ephemeral node of ours is gone."""
@@ -168,10 +191,15 @@ class StateWorker:
         old = self.session_id
         with self.locks.lock:
             self.locks.orphans.clear()
+            self.locks.lingering.clear()
         for node in self.locks.all():
             # Nodes already created in a newer session (the worker may lag) are kept.
             if node.path is None or not old or node.session == old:
-                self.locks.forget_session_node(node, "ZooKeeper session expired (LOST)")
+                self._forget(node, "ZooKeeper session expired (LOST)")
+
+    def _forget(self, node: LockNode, reason: str) -> None:
+        if self.locks.forget_session_node(node, reason):
+            self.reporter._report_lost(node.owner, f"{reason}: its lock node is gone")
 
     def _on_connected(self) -> None:
         self.suspended_since = None
@@ -179,9 +207,11 @@ class StateWorker:
         previous, self.session_id = self.session_id, current
         if previous and current != previous:
             # A new session without a LOST event seen: the old session's nodes are gone.
+            with self.locks.lock:
+                self.locks.lingering.clear()
             for node in self.locks.all():
                 if node.session == previous:
-                    self.locks.forget_session_node(node, "ZooKeeper session replaced")
+                    self._forget(node, "ZooKeeper session replaced")
         for node in self.locks.all():
             node.poke()
 
@@ -189,30 +219,20 @@ class StateWorker:
         """After CONNECTED: restore at-risk leases, delete nodes of lost ones, clear orphans."""
         session = self.session
         for node in self.locks.holders():
-            lease, path = node.lease, node.path
-            if lease is None or path is None:
+            path = node.path
+            if path is None:
                 continue
-            if lease._lost or lease.released or node.presumed_lost:
-                if not lease.released:
-                    self.locks.drop_node(node)
+            if node.presumed_lost:
+                self.locks.drop_node(node)  # others need not wait for its ttl
                 continue
-            if not lease.at_risk:
+            if not node.at_risk:
                 continue
             stat = session.get(session.client.exists_async(path))
+            node.at_risk = False
             if stat is None:
                 node.holder = False
-                lease._mark_lost("lock node gone after reconnecting")
-            elif time.monotonic() < node.deadline and lease._restored():
-                log.info(
-                    "lease %r (fence %d) restored: ZooKeeper reconnected", lease.name, lease.fence
-                )
+                self.reporter._report_lost(node.owner, "lock node gone after reconnecting")
+            elif time.monotonic() < node.deadline:
+                log.info("lease %r restored: ZooKeeper reconnected", node.name)
+                self.reporter._report_restored(node.owner)
         self.locks.cleanup_orphans()
-
-    def adopt(self, node: LockNode, lease: Any) -> None:
-        """A lease was just handed out for ``node``: apply the current connection state."""
-        since = self.suspended_since
-        if since is not None:
-            lease._mark_at_risk("ZooKeeper connection SUSPENDED")
-            if time.monotonic() >= since + self.grace():
-                node.presumed_lost = True
-                lease._mark_lost("ZooKeeper connection suspended: the session may have expired")

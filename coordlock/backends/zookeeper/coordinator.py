@@ -1,9 +1,17 @@
 """``ZooKeeperCoordinator``: the backend's hooks, wiring the session, lock nodes, claims and
 history together (see the package docstring for the layout and ``docs/backends/zookeeper.md``).
+
+The ticket of an acquire call is its :class:`~._locks.LockNode` (the waiter node); waiting
+blocks on a watch of the predecessor: a :class:`threading.Event` for the sync API, an asyncio
+future completed from kazoo's thread (``loop.call_soon_threadsafe``) for the async API, so a
+waiting task never holds a worker thread. Every other async hook runs the sync one on the
+coordinator's worker threads (kazoo has no asyncio client).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -12,31 +20,20 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from ..._attempt import Attempt
 from ..._base import BaseCoordinator
-from ..._errors import BackendUnavailable, ConfigurationError
-from ..._lease import Lease
-from ..._protocol import LockInfo, RunRecord
-from ..._retry import call_with_retry
-from ..._validate import check_seconds, check_wait
+from ..._errors import ConfigurationError
+from ..._protocol import LockInfo, RunRecord, ServerInfo
+from ..._validate import check_seconds
 from ._claims import Claims
 from ._history import History, list_locks
 from ._layout import ROOT
-from ._locks import Locks
+from ._locks import LockNode, Locks
 from ._options import make_tls, node_acl, parse_url
 from ._session import Session
 from ._states import StateWorker
 
 try:
-    from kazoo.exceptions import (
-        AuthFailedError,
-        ConnectionClosedError,
-        ConnectionLoss,
-        KazooException,
-        NoAuthError,
-        OperationTimeoutError,
-        SessionExpiredError,
-        SessionMovedError,
-    )
     from kazoo.handlers.threading import KazooTimeoutError
     from kazoo.security import ACL
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
@@ -82,13 +79,10 @@ class ZooKeeperCoordinator(BaseCoordinator):
     for ``read_acl``). Without credentials nodes get ZooKeeper's world ACL (anyone may delete).
     """
 
-    transient_errors = (
-        ConnectionLoss,
-        SessionExpiredError,
-        SessionMovedError,
-        OperationTimeoutError,
-        KazooTimeoutError,
-    )
+    backend_name = "zookeeper"
+    #: ``_wait`` returns as soon as the predecessor changed (a watch), or the holder may have
+    #: expired, or our own stamp needs refreshing.
+    wakes_waiters = True
 
     def __init__(
         self,
@@ -132,7 +126,7 @@ class ZooKeeperCoordinator(BaseCoordinator):
             tls=tls,
             on_state=self._on_state,
         )
-        self._locks = Locks(self._session, f"{self.root}/locks", self._call)
+        self._locks = Locks(self._session, f"{self.root}/locks")
         self._claims = Claims(
             self._session, f"{self.root}/claims", f"{self.root}/locks", f"{self.root}/clock"
         )
@@ -140,11 +134,11 @@ class ZooKeeperCoordinator(BaseCoordinator):
         self._states = StateWorker(
             self._session,
             self._locks,
+            self,
             sweep=self.sweep,
             sweep_interval=self.sweep_interval,
-            transient=self.transient_errors,
+            transient=(Exception,),
         )
-        self._tls = threading.local()
         self._states.start()
         self._session.start()
 
@@ -173,175 +167,110 @@ class ZooKeeperCoordinator(BaseCoordinator):
     def _check_fork(self) -> None:
         """In a forked child, before anything else: forget the parent's session."""
         if self._session.pid != os.getpid():
-            with _fork_guard:
-                if self._session.pid != os.getpid():
-                    self._after_fork()
+            self._after_fork()
 
     def _after_fork(self) -> None:
         """A forked child must not speak on its parent's session (kazoo's threads did not
         survive the fork, and a close would end the parent's session): drop the inherited
         client without a word to the server and start the child's own session. The parent's
-        nodes and leases are not the child's: it can neither renew nor release them."""
-        self._locks.reset()
-        self._claims.empty_dirs = {}
-        self._tls = threading.local()
-        if not self._closed:
+        nodes are not the child's: it can neither renew nor release them."""
+        with _fork_guard:
+            if self._session.pid == os.getpid():
+                return  # done already (the base and a hook may both notice the fork)
+            self._locks.reset()
+            self._claims.empty_dirs = {}
+            if self._closed or self._session.closing:
+                self._session.pid = os.getpid()
+                return
             self._session.after_fork()
             self._states.reset_after_fork()
 
-    def _wait_connected(self, what: str) -> None:
-        """Wait (up to ``retry_deadline``) for a connection; kazoo reconnects by itself.
-
-        Raises ConfigurationError at once for a permanent cause (host name unknown, TLS
-        refused) and BackendUnavailable when the deadline passes.
-        """
-        session = self._session
-        if session.connected.is_set():
-            return
-        deadline = time.monotonic() + self.retry_deadline
-        while not session.connected.is_set():
-            if self._closed or session.closing:
-                raise ConfigurationError(f"{what}: the coordinator is closed")
-            if not session.ever_connected:
-                problem = session.diagnose()
-                if problem is not None:
-                    raise ConfigurationError(f"{what}: {problem}") from None
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BackendUnavailable(
-                    f"{what}: no ZooKeeper server of {self.hosts} answered within "
-                    f"{self.retry_deadline:g}s"
-                )
-            session.connected.wait(min(remaining, 1.0))
-
     def _call(self, fn: Callable[[], T], what: str) -> T:
-        """Run ``fn`` once connected, with bounded retries of transient errors; kazoo's other
-        errors become coordlock errors (access refused: ConfigurationError)."""
-        try:
-            if not self._session.connected.is_set():
-                self._wait_connected(what)
-            try:
-                return fn()
-            except self.transient_errors:
-                pass
-            self._wait_connected(what)
-            return call_with_retry(
-                fn, transient=self.transient_errors, deadline=self.retry_deadline, what=what
-            )
-        except ConnectionClosedError as exc:
-            raise ConfigurationError(f"{what}: the coordinator is closed") from exc
-        except (NoAuthError, AuthFailedError) as exc:
-            raise ConfigurationError(
-                f"{what}: ZooKeeper refused access ({type(exc).__name__}): the nodes under "
-                f"{self.root} belong to another identity; check the user:password in the URL"
-            ) from exc
-        except KazooException as exc:
-            raise BackendUnavailable(f"{what}: {exc!r}") from exc
+        """Run ``fn`` (safe to repeat) with the coordinator's retries and error table."""
+        return self._policy.call(fn, what)
 
     # -- lock hooks --------------------------------------------------------------------------
 
-    def acquire(
-        self, name: str, ttl: float, *, wait: float | None = None, renew: bool = True
-    ) -> Lease | None:
-        """See :meth:`BaseCoordinator.acquire`. Waiters keep their place in the queue."""
+    def _try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
         self._check_fork()
-        try:
-            waiting = check_wait(wait) > 0
-        except (TypeError, ValueError):
-            waiting = False  # the base class raises the proper error
-        tls = self._tls
-        tls.waiting, tls.owner = waiting, None
-        try:
-            lease = super().acquire(name, ttl, wait=wait, renew=renew)
-        except BaseException:
-            if tls.owner is not None:
-                self._locks.abandon(tls.owner)
-            raise
-        finally:
-            tls.waiting = False
-        owner, tls.owner = tls.owner, None
-        if lease is None:
-            if owner is not None:
-                self._locks.abandon(owner)
-            return None
-        self._adopt_lease(lease)
-        return lease
-
-    def _adopt_lease(self, lease: Lease) -> None:
-        node = self._locks.get(lease.owner)
-        if node is None:
-            return
-        node.lease = lease
-        node.deadline = lease._deadline
-        if node.gone or not node.holder:
-            lease._mark_lost(node.gone or "lock node gone before the lease was handed out")
-            return
-        self._states.adopt(node, lease)
-
-    def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
-        waiting = bool(getattr(self._tls, "waiting", False))
-        self._tls.owner = owner
+        # The node is found by owner, not only by ticket: a retried first attempt (its reply
+        # lost) has no ticket yet, and must find the node its first try created.
         node = self._locks.node_for(name, owner, ttl)
-        try:
-            fence = self._call(lambda: self._locks.attempt(node, waiting), f"acquire {name!r}")
-        except BaseException:
-            self._locks.abandon(owner)
-            raise
-        if fence is None and not waiting:
-            self._locks.abandon(owner)
-        return fence
+        # The first attempt does not know whether the caller will wait: it neither watches nor
+        # reads a predecessor that is not the holder. A waiter's later attempts do.
+        fence = self._locks.attempt(node, waiting=ticket is not None)
+        if fence is not None:
+            node.deadline = node.stamped + node.ttl
+            return Attempt.granted(fence, started=node.stamped, ticket=node)
+        return Attempt.busy(retry_in=node.retry_in(), ticket=node)
 
-    def _acquire_waiting(
-        self, name: str, owner: str, ttl: float, deadline: float
-    ) -> tuple[int, float] | None:
-        locks = self._locks
-        node = locks.node_for(name, owner, ttl)
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                return None
-            if locks.wait_step(node, deadline - now):
-                return node.fence, node.stamped
-            self._check_open()
-            fence = self._call(lambda: locks.attempt(node, True), f"acquire {name!r}")
-            if fence is not None:
-                return fence, node.stamped
+    def _wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
+        node: LockNode = ticket
+        if not node.watching or node.path is None:
+            return None  # no watch yet (first attempt) or requeue: try again at once
+        node.wake.wait(self._locks.wait_bound(node, timeout))
+        return self._woken(node)
+
+    async def _async_wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
+        node: LockNode = ticket
+        if not node.watching or node.path is None:
+            return None
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+
+        def done() -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        def wake() -> None:  # any thread (kazoo's watch callback, the state worker)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(done)
+
+        node.wakers.append(wake)
+        try:
+            if not node.wake.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(woken, self._locks.wait_bound(node, timeout))
+        finally:
+            node.wakers.remove(wake)
+        return await self._in_thread(self._woken, node)
+
+    def _woken(self, node: LockNode) -> Attempt | None:
+        """After a wake-up: hold (the holder before us is gone), or None (try again)."""
+        self._check_open()
+        if self._locks.after_wake(node):
+            node.deadline = node.stamped + node.ttl
+            return Attempt.granted(node.fence, started=node.stamped, ticket=node)
+        return None
+
+    def _abandon(self, name: str, owner: str, ticket: Any) -> None:
+        self._locks.abandon(owner)
 
     def _release(self, name: str, owner: str) -> bool:
         self._check_fork()
         return self._locks.release(name, owner)
+
+    def _release_later(self, name: str, owner: str, linger: float) -> bool:
+        self._check_fork()
+        return self._locks.release_later(name, owner, linger)
+
+    def _force_release(self, name: str) -> bool:
+        self._check_fork()
+        return self._locks.force_release(name)
 
     def _extend(self, name: str, owner: str, ttl: float) -> bool:
         self._check_fork()
         node = self._locks.get(owner)
         if node is None or node.name != name or not node.holder or node.path is None:
             return False
-        if self._closed:
+        if self._closed or node.presumed_lost:
             return False
-        if not self._session.connected.is_set():
-            raise BackendUnavailable(f"extend {name!r}: ZooKeeper connection suspended")
-        deadline = node.deadline
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-
-        def restamp() -> bool:
-            # Every wait ends by the lease's deadline: a frozen connection (no reply, no
-            # error) must not keep the renewal thread past it.
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise KazooTimeoutError("the lease ended before the renewal was answered")
-            return self._locks.restamp(node, ttl, timeout=remaining)
-
-        try:
-            ok = call_with_retry(
-                restamp,
-                transient=self.transient_errors,
-                deadline=min(left, self.retry_deadline, 2.0),
-                what=f"extend {name!r}",
-            )
-        except KazooException as exc:
-            raise BackendUnavailable(f"extend {name!r}: {exc!r}") from exc
+        # The wait ends by the lease's deadline: a frozen connection (no reply, no error) must
+        # not hold the renewal past it.
+        remaining = node.deadline - time.monotonic()
+        if remaining <= 0:
+            raise KazooTimeoutError("the lease ended before it could be renewed")
+        ok = self._locks.restamp(node, ttl, timeout=remaining)
         if ok:
             node.ttl = ttl
             node.deadline = node.stamped + ttl
@@ -351,6 +280,8 @@ class ZooKeeperCoordinator(BaseCoordinator):
 
     def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
         self._check_fork()
+        # One token for every retry of this call, so a retry recognises the claims its
+        # earlier attempt won (a reply lost on a dropped connection).
         token = uuid.uuid4().hex
         return self._call(lambda: self._claims.claim_round(keys, hold, token), "claim")
 
@@ -384,11 +315,26 @@ class ZooKeeperCoordinator(BaseCoordinator):
         self._check_fork()
         return self._call(lambda: self._history.runs(job, limit), "history")
 
+    def server_info(self) -> ServerInfo:
+        """Backend, server version (``srvr``, when the four-letter word is allowed) and server
+        time: the ``mtime`` of a write to the clock node, read halfway through the request."""
+        self._check_open()
+        self._check_fork()
+
+        def read() -> tuple[float, float]:
+            self._session.ready()
+            before = time.time()
+            mtime_ms = self._session.refresh_clock(f"{self.root}/clock")
+            return mtime_ms / 1000.0, (before + time.time()) / 2
+
+        server_time, measured_at = self._call(read, "server_info")
+        return ServerInfo("zookeeper", self._session.version(), server_time, measured_at)
+
     # -- shutdown ----------------------------------------------------------------------------
 
     def _close(self) -> None:
         if self._session.forked():
-            self._locks.reset()  # the parent's nodes: not ours to touch, not ours to mark
+            self._locks.reset()  # the parent's nodes: not ours to touch, not ours to report
         session = self._session
         session.closing = True
         self._states.stop()
@@ -397,6 +343,6 @@ class ZooKeeperCoordinator(BaseCoordinator):
             node.poke()
         session.close()
         for node in nodes:
-            if node.holder and node.lease is not None:
+            if node.holder:
                 node.holder = False
-                node.lease._mark_lost("coordinator closed: its ZooKeeper session ended")
+                self._report_lost(node.owner, "coordinator closed: its ZooKeeper session ended")
