@@ -129,9 +129,9 @@ def test_credentials_protect_every_node(
             alice_url.replace("alice:", "mallory:"),
         ):
             other = make(url)
-            with pytest.raises(ConfigurationError, match="refused access.*user:password"):
+            with pytest.raises(ConfigurationError, match=r"refused access.*user:password"):
                 other.acquire("acl lock", 5)
-            with pytest.raises(ConfigurationError, match="refused access.*user:password"):
+            with pytest.raises(ConfigurationError, match=r"refused access.*user:password"):
                 other.claim("job@2026-01-01T00:00:00Z", 60)
         assert not lease.lost and lease.extend() is True
         # Another coordinator with alice's credentials shares the locks as usual.
