@@ -19,13 +19,17 @@ It prints pairs/s of the ceiling, kazoo's Lock, coordlock ``acquire``+``release`
 ``with coordinator.lock(...)`` (the four sides run in alternating chunks of 50 pairs on
 long-lived clients, so load drift hits them alike), client CPU per pair, hand-off median/p99
 of kazoo and coordlock, and the issue-16 goals as PASS/FAIL: ``lock()`` >= 0.9x the ceiling,
-coordlock's hand-off median <= kazoo's. Measured in one run, on the same server: only the
-ratios carry over to another machine.
+coordlock's hand-off median <= kazoo's. Then the async mode: ``async with coordinator.lock()``
+against the raw async ceiling (kazoo's ``create_async``/``delete_async`` awaited through
+asyncio futures, as kazoo has no asyncio client), alternating chunks, and the async hand-off
+median (goals: >= 0.9x, and <= the sync hand-off + 0.2 ms). Measured in one run, on the same
+server: only the ratios carry over to another machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import threading
@@ -322,6 +326,89 @@ def interleaved_pairs(url: str, n: int, chunk: int = 50) -> dict[str, Any]:
     return result
 
 
+async def _awaited(result: Any) -> Any:
+    """Await a kazoo async result from asyncio (completed from kazoo's thread)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle() -> None:
+        if future.done():
+            return
+        if result.successful():
+            future.set_result(result.value)
+        else:
+            future.set_exception(result.exception)
+
+    result.rawlink(lambda _result: loop.call_soon_threadsafe(settle))
+    return await future
+
+
+async def _async_pairs(url: str, n: int, chunk: int = 50) -> dict[str, float]:
+    """Async ceiling vs ``async with coordinator.lock()``, alternating chunks (pairs/s)."""
+    root = _bench_root(url)
+    client = _client(url)
+    client.ensure_path(root)
+    path = f"{root}/async-ceiling"
+    coordinator = coordlock.connect(_coordlock_url(url, f"{root}/coordlock"))
+
+    async def ceiling(count: int) -> None:
+        for _ in range(count):
+            await _awaited(client.create_async(path, b"30000", ephemeral=True))
+            await _awaited(client.delete_async(path))
+
+    async def lock_cm(count: int) -> None:
+        for _ in range(count):
+            async with coordinator.lock("bench-async", TTL):
+                pass
+
+    sides = {"async_ceiling": ceiling, "async_lock": lock_cm}
+    wall = dict.fromkeys(sides, 0.0)
+    try:
+        for fn in sides.values():
+            await fn(min(n, 50))
+        done = 0
+        while done < n:
+            count = min(chunk, n - done)
+            for label, fn in sides.items():
+                began = time.perf_counter()
+                await fn(count)
+                wall[label] += time.perf_counter() - began
+            done += count
+    finally:
+        await coordinator.aclose()
+        client.stop()
+        client.close()
+        _cleanup(url, root)
+    return {label: n / wall[label] for label in sides}
+
+
+async def _async_handoffs(url: str, rounds: int) -> list[float]:
+    """Seconds from "holder task calls release" to "the waiting task holds", one loop."""
+    root = _bench_root(url)
+    holder = coordlock.connect(_coordlock_url(url, root))
+    waiter = coordlock.connect(_coordlock_url(url, root))
+    samples: list[float] = []
+    try:
+        for _ in range(rounds):
+            lease = await holder.aacquire("handoff", TTL, wait=20)
+            if lease is None:
+                raise RuntimeError("holder did not get the lock")
+            waiting = asyncio.ensure_future(waiter.aacquire("handoff", TTL, wait=20))
+            await asyncio.sleep(0.01)  # really queued behind the holder
+            released = time.perf_counter()
+            await lease.release()
+            got = await waiting
+            samples.append(time.perf_counter() - released)
+            if got is None:
+                raise RuntimeError("waiter did not get the lock")
+            await got.release()
+    finally:
+        await holder.aclose()
+        await waiter.aclose()
+        _cleanup(url, root)
+    return samples
+
+
 def compare(url: str, pairs: int, handoffs: int) -> dict[str, Any]:
     """Interleaved pairs of every side, then hand-offs (kazoo and coordlock alternating in
     halves, so drift hits both)."""
@@ -333,6 +420,8 @@ def compare(url: str, pairs: int, handoffs: int) -> dict[str, Any]:
     ours += coordlock_handoffs(url, handoffs - half)
     result["kazoo_handoff"] = _ms(kazoo)
     result["coordlock_handoff"] = _ms(ours)
+    result.update(asyncio.run(_async_pairs(url, max(pairs // 2, 50))))
+    result["async_handoff"] = _ms(asyncio.run(_async_handoffs(url, max(handoffs // 2, 10))))
     return result
 
 
@@ -362,7 +451,15 @@ def main(argv: list[str] | None = None) -> int:
             f"hand-off {label:<9}: median {median:.3f} ms, p99 {p99:.3f} ms "
             f"({args.handoffs} hand-offs)"
         )
+    print(
+        f"async ceiling (kazoo async API): {r['async_ceiling']:8.0f} pairs/s\n"
+        f"async with coordinator.lock()  : {r['async_lock']:8.0f} pairs/s  "
+        f"{r['async_lock'] / r['async_ceiling']:5.2f}x async ceiling"
+    )
+    median, p99 = r["async_handoff"]
+    print(f"hand-off async    : median {median:.3f} ms, p99 {p99:.3f} ms")
     lock_ratio = r["lock"] / r["ceiling"]
+    async_ratio = r["async_lock"] / r["async_ceiling"]
     goals = [
         (
             f"lock() >= 0.90x ceiling (median chunk {r['lock_ratio_median_chunk']:.2f}x)",
@@ -373,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
             "hand-off median <= kazoo Lock's",
             r["coordlock_handoff"][0] <= r["kazoo_handoff"][0],
             f"{r['coordlock_handoff'][0]:.3f} vs {r['kazoo_handoff'][0]:.3f} ms",
+        ),
+        ("async lock() >= 0.90x async ceiling", async_ratio >= 0.9, f"{async_ratio:.2f}x"),
+        (
+            "async hand-off median <= sync + 0.2 ms",
+            r["async_handoff"][0] <= r["coordlock_handoff"][0] + 0.2,
+            f"{r['async_handoff'][0]:.3f} vs {r['coordlock_handoff'][0]:.3f} ms",
         ),
     ]
     for text, ok, figure in goals:

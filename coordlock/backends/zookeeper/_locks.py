@@ -58,6 +58,8 @@ EXPIRY_MARGIN_MS = 2
 QUIET_TTL = 60.0
 #: Races in a row one attempt tolerates before handing back to the waiting loop.
 MAX_ROUNDS = 16
+#: Lock directories remembered by name (the cache is emptied when full).
+DIR_CACHE = 4096
 
 
 class LockNode:
@@ -168,20 +170,27 @@ class Locks:
         self.quiet: dict[str, tuple[int, float]] = {}  # dir -> (next seq, trusted until)
         # Nodes kept after release for hold_at_least: (delete at, monotonic; path).
         self.lingering: list[tuple[float, str]] = []
+        self._dirs: dict[str, str] = {}  # lock name -> its directory
 
     def lock_dir(self, name: str) -> str:
-        return f"{self.dir}/{escape(name)}"
+        """The directory of lock ``name`` (escaping cached: the hot path asks every time)."""
+        path = self._dirs.get(name)
+        if path is None:
+            if len(self._dirs) >= DIR_CACHE:
+                self._dirs.clear()
+            path = self._dirs[name] = f"{self.dir}/{escape(name)}"
+        return path
 
     def node_for(self, name: str, owner: str, ttl: float) -> LockNode:
-        with self.lock:
-            node = self.nodes.get(owner)
-            if node is None:
-                node = self.nodes[owner] = LockNode(name, owner, self.lock_dir(name), ttl)
-            return node
+        """The node of acquisition ``owner`` (made on first use). Single dict operations are
+        atomic, so the hot path takes no lock."""
+        node = self.nodes.get(owner)
+        if node is None:
+            node = self.nodes.setdefault(owner, LockNode(name, owner, self.lock_dir(name), ttl))
+        return node
 
     def get(self, owner: str) -> LockNode | None:
-        with self.lock:
-            return self.nodes.get(owner)
+        return self.nodes.get(owner)
 
     def holders(self) -> list[LockNode]:
         with self.lock:
@@ -205,8 +214,7 @@ class Locks:
         session.ready()
         client = session.client
         sent = time.monotonic()
-        with self.lock:
-            quiet = self.quiet.pop(node.parent, None)
+        quiet = self.quiet.pop(node.parent, None)
         expected = quiet[0] if quiet is not None and quiet[1] > sent else None
         node.create_sent = True
         created = client.create_async(
@@ -454,10 +462,10 @@ class Locks:
 
         Idempotent across retries of one release: the node stays known until a delete is
         answered, and a retry that finds it gone after an unanswered delete counts as done
-        (that delete landed; its reply was lost). A node whose deletes all failed is left to
-        the orphan cleanup (after a reconnect, or at the next sweep).
+        (that delete landed; its reply was lost). A node whose delete failed is also handed to
+        the orphan cleanup (after a reconnect, or at the next sweep), in case no retry succeeds.
         """
-        node = self.get(owner)
+        node = self.nodes.get(owner)
         if node is None or node.name != name:
             return False
         path = node.path
@@ -467,27 +475,28 @@ class Locks:
         session = self.session
         expired = time.monotonic() >= node.deadline
         began = time.monotonic()
-        self.orphan(node)  # until a delete is answered
-        session.ready()
-        node.deletes_sent += 1
         try:
+            session.ready()
+            node.deletes_sent += 1
             session.get(session.client.delete_async(path))
             deleted = True
         except NoNodeError:
             deleted = node.deletes_sent > 1  # an earlier delete landed; its reply was lost
+        except BaseException:
+            self.orphan(node)
+            raise
         self._forget(node)
         node.holder = False
         node.path = None
         if deleted and node.deletes_sent == 1 and node.next_seq is not None:
-            with self.lock:
-                self.quiet[node.parent] = (node.next_seq, began + QUIET_TTL)
+            self.quiet[node.parent] = (node.next_seq, began + QUIET_TTL)
         return deleted and not expired
 
     def _forget(self, node: LockNode) -> None:
-        with self.lock:
-            if self.nodes.get(node.owner) is node:
-                del self.nodes[node.owner]
-            self.orphans.pop(node.owner, None)
+        self.nodes.pop(node.owner, None)
+        if self.orphans:
+            with self.lock:
+                self.orphans.pop(node.owner, None)
 
     def release_later(self, name: str, owner: str, linger: float) -> bool:
         """Release for ``hold_at_least``: keep our node, stamped with ``linger`` as its ttl, so

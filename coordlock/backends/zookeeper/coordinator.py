@@ -45,16 +45,19 @@ log = logging.getLogger("coordlock")
 T = TypeVar("T")
 
 # A forked child may inherit this lock held by a thread that does not exist there: renew it.
+# The pid is kept here so the hot path needs no system call to notice a fork.
 _fork_guard = threading.Lock()
+_pid = os.getpid()
 
 
-def _renew_fork_guard() -> None:
-    global _fork_guard
+def _after_fork_in_child() -> None:
+    global _fork_guard, _pid
     _fork_guard = threading.Lock()
+    _pid = os.getpid()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_renew_fork_guard)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class ZooKeeperCoordinator(BaseCoordinator):
@@ -166,7 +169,7 @@ class ZooKeeperCoordinator(BaseCoordinator):
 
     def _check_fork(self) -> None:
         """In a forked child, before anything else: forget the parent's session."""
-        if self._session.pid != os.getpid():
+        if self._session.pid != _pid:
             self._after_fork()
 
     def _after_fork(self) -> None:
