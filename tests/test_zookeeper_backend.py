@@ -501,6 +501,32 @@ def test_lost_create_reply_of_a_loser_leaves_no_orphan(
     assert taken is not None and taken.release()
 
 
+def test_first_attempt_that_never_got_a_reply_leaves_no_node(
+    make: Callable[..., ZooKeeperCoordinator], kz: KazooClient
+) -> None:
+    # The create lands but its reply is lost, and every retry fails until the retry deadline:
+    # the core gives up without a ticket to abandon. The node must not stay in the queue.
+    a = make(retry_deadline=0.5, sweep_interval=0)
+    b = make()
+    hit = lose_reply_of_first(a._client, "create_async", "-lock-")
+    original = a._client.get_children_async
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionLoss("simulated: still no connection")
+
+    a._client.get_children_async = refused  # the retry's search for its node by GUID fails
+    with pytest.raises(coordlock.BackendUnavailable):
+        a.acquire("stale-first", 10)
+    assert hit, "the fault was not injected"
+    a._client.get_children_async = original
+    assert len(holder_path(kz, a, "stale-first")) == 1  # the landed create, nobody's now
+    assert a._locks.drop_stale(0.0) == 1  # what the worker does after a reconnect / sweep
+    a._locks.cleanup_orphans()
+    assert holder_path(kz, a, "stale-first") == []
+    taken = b.acquire("stale-first", 10)
+    assert taken is not None and taken.release()
+
+
 def test_orphan_whose_delete_failed_is_removed_after_reconnect(
     make: Callable[..., ZooKeeperCoordinator],
     kz: KazooClient,

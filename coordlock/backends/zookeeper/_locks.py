@@ -73,6 +73,7 @@ class LockNode:
         "create_sent",
         "deadline",
         "deletes_sent",
+        "failed_at",
         "fence",
         "gone",
         "holder",
@@ -118,6 +119,7 @@ class LockNode:
         self.abandoned = False
         self.deletes_sent = 0  # release: deletes sent (a retry after a lost reply finds NoNode)
         self.watching = False  # a watch is set on the predecessor (a waiter)
+        self.failed_at: float | None = None  # monotonic: the last attempt raised (see stale)
         self.next_seq: int | None = None  # if alone: the next create's seq when still quiet
         self.pred: str | None = None
         self.pred_lowest = False
@@ -433,6 +435,21 @@ class Locks:
                 self.orphan(node)
         elif node.create_sent:
             self.orphan(node)
+
+    def drop_stale(self, older_than: float) -> int:
+        """Abandon acquisitions whose last attempt failed more than ``older_than`` s ago and
+        that nobody retried since: the acquire call gave up (its retries are bounded), but
+        without a ticket the core could not tell us. Their node, if the create landed, would
+        otherwise sit in the queue until its ttl runs out."""
+        limit = time.monotonic() - older_than
+        stale = [
+            n.owner
+            for n in self.all()
+            if n.failed_at is not None and n.failed_at < limit and not n.holder
+        ]
+        for owner in stale:
+            self.abandon(owner)
+        return len(stale)
 
     def orphan(self, node: LockNode) -> None:
         if self.session.closing:

@@ -234,7 +234,8 @@ class Session:
             return None
         for line in reply.splitlines():
             if line.startswith("Zookeeper version:"):
-                return line.split(":", 1)[1].split(",")[0].strip()
+                version = line.split(":", 1)[1].split(",")[0].strip()
+                return version.split("-${", 1)[0]  # Debian builds leave a template behind
         return None
 
     def server_now_ms(self, clock_path: str, *, refresh: bool = False) -> float:

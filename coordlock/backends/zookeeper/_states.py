@@ -62,6 +62,7 @@ class StateWorker:
         sweep: Callable[[], object],
         sweep_interval: float,
         transient: tuple[type[BaseException], ...],
+        stale_after: float = 60.0,
     ) -> None:
         self.session = session
         self.locks = locks
@@ -69,6 +70,7 @@ class StateWorker:
         self.sweep = sweep
         self.sweep_interval = sweep_interval
         self.transient = transient
+        self.stale_after = stale_after
         self.events: queue.Queue[Any] = queue.Queue()
         self.session_id = 0
         self.suspended_since: float | None = None
@@ -92,6 +94,10 @@ class StateWorker:
     def on_state(self, state: str, at: float) -> None:
         """kazoo listener (via the session): hand the change to the worker."""
         self.events.put((state, at))
+
+    def wake(self) -> None:
+        """Have the worker look at its deadlines again (a new lingering node)."""
+        self.events.put(("wake", time.monotonic()))
 
     def stop(self) -> None:
         self.events.put(_STOP)
@@ -153,6 +159,7 @@ class StateWorker:
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + interval * random.uniform(0.9, 1.1)
                     if self.session.connected.is_set():
+                        self.locks.drop_stale(self.stale_after)
                         self.sweep()
             except (KazooException, *self.transient, BackendUnavailable) as exc:
                 log.debug("zookeeper worker: %r (will retry)", exc)
@@ -235,4 +242,5 @@ class StateWorker:
             elif time.monotonic() < node.deadline:
                 log.info("lease %r restored: ZooKeeper reconnected", node.name)
                 self.reporter._report_restored(node.owner)
+        self.locks.drop_stale(self.stale_after)
         self.locks.cleanup_orphans()

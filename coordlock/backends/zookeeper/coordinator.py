@@ -141,6 +141,7 @@ class ZooKeeperCoordinator(BaseCoordinator):
             sweep=self.sweep,
             sweep_interval=self.sweep_interval,
             transient=(Exception,),
+            stale_after=self.retry_deadline + self.session_timeout,
         )
         self._states.start()
         self._session.start()
@@ -201,7 +202,14 @@ class ZooKeeperCoordinator(BaseCoordinator):
         node = self._locks.node_for(name, owner, ttl)
         # The first attempt does not know whether the caller will wait: it neither watches nor
         # reads a predecessor that is not the holder. A waiter's later attempts do.
-        fence = self._locks.attempt(node, waiting=ticket is not None)
+        try:
+            fence = self._locks.attempt(node, waiting=ticket is not None)
+        except BaseException:
+            # The core retries with the same owner; if it gives up before any attempt returned
+            # (no ticket to abandon), the worker drops the node once the retries are surely over.
+            node.failed_at = time.monotonic()
+            raise
+        node.failed_at = None
         if fence is not None:
             node.deadline = node.stamped + node.ttl
             return Attempt.granted(fence, started=node.stamped, ticket=node)
@@ -255,7 +263,10 @@ class ZooKeeperCoordinator(BaseCoordinator):
 
     def _release_later(self, name: str, owner: str, linger: float) -> bool:
         self._check_fork()
-        return self._locks.release_later(name, owner, linger)
+        kept = self._locks.release_later(name, owner, linger)
+        if kept:
+            self._states.wake()  # it deletes the node when the hold is over
+        return kept
 
     def _force_release(self, name: str) -> bool:
         self._check_fork()
