@@ -519,8 +519,11 @@ def test_first_attempt_that_never_got_a_reply_leaves_no_node(
         a.acquire("stale-first", 10)
     assert hit, "the fault was not injected"
     a._client.get_children_async = original
-    assert len(holder_path(kz, a, "stale-first")) == 1  # the landed create, nobody's now
-    assert a._locks.drop_stale(0.0) == 1  # what the worker does after a reconnect / sweep
+    # The core's cleanup after a BackendUnavailable releases by owner (a lost reply may have
+    # granted the lock); if the landed node survived that too, the worker drops it.
+    left = len(holder_path(kz, a, "stale-first"))
+    assert left <= 1
+    assert a._locks.drop_stale(0.0) == left  # what the worker does after a reconnect / sweep
     a._locks.cleanup_orphans()
     assert holder_path(kz, a, "stale-first") == []
     taken = b.acquire("stale-first", 10)

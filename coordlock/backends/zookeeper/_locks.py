@@ -487,7 +487,10 @@ class Locks:
             return False
         path = node.path
         if not node.holder or path is None or self.session.closing:
-            self._forget(node)
+            # Not ours to delete. A node whose first create may have landed unanswered stays
+            # known, for drop_stale to remove once its retries are surely over.
+            if node.failed_at is None or self.session.closing:
+                self._forget(node)
             return False
         session = self.session
         expired = time.monotonic() >= node.deadline
