@@ -191,11 +191,15 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         *,
         renew: bool = True,
         hold_at_least: float | None = None,
+        **tick: Any,
     ) -> LockContext:
         """A context manager holding ``name`` for a ``with`` or ``async with`` block; see
-        :func:`coordlock.lock`."""
-        return LockContext(
-            name, ttl, wait, coordinator=self, renew=renew, hold_at_least=hold_at_least
+        :func:`coordlock.lock` (``tick``: its ``cron=``/``timezone=``/``every=``/``offset=``/
+        ``skew=``/``off_tick=`` options, once per scheduled tick)."""
+        from ._api import lock
+
+        return lock(
+            name, ttl, wait, coordinator=self, renew=renew, hold_at_least=hold_at_least, **tick
         )
 
     def close(self) -> None:

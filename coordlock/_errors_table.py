@@ -107,10 +107,12 @@ RULES: tuple[Rule, ...] = (
     # -- ZooKeeper (kazoo) ---------------------------------------------------------------------
     Rule("kazoo.exceptions.AuthFailedError", PERMANENT, hint="check the digest credentials"),
     Rule("kazoo.exceptions.NoAuthError", PERMANENT,
-         hint="the node's ACL does not allow this identity"),
+         hint="ZooKeeper refused access (NoAuth): the node's ACL does not allow this identity; "
+         "check the user:password in the URL"),
     Rule("kazoo.exceptions.ConnectionLoss", TRANSIENT),
     Rule("kazoo.exceptions.ConnectionClosedError", TRANSIENT),
     Rule("kazoo.exceptions.SessionExpiredError", TRANSIENT),
+    Rule("kazoo.exceptions.SessionMovedError", TRANSIENT),  # the session moved to another server
     Rule("kazoo.exceptions.OperationTimeoutError", TRANSIENT),
     Rule("kazoo.handlers.threading.KazooTimeoutError", TRANSIENT),
     Rule("kazoo.handlers.utils.KazooTimeoutError", TRANSIENT),
