@@ -508,3 +508,33 @@ def test_a_process_job_ends_at_its_timeout_while_its_scheduler_is_frozen(tmp_pat
         )
     finally:
         _reap(proc, child)
+
+
+# -- history writers: a coordinator that stops taking rows does not hold up stop() --------------
+
+
+class SlowHistory(MemoryCoordinator):
+    """Claims and leases answer at once; every history write hangs for a second."""
+
+    def record_run(self, run: RunRecord) -> None:
+        time.sleep(1.0)
+        super().record_run(run)
+
+
+def test_stop_drops_rows_a_stalled_coordinator_does_not_take(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    coord = SlowHistory(f"slow-{uuid.uuid4().hex}")
+    clock = ManualClock(T0 - 0.5)
+    sched = Scheduler(coord, clock=clock, shutdown_grace=1)
+    ran: list[str] = []
+    for i in range(30):
+        sched.every(10, name=f"j{i}", overlap=True)(lambda i=i: ran.append(f"j{i}"))
+    sched.start()
+    clock.set(T0)
+    assert eventually(lambda: len(ran) == 30, 10)  # the runs never waited for history
+    with caplog.at_level(logging.WARNING, logger="coordlock"):
+        sched.stop()  # 30 runs' rows at 1 s each on 2 writers would take 15 s: it gives up
+    assert any("history row(s) not written" in r.getMessage() for r in caplog.records)
+    written = {r.job for r in MemoryCoordinator(coord.name).history(None, 100)}
+    assert 0 < len(written) < 30  # some rows made it, the rest were dropped, not waited for

@@ -21,7 +21,8 @@ it can take the next queued run. The writers keep one pending row per run (a new
 replaces a pending older one, so a short run often costs one write instead of three), write
 the runs oldest first, and never write two rows of one run at once, so rows of a run never go
 back in time. A row may therefore be written shortly after its event is emitted;
-:meth:`Scheduler.wait_idle` and :meth:`Scheduler.stop` wait until every row is written.
+:meth:`Scheduler.wait_idle` waits until every row is written, :meth:`Scheduler.stop` up to 5 s
+(rows the coordinator has not taken by then are dropped with a warning).
 Outside :meth:`Scheduler.start` (``run_pending()``) rows are written on the spot.
 """
 
@@ -193,21 +194,27 @@ class Reporter:
         return True
 
     def stop_writer(self, timeout: float) -> None:
-        """Write what is pending (for up to ``timeout`` seconds) and stop the writers; rows
-        still pending then are written by the calling thread."""
+        """Let the writers write what is pending for up to ``timeout`` seconds, then stop
+        them. Rows still pending then (the coordinator is down or very slow) are dropped with
+        a warning: stopping must not wait out one retry deadline per row."""
         self.flush(timeout)
         with self._writes:
             writers, self._writers = self._writers, []
             self._writer_stop = True
+            left = len(self._pending)
+            self._pending.clear()
             self._writes.notify_all()
+        if left:
+            log.warning(
+                "scheduler %s: %d history row(s) not written before stopping (the coordinator "
+                "did not take them within %.1fs)",
+                self.instance,
+                left,
+                timeout,
+            )
         for writer in writers:
             if writer is not threading.current_thread():
-                writer.join(timeout)
-        with self._writes:
-            left = list(self._pending.values())
-            self._pending.clear()
-        for record in left:
-            self.record(record)
+                writer.join(min(timeout, 1.0))
 
     def _serve(self) -> None:
         while True:
