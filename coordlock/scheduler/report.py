@@ -16,11 +16,12 @@ Recording the same ``run_id`` again updates the row, so one run is one row.
 While the scheduler runs, rows are handed to background writer threads instead of being
 written on the spot: a tick won with many jobs would otherwise make the loop wait for one
 history round trip per won job before the last of them is dispatched (measured: 200 won jobs
-held the last run back by 130–240 ms on Redis), and each worker thread for two more before
-it can take the next queued run. The writers keep one pending row per run (a newer status
-replaces a pending older one, so a short run often costs one write instead of three), write
-the runs oldest first, and never write two rows of one run at once, so rows of a run never go
-back in time. A row may therefore be written shortly after its event is emitted;
+held the last run back by 130–240 ms on Redis). The writers keep one pending row per run (a
+newer status replaces a pending older one), write the runs oldest first, and never write two
+rows of one run at once, so rows of a run never go back in time. A ``claimed`` row is written
+before its run may start – by a writer, or by the worker taking the run (:meth:`settle`) –
+and a ``running`` row waits :data:`PRESTART_DELAY` so that a short run's final row replaces
+it. A row may therefore be written shortly after its event is emitted;
 :meth:`Scheduler.wait_idle` waits until every row is written, :meth:`Scheduler.stop` up to 5 s
 (rows the coordinator has not taken by then are dropped with a warning).
 Outside :meth:`Scheduler.start` (``run_pending()``) rows are written on the spot.
@@ -51,6 +52,10 @@ MISSED = "missed"
 STATUSES = (CLAIMED, RUNNING, FINISHED, FAILED, SKIPPED, STUCK, MISSED)
 #: Background writer threads per scheduler (rows of different runs are written in parallel).
 WRITERS = 2
+#: Seconds a ``claimed`` or ``running`` row waits before a writer takes it: a ``running`` row
+#: of a run that ends within them is replaced by the final row (one write instead of two); a
+#: ``claimed`` row is written by the worker itself before the run may start, if still waiting.
+PRESTART_DELAY = 0.1
 
 
 class Reporter:
@@ -67,6 +72,9 @@ class Reporter:
         self.history: KeepsHistory | None = None
         self._writes = threading.Condition(threading.Lock())
         self._pending: dict[str, RunRecord] = {}  # run_id → newest row not yet written
+        #: claimed/running rows waiting PRESTART_DELAY: run_id → (due, row), oldest first
+        self._later: dict[str, tuple[float, RunRecord]] = {}
+        self._flushing = 0
         self._inflight: set[str] = set()  # run_ids being written right now
         self._writers: list[threading.Thread] = []
         self._writer_stop = False
@@ -135,15 +143,20 @@ class Reporter:
             error=error,
             result=result,
         )
-        self.enqueue(record)
+        self.enqueue(record, PRESTART_DELAY if status in (CLAIMED, RUNNING) else 0.0)
 
-    def enqueue(self, record: RunRecord) -> None:
-        """Hand ``record`` to the background writers while they run, else write it now."""
+    def enqueue(self, record: RunRecord, delay: float = 0.0) -> None:
+        """Hand ``record`` to the background writers while they run (to be written after
+        ``delay`` seconds unless a newer row of the run replaces it), else write it now."""
         run_id = record.run_id
         with self._writes:
             if self._writers:
                 self._pending.pop(run_id, None)  # queued again at the end, newest status
-                self._pending[run_id] = record
+                self._later.pop(run_id, None)
+                if delay > 0:
+                    self._later[run_id] = (time.monotonic() + delay, record)
+                else:
+                    self._pending[run_id] = record
                 self._writes.notify_all()
                 return
         self.record(record)
@@ -155,6 +168,7 @@ class Reporter:
             return
         with self._writes:
             self._pending.pop(record.run_id, None)
+            self._later.pop(record.run_id, None)
             while record.run_id in self._inflight:
                 self._writes.wait()
             self._inflight.add(record.run_id)
@@ -164,6 +178,23 @@ class Reporter:
             with self._writes:
                 self._inflight.discard(record.run_id)
                 self._writes.notify_all()
+
+    def settle(self, run_id: str) -> None:
+        """Make sure the newest row of ``run_id`` is written: write it now if it still waits,
+        or wait for a writer that is writing it. A worker calls this before a run may start,
+        so that a won tick is on record (``claimed``) before anything of it runs."""
+        if self.history is None:
+            return
+        with self._writes:
+            record = self._pending.pop(run_id, None)
+            if record is None:
+                waiting = self._later.pop(run_id, None)
+                record = None if waiting is None else waiting[1]
+            if record is None:
+                while run_id in self._inflight:
+                    self._writes.wait()
+                return
+        self.record(record)
 
     # -- the background writer --------------------------------------------------------------
 
@@ -186,11 +217,16 @@ class Reporter:
         """Wait until every pending row is written; ``False`` if ``timeout`` seconds passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._writes:
-            while self._pending or self._inflight:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._writes.wait(0.1 if remaining is None else min(remaining, 0.1))
+            self._flushing += 1  # waiting rows are due now
+            self._writes.notify_all()
+            try:
+                while self._pending or self._later or self._inflight:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._writes.wait(0.1 if remaining is None else min(remaining, 0.1))
+            finally:
+                self._flushing -= 1
         return True
 
     def stop_writer(self, timeout: float) -> None:
@@ -201,8 +237,9 @@ class Reporter:
         with self._writes:
             writers, self._writers = self._writers, []
             self._writer_stop = True
-            left = len(self._pending)
+            left = len(self._pending) + len(self._later)
             self._pending.clear()
+            self._later.clear()
             self._writes.notify_all()
         if left:
             log.warning(
@@ -216,18 +253,32 @@ class Reporter:
             if writer is not threading.current_thread():
                 writer.join(min(timeout, 1.0))
 
+    def _next(self) -> tuple[str, RunRecord] | None:
+        """The next row to write (lock held): a due one, oldest first; ``None`` to stop."""
+        while True:
+            run_id = next((r for r in self._pending if r not in self._inflight), None)
+            if run_id is not None:
+                return run_id, self._pending.pop(run_id)
+            waiting = next((r for r in self._later if r not in self._inflight), None)
+            if waiting is not None:
+                due, record = self._later[waiting]
+                wait = due - time.monotonic()
+                if wait <= 0 or self._flushing or self._writer_stop:
+                    del self._later[waiting]
+                    return waiting, record
+                self._writes.wait(wait)
+                continue
+            if self._writer_stop and not self._pending and not self._later:
+                return None
+            self._writes.wait()
+
     def _serve(self) -> None:
         while True:
             with self._writes:
-                while not self._pending and not self._writer_stop:
-                    self._writes.wait()
-                run_id = next((r for r in self._pending if r not in self._inflight), None)
-                if run_id is None:
-                    if not self._pending:
-                        return  # stopping, nothing left
-                    self._writes.wait()  # every pending run is being written: wait for one
-                    continue
-                record = self._pending.pop(run_id)
+                found = self._next()
+                if found is None:
+                    return  # stopping, nothing left
+                run_id, record = found
                 self._inflight.add(run_id)
             try:
                 self._write(record)

@@ -176,6 +176,7 @@ class Runner:
             if self._stopping.is_set():
                 self._skip(run, ev.STOPPING)
                 return False
+            self._report.settle(run.run_id)  # the claimed row is written before anything runs
             lease: Lease | None = None
             job = run.job
             if not job.options.overlap:
