@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -37,6 +37,37 @@ from coordlock.backends.redis import RedisCoordinator  # noqa: E402
 from coordlock.testing.servers import RedisServer, SentinelServer, free_port, redis_command  # noqa: E402
 
 PATIENCE = 15.0
+
+#: The acquire script of the key layout before 0.2 (``{<prefix><name>}:lock``/``:fence``),
+#: as an old client runs it. KEYS: lock, fence, waiters. ARGV: owner, ttl_ms, floor, flag_ms.
+OLD_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local fence = (tonumber(redis.call('GET', KEYS[2]) or '0') or 0) + 1
+  if now > fence then fence = now end
+  local floor = tonumber(ARGV[3]) or 0
+  if floor >= fence then fence = floor + 1 end
+  local text = string.format('%.0f', fence)
+  redis.call('SET', KEYS[2], text)
+  return text
+end
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
+return redis.call('PTTL', KEYS[1])
+"""
+
+
+def old_layout_acquire(client: Any, prefix: str, name: str) -> int:
+    """Take ``name`` as a pre-0.2 client would (old keys); return its fence."""
+    tag = "{" + prefix + name + "}"
+    owner = uuid.uuid4().hex
+    keys = [tag + ":lock", tag + ":fence", tag + ":waiters"]
+    reply = client.eval(OLD_ACQUIRE, 3, *keys, owner, 30_000, 0, 15_000)
+    assert isinstance(reply, bytes), "the old-layout lock was busy"
+    client.delete(tag + ":lock")  # released
+    return int(reply)
+
+
 AWKWARD = [
     "plain",
     "with/slash",
@@ -154,6 +185,46 @@ class TestFake:
         assert lease is not None and lease.fence == ahead + 1
         lease.release()
 
+    def test_fence_grows_across_the_key_layout_change(self, fake_server: Any) -> None:
+        client = fakeredis.FakeRedis(server=fake_server)
+        old = old_layout_acquire(client, "t:", "migrating")
+        fresh = make_fake(fake_server, prefix="t:")  # a new client: no floor remembered
+        try:
+            lease = fresh.acquire("migrating", 10)
+            assert lease is not None and lease.fence > old
+            lease.release()
+        finally:
+            fresh.close()
+
+    def test_old_layout_fence_ahead_of_the_clock_is_the_floor(self, fake_server: Any) -> None:
+        # Server time alone would not do: an old fence may run ahead of the clock (a server
+        # whose clock was stepped back, many acquisitions in one microsecond).
+        client = fakeredis.FakeRedis(server=fake_server)
+        client.set("{t:ahead-old}:fence", str(2**52))
+        fresh = make_fake(fake_server, prefix="t:")
+        try:
+            lease = fresh.acquire("ahead-old", 10)
+            assert lease is not None and lease.fence == 2**52 + 1
+            lease.release()
+            # From then on the new fence key rules (the old key is read only when it is absent).
+            client.set("{t:ahead-old}:fence", str(2**53 - 10))
+            again = fresh.acquire("ahead-old", 10)
+            assert again is not None and again.fence == 2**52 + 2
+            again.release()
+        finally:
+            fresh.close()
+
+    def test_legacy_fence_read_can_be_switched_off(self, fake_server: Any) -> None:
+        client = fakeredis.FakeRedis(server=fake_server)
+        client.set("{t:no-legacy}:fence", str(2**52))
+        fresh = make_fake(fake_server, prefix="t:", legacy_fences=False)
+        try:
+            lease = fresh.acquire("no-legacy", 10)
+            assert lease is not None and lease.fence < 2**52
+            lease.release()
+        finally:
+            fresh.close()
+
     def test_client_floor_beats_a_regressed_server(self, fake: RedisCoordinator) -> None:
         lease = fake.acquire("floor", 10)
         assert lease is not None
@@ -251,9 +322,40 @@ class TestFake:
     @pytest.mark.parametrize("name", AWKWARD)
     def test_keys_of_one_name_share_one_slot(self, fake: RedisCoordinator, name: str) -> None:
         keys = [fake.lock_key(name), fake.fence_key(name), fake.wait_key(name)]
-        keys.append(fake.waiters_key(name))
+        keys += [fake.waiters_key(name), fake.keys.released(name, "f" * 32)]
         assert len({key_slot(k.encode()) for k in keys}) == 1
-        assert len(set(keys)) == 4
+        assert len(set(keys)) == 5
+
+    def test_layout_is_prefix_then_hash_tag_on_the_name(self, fake: RedisCoordinator) -> None:
+        assert fake.lock_key("nightly") == "t:{nightly}:lock"
+        assert fake.fence_key("nightly") == "t:{nightly}:fence"
+        assert fake.wait_key("nightly") == "t:{nightly}:wait"
+        assert fake.waiters_key("nightly") == "t:{nightly}:waiters"
+        assert fake.claim_key("job@1") == "t:claim:{claims}:job@1"
+        assert key_slot(b"t:{nightly}:lock") == key_slot(b"nightly")  # the tag is the name
+
+    @pytest.mark.parametrize("name", [*AWKWARD, "\\", "\\}", "}}", "\\x"])
+    def test_every_key_starts_with_the_prefix(self, fake: RedisCoordinator, name: str) -> None:
+        lease = fake.acquire(name, 10)
+        assert lease is not None
+        assert fake.acquire(name, 10) is None  # raises the waiters flag
+        assert fake.claim(name, 10)
+        fake.record_run(RunRecord(f"r-{name}", name, "t0", "i1", 1_700_000_000.0))
+        lease.release()  # leaves a wake token and a tombstone
+        keys = [k.decode() for k in fake.client.keys("*")]
+        assert len(keys) >= 7
+        assert all(k.startswith("t:") for k in keys), keys
+        assert [i.name for i in fake.locks()] == []
+
+    def test_escaped_names_never_collide(self, fake: RedisCoordinator) -> None:
+        names = ["}", "\\}", "\\\\}", "x", "\\x", "}x", "\\}x", "\\"]
+        keys = {fake.lock_key(n) for n in names}
+        assert len(keys) == len(names)
+        leases = [fake.acquire(n, 10) for n in names]
+        assert all(leases)
+        assert sorted(i.name for i in fake.locks()) == sorted(names)
+        for lease in leases:
+            assert lease is not None and lease.release()
 
     def test_claim_and_history_keys_share_one_slot_each(self, fake: RedisCoordinator) -> None:
         claims = {key_slot(fake.claim_key(k).encode()) for k in AWKWARD}
@@ -463,11 +565,37 @@ class TestUrls:
             "redis+sentinel://127.0.0.1:bad/m",
             "redis+sentinel://127.0.0.1:26379/m?ssl_cert_reqs=none",
             "redis+sentinel://127.0.0.1:26379/m/notadb",
+            "redis://127.0.0.1:7777/abc",  # redis-py alone would silently use database 0
+            "redis://127.0.0.1:7777/1/2",
+            "rediss://127.0.0.1:7777/x1",
+            "redis://127.0.0.1:7777?db=x",
+            "redis://127.0.0.1:7777?db=-1",
+            "redis://127.0.0.1:7777?legacy_fences=maybe",
         ],
     )
     def test_bad_urls(self, url: str) -> None:
         with pytest.raises(ConfigurationError):
             coordlock.connect(url)
+
+    def test_bad_database_path_says_what_is_wrong(self) -> None:
+        with pytest.raises(ConfigurationError, match="database index") as caught:
+            coordlock.connect("redis://:s3cret@127.0.0.1:7777/abc")
+        assert "s3cret" not in str(caught.value)
+        with pytest.raises(ConfigurationError, match="db"):
+            coordlock.connect("redis://127.0.0.1:7777", db="abc")
+
+    def test_database_path_forms(self) -> None:
+        for url, db in [
+            ("redis://127.0.0.1:7777", 0),
+            ("redis://127.0.0.1:7777/", 0),
+            ("redis://127.0.0.1:7777/5", 5),
+            ("redis://127.0.0.1:7777/5/", 5),
+        ]:
+            c = rc(url)
+            try:
+                assert self.pool_kwargs(c).get("db", 0) == db, url
+            finally:
+                c.close()
 
     def test_unknown_option_is_named(self) -> None:
         with pytest.raises(ConfigurationError, match="frobnicate"):
@@ -522,6 +650,50 @@ def url_of(server: RedisServer, **query: object) -> str:
 def redis_command_list(server: Any, *args: str) -> list[Any]:
     reply = redis_command(server.port, *args)
     return list(reply) if isinstance(reply, list) else []
+
+
+class LosesReplies(redis.Connection):
+    """A redis-py connection that, when armed, lets the server execute a command and then
+    loses its reply (disconnects and raises ``ConnectionError``), as a broken network would.
+
+    ``arm(sha, between)`` drops the reply of the next ``EVALSHA sha …``; ``between()`` runs
+    after the server executed it and before the caller sees the error.
+    """
+
+    armed: ClassVar[dict[str, Callable[[], None]]] = {}
+    dropped: ClassVar[list[str]] = []
+
+    def send_command(self, *args: Any, **kwargs: Any) -> None:
+        self._sent = args
+        super().send_command(*args, **kwargs)
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        reply = super().read_response(*args, **kwargs)  # the server did execute it
+        sent = getattr(self, "_sent", ())
+        if len(sent) > 1 and sent[0] == "EVALSHA" and sent[1] in self.armed:
+            between = self.armed.pop(sent[1])
+            self.dropped.append(sent[1])
+            self.disconnect()
+            between()
+            raise redis.ConnectionError("reply lost (test)")
+        return reply
+
+
+@pytest.fixture
+def lossy(server: RedisServer) -> Iterator[RedisCoordinator]:
+    LosesReplies.armed.clear()
+    LosesReplies.dropped.clear()
+    pool = redis.ConnectionPool(
+        connection_class=LosesReplies,
+        host=server.host,
+        port=server.port,
+        socket_timeout=2,
+        retry=backend._no_retry(),
+    )
+    c = RedisCoordinator(redis.Redis(connection_pool=pool), prefix=f"l{uuid.uuid4().hex[:6]}:")
+    yield c
+    c.close()
+    pool.disconnect()
 
 
 def evalsha_calls(client: Any) -> int:
@@ -722,18 +894,19 @@ class TestRealServer:
             with rc(f"unix://{sock}?prefix=u:") as c:
                 lease = c.acquire("over-unix", 10)
                 assert lease is not None
-                assert s.command("EXISTS", "{u:over-unix}:lock") == 1
+                assert s.command("EXISTS", "u:{over-unix}:lock") == 1
                 lease.release()
 
     def test_wrong_password_fails_at_once(self) -> None:
         with RedisServer() as s:
             s.command("CONFIG", "SET", "requirepass", "right")
             # A huge retry deadline: were auth errors retried, this would hang (and time out).
-            wrong = rc(s.url.replace("redis://", "redis://:wrong@") + "?retry_deadline=3600")
+            wrong = rc(s.url.replace("redis://", "redis://:Wr0ngS3cret@") + "?retry_deadline=3600")
             right = rc(s.url.replace("redis://", "redis://:right@") + "?prefix=pw:")
             try:
-                with pytest.raises(BackendUnavailable, match=r"(?i)pass|auth"):
+                with pytest.raises(ConfigurationError, match=r"(?i)pass|auth") as caught:
                     wrong.acquire("x", 10)
+                assert "Wr0ngS3cret" not in str(caught.value)  # the password is never shown
                 lease = right.acquire("x", 10)
                 assert lease is not None and lease.release()
             finally:
@@ -797,6 +970,74 @@ class TestRealServer:
                     assert again is not None and again.fence > lease.fence
                     assert sentinel.master_address() == (replica.host, replica.port)
                     assert again.release() is True
+
+    def test_lost_release_reply_is_still_a_clean_release(self, lossy: RedisCoordinator) -> None:
+        lease = lossy.acquire("lossy", 30)
+        assert lease is not None
+        lost: list[Lease] = []
+        lease.on_lost(lost.append)
+        LosesReplies.armed[lossy._release_script.sha] = lambda: None
+        assert lease.release() is True  # the retry finds this owner's tombstone
+        assert LosesReplies.dropped == [lossy._release_script.sha]  # the fault happened
+        assert not lost and not lease.lost
+        assert lossy.client.exists(lossy.lock_key("lossy")) == 0
+        with lossy.lock("lossy", 30):  # the context manager raises no LockLost either
+            LosesReplies.armed[lossy._release_script.sha] = lambda: None
+        assert len(LosesReplies.dropped) == 2
+
+    def test_lost_release_reply_while_others_take_over(
+        self, lossy: RedisCoordinator, server: RedisServer
+    ) -> None:
+        # Between the executed release and its retry, another owner takes the lock, releases
+        # it, and takes it again: a single "last released by" marker would be overwritten.
+        with rc(f"{server.url}?prefix={lossy.prefix}") as other:
+            lease = lossy.acquire("contended", 30)
+            assert lease is not None
+            held: list[Lease] = []
+
+            def others_meanwhile() -> None:
+                first = other.acquire("contended", 30)
+                assert first is not None and first.release()
+                second = other.acquire("contended", 30)
+                assert second is not None
+                held.append(second)
+
+            LosesReplies.armed[lossy._release_script.sha] = others_meanwhile
+            lost: list[Lease] = []
+            lease.on_lost(lost.append)
+            assert lease.release() is True
+            assert len(LosesReplies.dropped) == 1 and not lost and not lease.lost
+            assert held and lossy.client.get(lossy.lock_key("contended")) == held[-1].owner.encode()
+            assert held[-1].release()
+
+    def test_release_of_a_lost_lease_is_still_refused(self, lossy: RedisCoordinator) -> None:
+        lease = lossy.acquire("expired", 0.05, renew=False)
+        assert lease is not None
+        assert eventually(lambda: lossy.client.exists(lossy.lock_key("expired")) == 0)
+        lost: list[Lease] = []
+        lease.on_lost(lost.append)
+        LosesReplies.armed[lossy._release_script.sha] = lambda: None
+        assert lease.release() is False  # no tombstone of this owner: really not ours
+        assert LosesReplies.dropped and lost
+
+    def test_database_index_out_of_range_fails_at_once(self, server: RedisServer) -> None:
+        # A huge retry deadline: were it retried, the call would hang (and time out).
+        url = server.url.rsplit("/", 1)[0] + "/99?retry_deadline=3600"
+        with rc(url) as c:
+            with pytest.raises(ConfigurationError, match="database index out of range"):
+                c.acquire("x", 10)
+            with pytest.raises(ConfigurationError, match="database index out of range"):
+                c.claim("x", 10)
+
+    def test_cli_exits_78_on_a_bad_database(self, server: RedisServer) -> None:
+        base = server.url.rsplit("/", 1)[0]
+        for path, says in [("/99", "out of range"), ("/abc", "database index")]:
+            done = subprocess.run(
+                [sys.executable, "-m", "coordlock.cli", "locks", "--url", base + path],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 78, (path, done.stdout, done.stderr)
+            assert says in done.stderr and "Traceback" not in done.stderr
 
     def test_no_server_at_all(self) -> None:
         port = free_port()

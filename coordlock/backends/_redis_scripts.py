@@ -1,8 +1,9 @@
 """Lua sources of the Redis backend (loaded once per client, run with EVALSHA).
 
-Every script touches the keys of one name only (lock, fence, wait list share the hash tag
-``{<prefix><name>}``), or keys that share one fixed hash tag (claims, run history), so each
-script runs on a single Cluster slot.
+Every script touches the keys of one name only (``<prefix>{<name>}:…``, one hash tag), or keys
+that share one fixed hash tag (claims, run history), so each script runs on a single Cluster
+slot (see ``_redis_keys``). The one exception is the acquire script's read of the pre-0.2 fence
+key, done with ``redis.pcall`` so that a refusal (ACL, Cluster) only skips that floor.
 
 Needs Redis >= 6.0 (effects replication of scripts that call TIME, decimal BLPOP timeouts).
 
@@ -13,16 +14,26 @@ into strings with ``%.0f`` so they never come out in exponent notation.
 
 from __future__ import annotations
 
-#: KEYS: lock, fence, waiters flag. ARGV: owner, ttl_ms, client_floor, flag lifetime in ms.
+#: KEYS: lock, fence, waiters flag. ARGV: owner, ttl_ms, client_floor, flag lifetime in ms,
+#: legacy fence key (or '').
 #: Returns the new fence (a string) when ``owner`` now holds the lock – including when it
 #: already did (a retried call) – else the holder's PTTL in ms (an integer). A failed attempt
 #: raises the waiters flag, in the same atomic step, so the next release knows to wake someone.
+#: fence = max(stored + 1, server TIME in µs, client floor + 1); when there is no stored fence
+#: (a new name, a restart without persistence, the first acquisition after the key layout
+#: changed), the fence of the old layout's key is the stored fence, so fences never go back
+#: across the layout change even when that fence ran ahead of the server's clock.
 ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local fence = (tonumber(redis.call('GET', KEYS[2]) or '0') or 0) + 1
-  if now > fence then fence = now end
+  local fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local stored = redis.call('GET', KEYS[2])
+  if not stored and ARGV[5] ~= '' then
+    stored = redis.pcall('GET', ARGV[5])
+    if type(stored) ~= 'string' then stored = nil end
+  end
+  local last = tonumber(stored or '0') or 0
+  if last >= fence then fence = last + 1 end
   local floor = tonumber(ARGV[3]) or 0
   if floor >= fence then fence = floor + 1 end
   local text = string.format('%.0f', fence)
@@ -37,13 +48,18 @@ redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
 return redis.call('PTTL', KEYS[1])
 """
 
-#: KEYS: lock, wait list, waiters flag. ARGV: owner, wake-token lifetime in ms.
-#: Compare-and-delete. When someone failed to take the lock lately (the waiters flag is up),
-#: also leaves exactly one token in the wait list, which wakes one waiter blocked in BLPOP (or
-#: is found by the next one to block, until it expires). Uncontended locks skip that work.
+#: KEYS: lock, wait list, waiters flag, tombstone. ARGV: owner, wake-token lifetime in ms,
+#: tombstone lifetime in ms.
+#: Compare-and-delete. Returns 1 when it deleted ``owner``'s lock, 2 when the tombstone says
+#: ``owner`` already released it (a retried call whose first reply was lost), else 0.
+#: When someone failed to take the lock lately (the waiters flag is up), also leaves exactly
+#: one token in the wait list, which wakes one waiter blocked in BLPOP (or is found by the next
+#: one to block, until it expires). Uncontended locks skip that work. The tombstone is a key of
+#: this owner alone, so later acquisitions and releases by others cannot erase it.
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
   if redis.call('EXISTS', KEYS[3]) == 1 then
     redis.call('DEL', KEYS[2])
     redis.call('LPUSH', KEYS[2], '1')
@@ -51,6 +67,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   end
   return 1
 end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 2 end
 return 0
 """
 

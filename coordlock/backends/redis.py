@@ -11,29 +11,30 @@
 * **waiting**: ``BLPOP`` on the wait list, bounded by the holder's remaining PTTL (so a dead
   holder's expiry is noticed) and by the caller's deadline; no polling. Each waiting thread
   blocks on a connection of its own (a second pool), never on the command pool.
-* **keys**: the lock, fence and wait-list keys of a name share the hash tag
-  ``{<prefix><name>}``; claims and run history use keys that share one fixed hash tag each, so
-  every script touches a single Cluster slot.
+* **keys**: every key starts with the prefix (ACL users confined to ``~<prefix>*`` work);
+  the keys of a name share the hash tag ``{<name>}``; claims and run history use keys that
+  share one fixed hash tag each, so every script touches a single Cluster slot (see
+  ``_redis_keys``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .._base import BaseCoordinator
-from .._errors import BackendUnavailable, ConfigurationError
+from .._errors import ConfigurationError
 from .._protocol import LockInfo, RunRecord
 from .._registry import missing_driver, redact
 from .._retry import call_with_retry
 from . import _redis_scripts as lua
+from ._redis_keys import KeyLayout, ms
 
 try:
     import redis
@@ -44,8 +45,10 @@ try:
         AuthenticationError,
         AuthorizationError,
         BusyLoadingError,
+        NoPermissionError,
         NoScriptError,
         ReadOnlyError,
+        ResponseError,
         TryAgainError,
     )
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -77,9 +80,11 @@ WAITERS_FLAG_MS = int(MAX_BLOCK * 1000) + 5_000
 #: Highest fences this process saw, by name, passed as a floor (bounded).
 SEEN_FENCES_MAX = 4096
 SCAN_COUNT = 500
+#: Seconds a release tombstone outlives the retry deadline (socket timeouts of the retries).
+TOMBSTONE_SLACK = 5.0
 
 #: Options coordlock itself reads from the URL query (or from_url keyword arguments).
-OWN_OPTIONS = frozenset({"prefix", "retry_deadline", "history_limit"})
+OWN_OPTIONS = frozenset({"prefix", "retry_deadline", "history_limit", "legacy_fences"})
 #: redis-py connection options accepted in the URL query of redis://, rediss://, unix://.
 REDIS_URL_OPTIONS = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
     "client_name",
@@ -106,18 +111,10 @@ SENTINEL_URL_OPTIONS = frozenset(
     }
 )
 
-_GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
-
 
 def _no_retry() -> Retry:
     """redis-py must not retry on its own: coordlock's bounded tenacity retry does that."""
     return Retry(NoBackoff(), 0)
-
-
-def _ms(seconds: float) -> int:
-    """Seconds → whole milliseconds, rounded up so the server never expires a key earlier
-    than the client believes it holds it."""
-    return max(1, math.ceil(seconds * 1000))
 
 
 def _text(value: bytes | str) -> str:
@@ -152,6 +149,7 @@ class RedisCoordinator(BaseCoordinator):
         retry_deadline: float = 10.0,
         description: str = "",
         on_close: Callable[[], None] | None = None,
+        legacy_fences: bool = True,
     ) -> None:
         super().__init__(retry_deadline=retry_deadline)
         self.prefix = _check_prefix(prefix)
@@ -176,11 +174,14 @@ class RedisCoordinator(BaseCoordinator):
         self._history_script: Script = client.register_script(lua.HISTORY)
         self._local = threading.local()
         self._seen: dict[str, int] = {}
-        p = self.prefix
-        self._claim_prefix = f"{p}claim:{{claims}}:"
-        self._run_prefix = f"{p}run:{{runs}}:"
-        self._job_index_prefix = f"{p}runs:{{runs}}:job:"
-        self._all_index = f"{p}runs:{{runs}}:all"
+        self.keys = KeyLayout(self.prefix)
+        self._legacy_fences = legacy_fences
+        #: How long a "released by <owner>" tombstone lives (ms): a retried release (its first
+        #: reply lost) arrives within the retry deadline, plus socket timeouts.
+        self._tombstone_ms = ms(self.retry_deadline + TOMBSTONE_SLACK)
+        self._run_prefix = self.keys.run_prefix
+        self._job_index_prefix = self.keys.job_index_prefix
+        self._all_index = self.keys.all_index
 
     # -- construction ------------------------------------------------------------------------
 
@@ -220,6 +221,8 @@ class RedisCoordinator(BaseCoordinator):
             kwargs["retry_deadline"] = _number(own["retry_deadline"], "retry_deadline", float)
         if "history_limit" in own:
             kwargs["history_limit"] = _number(own["history_limit"], "history_limit", int)
+        if "legacy_fences" in own:
+            kwargs["legacy_fences"] = _flag(own["legacy_fences"], "legacy_fences")
         socket_timeout = _number(
             merged.pop("socket_timeout", DEFAULT_SOCKET_TIMEOUT), "socket_timeout", float
         )
@@ -240,9 +243,15 @@ class RedisCoordinator(BaseCoordinator):
             )
         except ValueError as exc:
             raise ConfigurationError(f"bad Redis URL {redact(url)!r}: {exc}") from exc
+        if scheme in ("redis", "rediss"):
+            _check_db_path(parts.path, url)
         for key, value in merged.items():
             if key not in query:  # keyword arguments win over the query
                 conn_kwargs[key] = value
+        if "db" in conn_kwargs:
+            conn_kwargs["db"] = _number(conn_kwargs["db"], "db", int)
+            if conn_kwargs["db"] < 0:
+                raise ConfigurationError(f"bad database index {conn_kwargs['db']} (must be >= 0)")
         conn_kwargs["retry"] = _no_retry()
         if conn_kwargs.get("connection_class") is not redis.UnixDomainSocketConnection:
             conn_kwargs.setdefault("socket_keepalive", True)
@@ -336,28 +345,25 @@ class RedisCoordinator(BaseCoordinator):
 
     # -- keys ----------------------------------------------------------------------------------
 
-    def _tag(self, name: str) -> str:
-        return "{" + self.prefix + name + "}"
-
     def lock_key(self, name: str) -> str:
         """The key holding ``name``'s owner token (with a PX expiry while held)."""
-        return self._tag(name) + ":lock"
+        return self.keys.lock(name)
 
     def fence_key(self, name: str) -> str:
         """The key holding ``name``'s latest fence (kept forever, a few bytes)."""
-        return self._tag(name) + ":fence"
+        return self.keys.fence(name)
 
     def wait_key(self, name: str) -> str:
         """The list a release pushes a wake token onto (short-lived)."""
-        return self._tag(name) + ":wait"
+        return self.keys.wait(name)
 
     def waiters_key(self, name: str) -> str:
         """A flag raised by every failed attempt (short-lived): releases then wake a waiter."""
-        return self._tag(name) + ":waiters"
+        return self.keys.waiters(name)
 
     def claim_key(self, key: str) -> str:
         """The key of a once-only claim (all claims share the hash tag ``{claims}``)."""
-        return self._claim_prefix + key
+        return self.keys.claim(key)
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -372,28 +378,51 @@ class RedisCoordinator(BaseCoordinator):
             script.sha = self.client.script_load(script.script)
             return execute("EVALSHA", script.sha, numkeys, *keys_and_args)
 
-    def _call(self, fn: Callable[[], T], what: str) -> T:
-        """Run ``fn`` once; only when it fails transiently enter the bounded retry loop."""
+    def _call(self, fn: Callable[[], T], what: str, *, deadline: float | None = None) -> T:
+        """Run ``fn`` once; only when it fails transiently enter the bounded retry loop
+        (``deadline`` seconds, default ``retry_deadline``). Permanent errors (authentication,
+        ACL, database index, unknown command) raise :class:`ConfigurationError` at once."""
+
+        def guarded() -> T:
+            try:
+                return fn()
+            except (AuthenticationError, AuthorizationError, ResponseError) as exc:
+                problem = permanent_problem(exc)
+                if problem is None:
+                    raise
+                message = f"{what} on {self.description}: {problem} ({exc})"
+                raise ConfigurationError(message) from exc
+
         try:
-            return fn()
-        except (AuthenticationError, AuthorizationError) as exc:
-            raise BackendUnavailable(f"{what}: {exc}") from exc
+            return guarded()
         except self.transient_errors as exc:
             self._check_open()  # closed under our feet (e.g. a waiter in BLPOP): stop here
             log.warning("%s: %s; retrying", what, exc)
-            return self._retry(fn, what)
+        return call_with_retry(
+            guarded,
+            transient=self.transient_errors,
+            deadline=self.retry_deadline if deadline is None else deadline,
+            what=what,
+        )
 
     # -- hooks ---------------------------------------------------------------------------------
 
+    def _acquire_args(self, name: str, owner: str, ttl: float) -> tuple[str | int, ...]:
+        """KEYS and ARGV of the acquire script (see ``_redis_scripts.ACQUIRE``)."""
+        tag = self.keys.tag(name)
+        legacy = self.keys.legacy_fence(name) if self._legacy_fences else ""
+        floor = self._seen.get(name, 0)
+        return (
+            tag + ":lock", tag + ":fence", tag + ":waiters",
+            owner, ms(ttl), floor, WAITERS_FLAG_MS, legacy,
+        )  # fmt: skip
+
     def _attempt(self, name: str, owner: str, ttl: float) -> tuple[int | None, int]:
         """One acquire script call: (fence, 0) when won, (None, holder PTTL in ms) when busy."""
-        tag = "{" + self.prefix + name + "}"
-        floor = self._seen.get(name, 0)
-        args = (tag + ":lock", tag + ":fence", tag + ":waiters", owner, _ms(ttl), floor)
+        args = self._acquire_args(name, owner, ttl)
+        floor = cast("int", args[5])
         script = self._acquire_script
-        result = self._call(
-            lambda: self._evalsha(script, 3, *args, WAITERS_FLAG_MS), "redis acquire"
-        )
+        result = self._call(lambda: self._evalsha(script, 3, *args), "redis acquire")
         if isinstance(result, int):
             return None, result
         fence = int(result)
@@ -412,38 +441,34 @@ class RedisCoordinator(BaseCoordinator):
             self._local.pttl = pttl
         return fence
 
+    def _release_args(self, name: str, owner: str) -> tuple[str | int, ...]:
+        """KEYS and ARGV of the release script (see ``_redis_scripts.RELEASE``)."""
+        tag = self.keys.tag(name)
+        return (
+            tag + ":lock", tag + ":wait", tag + ":waiters", tag + ":released:" + owner,
+            owner, WAKE_TOKEN_MS, self._tombstone_ms,
+        )  # fmt: skip
+
     def _release(self, name: str, owner: str) -> bool:
-        tag = "{" + self.prefix + name + "}"
-        args = (tag + ":lock", tag + ":wait", tag + ":waiters", owner, WAKE_TOKEN_MS)
+        args = self._release_args(name, owner)
         script = self._release_script
-        return bool(self._call(lambda: self._evalsha(script, 3, *args), "redis release"))
+        return bool(self._call(lambda: self._evalsha(script, 4, *args), "redis release"))
 
     def _extend(self, name: str, owner: str, ttl: float) -> bool:
-        args = (self.lock_key(name), owner, _ms(ttl))
+        args = (self.lock_key(name), owner, ms(ttl))
         script = self._extend_script
 
-        def run() -> Any:
-            return self._evalsha(script, 1, *args)
-
-        try:
-            return bool(run())
-        except (AuthenticationError, AuthorizationError) as exc:
-            raise BackendUnavailable(f"redis extend: {exc}") from exc
-        except self.transient_errors as exc:
-            # Retry only briefly: the renewal thread serves every lease of this coordinator
-            # and retries on its own (marking the lease at risk); a renewal later than a third
-            # of the ttl is of no use anyway.
-            log.warning("redis extend: %s; retrying", exc)
-            deadline = min(self.retry_deadline, ttl / 3)
-            return bool(
-                call_with_retry(
-                    run, transient=self.transient_errors, deadline=deadline, what="redis extend"
-                )
-            )
+        # Retry only briefly: the renewal thread serves every lease of this coordinator and
+        # retries on its own (marking the lease at risk); a renewal later than a third of the
+        # ttl is of no use anyway.
+        deadline = min(self.retry_deadline, ttl / 3)
+        return bool(
+            self._call(lambda: self._evalsha(script, 1, *args), "redis extend", deadline=deadline)
+        )
 
     def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
         script = self._claim_script
-        args = [self.claim_key(k) for k in keys] + [str(_ms(hold)), uuid.uuid4().hex]
+        args = [self.claim_key(k) for k in keys] + [str(ms(hold)), uuid.uuid4().hex]
         won = self._call(lambda: self._evalsha(script, len(keys), *args), "redis claim")
         return {keys[int(i) - 1] for i in cast("list[int]", won)}
 
@@ -488,7 +513,7 @@ class RedisCoordinator(BaseCoordinator):
     # -- optional protocols ----------------------------------------------------------------------
 
     def _scan_lock_keys(self) -> Iterator[list[bytes | str]]:
-        pattern = "{" + self.prefix.translate(_GLOB_SPECIAL) + "*}:lock"
+        pattern = self.keys.lock_pattern()
         cursor = 0
 
         def page() -> tuple[int, list[bytes | str]]:
@@ -505,15 +530,13 @@ class RedisCoordinator(BaseCoordinator):
     def locks(self) -> list[LockInfo]:
         """Every lock currently held under this prefix (``SCAN``; not a snapshot)."""
         self._check_open()
-        head = "{" + self.prefix
-        tail = "}:lock"
         found: list[LockInfo] = []
         for batch in self._scan_lock_keys():
             names = []
             for key in batch:
-                text = _text(key)
-                if text.startswith(head) and text.endswith(tail):
-                    names.append(text[len(head) : -len(tail)])
+                name = self.keys.name_of_lock(_text(key))
+                if name is not None:
+                    names.append(name)
 
             def query(names: list[str] = names) -> list[Any]:
                 pipe = self.client.pipeline(transaction=False)
@@ -586,6 +609,17 @@ def _check_prefix(prefix: object) -> str:
     return prefix
 
 
+def _check_db_path(path: str, url: str) -> None:
+    """The path of a redis:// URL is empty or ``/<database index>``; redis-py would silently
+    use database 0 for anything else (``/abc``, ``/1/2``)."""
+    text = unquote(path).strip("/")
+    if text and not (text.isascii() and text.isdigit()):
+        raise ConfigurationError(
+            f"bad Redis URL {redact(url)!r}: the path must be a database index "
+            f"(redis://host:port/0), not {path!r}"
+        )
+
+
 def _number(value: object, what: str, kind: type[float] | type[int]) -> Any:
     if isinstance(value, kind) and not isinstance(value, bool):
         return value
@@ -593,6 +627,43 @@ def _number(value: object, what: str, kind: type[float] | type[int]) -> Any:
         return kind(str(value))
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"option {what} must be a number, got {value!r}") from exc
+
+
+#: Server replies that no retry can fix (matched in the error text), with what they mean.
+PERMANENT_REPLIES = (
+    ("NOPERM", "the Redis user lacks a permission (ACL); see the ACL line in the docs"),
+    ("DB index is out of range", "database index out of range (server setting `databases`)"),
+    ("invalid DB index", "invalid database index"),
+    ("unknown command", "a command coordlock needs is disabled or renamed on the server"),
+    ("NOAUTH", "the server requires a password"),
+    ("WRONGPASS", "authentication failed: wrong user name or password"),
+)
+
+
+def permanent_problem(exc: BaseException) -> str | None:
+    """What is wrong if ``exc`` is a permanent (configuration) error of redis-py, else None."""
+    text = str(exc)
+    for needle, meaning in PERMANENT_REPLIES:
+        if needle.lower() in text.lower():
+            return meaning
+    if isinstance(exc, NoPermissionError):
+        return PERMANENT_REPLIES[0][1]
+    if isinstance(exc, AuthenticationError):
+        return "authentication failed: wrong user name or password"
+    if isinstance(exc, AuthorizationError):
+        return "not authorized"
+    return None
+
+
+def _flag(value: object, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"option {what} must be true or false, got {value!r}")
 
 
 def _run_from_hash(flat: Sequence[bytes | str]) -> RunRecord:
