@@ -22,14 +22,18 @@ from __future__ import annotations
 #: fence = max(stored + 1, server TIME in µs, client floor + 1); when there is no stored fence
 #: (a new name, a restart without persistence, the first acquisition after the key layout
 #: changed), the fence of the old layout's key is the stored fence, so fences never go back
-#: across the layout change even when that fence ran ahead of the server's clock.
+#: across the layout change even when that fence ran ahead of the server's clock. When the
+#: server refuses that read (an ACL user confined to the new prefix, a Cluster), the fence
+#: comes back with a ``!`` appended, and the client stops asking.
 ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local t = redis.call('TIME')
   local fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local stored = redis.call('GET', KEYS[2])
+  local refused = ''
   if not stored and ARGV[5] ~= '' then
     stored = redis.pcall('GET', ARGV[5])
+    if type(stored) == 'table' then refused = '!' end
     if type(stored) ~= 'string' then stored = nil end
   end
   local last = tonumber(stored or '0') or 0
@@ -38,7 +42,7 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if floor >= fence then fence = floor + 1 end
   local text = string.format('%.0f', fence)
   redis.call('SET', KEYS[2], text)
-  return text
+  return text .. refused
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   local held = redis.call('GET', KEYS[2])
