@@ -123,7 +123,23 @@ LockOps = tuple[Callable[[], Any], Callable[[], Any], Callable[[Any], Any], Call
 
 
 def _lock_ops(kind: str, url: str, prefix: str) -> LockOps:
-    """(take, take_waiting, give, close) for ``kind`` "coordlock" or "redis-py"."""
+    """(take, take_waiting, give, close) for ``kind`` "coordlock", "python-redis-lock" or
+    "redis-py"."""
+    if kind == "python-redis-lock":
+        import redis_lock  # python-redis-lock: SET NX EX, BLPOP on a signal list
+
+        prl_client = redis.Redis.from_url(_raw_url(url))
+        prl_name = prefix + "prl-handoff"
+
+        def prl_take() -> Any:
+            lock = redis_lock.Lock(prl_client, prl_name, expire=int(TTL))
+            return lock if lock.acquire(blocking=False) else None
+
+        def prl_take_waiting() -> Any:
+            lock = redis_lock.Lock(prl_client, prl_name, expire=int(TTL))
+            return lock if lock.acquire(blocking=True, timeout=20) else None
+
+        return prl_take, prl_take_waiting, lambda lock: lock.release(), prl_client.close
     if kind == "coordlock":
         coordinator = coordlock.connect(_coordlock_url(url, prefix))
         return (
@@ -172,6 +188,85 @@ def _wait_blocked(probe: redis.Redis, limit: float = 5.0) -> None:
         if time.monotonic() > stop:
             raise RuntimeError("the waiter never blocked")
         time.sleep(0.0005)
+
+
+class _HandoffRig:
+    """A holder (this process) and a waiter process for ``kind``; :meth:`run` times hand-offs.
+
+    Each round the holder takes the lock and lets the waiter start a blocking acquire; it
+    releases once the waiter really waits (the server reports a client blocked in BLPOP, or
+    after 5 ms for redis-py's polling ``Lock``) and the waiter reports when it holds the lock.
+    """
+
+    def __init__(self, kind: str, url: str, rounds: int) -> None:
+        self.kind = kind
+        self.url = url
+        self.prefix = _bench_prefix()
+        self.take, _, self.give, self._close = _lock_ops(kind, url, self.prefix)
+        self.child = subprocess.Popen(
+            [sys.executable, __file__, "--handoff-child", kind, url, self.prefix, str(rounds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.probe = redis.Redis.from_url(_raw_url(url))
+
+    def run(self, rounds: int) -> list[float]:
+        child = self.child
+        assert child.stdin is not None and child.stdout is not None
+        samples: list[float] = []
+        for _ in range(rounds):
+            held = self.take()
+            if held is None:
+                raise RuntimeError("holder did not get the lock")
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError("waiter process failed")
+            if self.kind == "redis-py":
+                time.sleep(0.005)
+            else:
+                _wait_blocked(self.probe)
+            released = time.perf_counter()
+            self.give(held)
+            line = child.stdout.readline().strip()
+            if not line or line == "failed":
+                raise RuntimeError("waiter did not get the lock")
+            samples.append(float(line) - released)
+        return samples
+
+    def close(self) -> None:
+        if self.child.stdin is not None:
+            self.child.stdin.close()
+        self.child.wait(30)
+        self.probe.close()
+        self._close()
+        _cleanup(self.url, self.prefix)
+
+
+def handoff_comparison(
+    url: str,
+    rounds: int,
+    kinds: tuple[str, ...] = ("coordlock", "python-redis-lock"),
+    chunk: int = 20,
+) -> dict[str, list[float]]:
+    """Hand-off samples (seconds) of each of ``kinds``, measured in alternating chunks of
+    ``chunk`` hand-offs with the same harness, so machine load drifts hit all alike."""
+    rigs = {kind: _HandoffRig(kind, url, rounds + chunk) for kind in kinds}
+    samples: dict[str, list[float]] = {kind: [] for kind in kinds}
+    try:
+        for rig in rigs.values():
+            rig.run(min(chunk, 5))  # warm-up: connections, script cache
+        done = 0
+        while done < rounds:
+            count = min(chunk, rounds - done)
+            for kind, rig in rigs.items():
+                samples[kind] += rig.run(count)
+            done += count
+    finally:
+        for rig in rigs.values():
+            rig.close()
+    return samples
 
 
 def _handoff(kind: str, url: str, rounds: int) -> list[float]:

@@ -258,24 +258,78 @@ class TestFake:
         assert lease.release()
         assert fake._extend("cmp", lease.owner, 10) is False  # gone: never re-created
 
-    def test_release_pushes_a_wake_token_only_when_someone_waited(
+    def test_uncontended_pairs_leave_only_fence_and_tombstone(
         self, fake: RedisCoordinator, fake_other: RedisCoordinator
     ) -> None:
-        lease = fake.acquire("wake", 10)
+        lease = fake.acquire("quiet", 10)
         assert lease is not None
+        assert fake_other.acquire("quiet", 10) is None  # a try without waiting: not queued
+        assert fake.client.exists(fake.queue_key("quiet"), fake.keys.waiting("quiet")) == 0
         lease.release()
-        assert fake.client.exists(fake.wait_key("wake")) == 0  # uncontended: no list at all
-        lease = fake.acquire("wake", 10)
+        keys = {k.decode() for k in fake.client.keys("t:{quiet}*")}
+        assert keys == {fake.fence_key("quiet"), fake.keys.released("quiet", lease.owner)}
+        tombstone = fake.keys.released("quiet", lease.owner)
+        assert 0 < fake.client.pttl(tombstone) <= fake._tombstone_ms
+
+    def test_release_hands_over_first_come_first_served(self, fake: RedisCoordinator) -> None:
+        holder = fake.acquire("fifo", 10)
+        assert holder is not None
+        first, second = "a" * 32, "b" * 32
+        assert fake._attempt("fifo", first, 7, register=5).fence is None
+        assert fake._attempt("fifo", second, 9, register=5).fence is None
+        assert fake._attempt("fifo", first, 7, register=5).fence is None  # keeps its place
+        assert fake._release("fifo", holder.owner)
+        assert fake.client.get(fake.lock_key("fifo")) == first.encode()
+        assert 6_000 < fake.client.pttl(fake.lock_key("fifo")) <= 7_000  # the waiter's ttl
+        item = fake.client.lpop(fake.wake_key("fifo", first))
+        fence, delay = backend.parse_hand_over(item)
+        assert fence > holder.fence and 0 <= delay < 5
+        assert fake.client.get(fake.fence_key("fifo")) == str(fence).encode()
+        assert fake._release("fifo", first)
+        assert fake.client.get(fake.lock_key("fifo")) == second.encode()
+        assert fake._release("fifo", second)
+        assert fake.client.exists(fake.lock_key("fifo")) == 0
+        holder.release()  # long since handed over: refused, nothing touched
+        assert fake.client.exists(fake.lock_key("fifo")) == 0
+
+    def test_hand_over_skips_expired_registrations(self, fake: RedisCoordinator) -> None:
+        holder = fake.acquire("stale", 10)
+        assert holder is not None
+        assert fake._attempt("stale", "d" * 32, 10, register=0.001).fence is None  # "died"
+        time.sleep(0.05)
+        assert fake._release("stale", holder.owner)
+        assert fake.client.exists(fake.lock_key("stale")) == 0  # freed, not given to the dead
+        assert fake.client.exists(fake.wake_key("stale", "d" * 32)) == 0
+
+    def test_abandon_passes_a_hand_over_on(self, fake: RedisCoordinator) -> None:
+        holder = fake.acquire("gave-up", 10)
+        assert holder is not None
+        quitter, patient = "q" * 32, "p" * 32
+        assert fake._attempt("gave-up", quitter, 10, register=5).fence is None
+        assert fake._attempt("gave-up", patient, 10, register=5).fence is None
+        assert fake._release("gave-up", holder.owner)  # handed to the quitter...
+        fake._abandon("gave-up", quitter)  # ...who gave up meanwhile: it goes to the next
+        assert fake.client.get(fake.lock_key("gave-up")) == patient.encode()
+        assert fake.client.exists(fake.wake_key("gave-up", quitter)) == 0
+        fake._abandon("gave-up", "x" * 32)  # a stranger's abandon touches nothing
+        assert fake.client.get(fake.lock_key("gave-up")) == patient.encode()
+        assert fake._release("gave-up", patient)
+
+    def test_queued_attempt_that_finds_the_lock_free_takes_it(self, fake: RedisCoordinator) -> None:
+        reply = fake._attempt("free", "w" * 32, 10, register=5)
+        assert reply.fence is not None and not reply.held_before
+        assert fake.client.exists(fake.queue_key("free")) == 0
+        again = fake._attempt("free", "w" * 32, 10, register=5)  # handed over / retried
+        assert again.fence == reply.fence and again.held_before
+
+    def test_force_release_frees_and_fences_keep_growing(self, fake: RedisCoordinator) -> None:
+        lease = fake.acquire("forced", 60)
         assert lease is not None
-        assert fake_other.acquire("wake", 10) is None  # a failed attempt raises the flag
-        assert fake.client.exists(fake.waiters_key("wake")) == 1
-        lease.release()
-        assert fake.client.lrange(fake.wait_key("wake"), 0, -1) == [b"1"]
-        assert 0 < fake.client.pttl(fake.wait_key("wake")) <= backend.WAKE_TOKEN_MS
-        lease = fake.acquire("wake", 10)
-        assert lease is not None
-        lease.release()  # the flag is still up: the list holds one token, never more
-        assert fake.client.llen(fake.wait_key("wake")) == 1
+        assert fake._force_release("forced") is True
+        assert fake._force_release("forced") is False  # nothing held any more
+        again = fake.acquire("forced", 10)
+        assert again is not None and again.fence > lease.fence
+        assert lease.release() is False and again.release() is True
 
     def test_waiter_is_woken_by_release(
         self, fake: RedisCoordinator, fake_other: RedisCoordinator
@@ -321,16 +375,18 @@ class TestFake:
 
     @pytest.mark.parametrize("name", AWKWARD)
     def test_keys_of_one_name_share_one_slot(self, fake: RedisCoordinator, name: str) -> None:
-        keys = [fake.lock_key(name), fake.fence_key(name), fake.wait_key(name)]
-        keys += [fake.waiters_key(name), fake.keys.released(name, "f" * 32)]
+        owner = "f" * 32
+        keys = [fake.lock_key(name), fake.fence_key(name), fake.queue_key(name)]
+        keys += [fake.keys.waiting(name), fake.wake_key(name, owner)]
+        keys += [fake.keys.released(name, owner)]
         assert len({key_slot(k.encode()) for k in keys}) == 1
-        assert len(set(keys)) == 5
+        assert len(set(keys)) == 6
 
     def test_layout_is_prefix_then_hash_tag_on_the_name(self, fake: RedisCoordinator) -> None:
         assert fake.lock_key("nightly") == "t:{nightly}:lock"
         assert fake.fence_key("nightly") == "t:{nightly}:fence"
-        assert fake.wait_key("nightly") == "t:{nightly}:wait"
-        assert fake.waiters_key("nightly") == "t:{nightly}:waiters"
+        assert fake.queue_key("nightly") == "t:{nightly}:queue"
+        assert fake.wake_key("nightly", "o1") == "t:{nightly}:wake:o1"
         assert fake.claim_key("job@1") == "t:claim:{claims}:job@1"
         assert key_slot(b"t:{nightly}:lock") == key_slot(b"nightly")  # the tag is the name
 
@@ -338,14 +394,14 @@ class TestFake:
     def test_every_key_starts_with_the_prefix(self, fake: RedisCoordinator, name: str) -> None:
         lease = fake.acquire(name, 10)
         assert lease is not None
-        assert fake.acquire(name, 10) is None  # raises the waiters flag
+        assert fake._attempt(name, "w" * 32, 10, register=5).fence is None  # queued
         assert fake.claim(name, 10)
         fake.record_run(RunRecord(f"r-{name}", name, "t0", "i1", 1_700_000_000.0))
-        lease.release()  # leaves a wake token and a tombstone
+        lease.release()  # hands over to the waiter, leaves a tombstone
         keys = [k.decode() for k in fake.client.keys("*")]
         assert len(keys) >= 7
         assert all(k.startswith("t:") for k in keys), keys
-        assert [i.name for i in fake.locks()] == []
+        assert [i.name for i in fake.locks()] == [name]  # now the waiter's
 
     def test_escaped_names_never_collide(self, fake: RedisCoordinator) -> None:
         names = ["}", "\\}", "\\\\}", "x", "\\x", "}x", "\\}x", "\\"]

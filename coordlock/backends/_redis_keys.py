@@ -6,8 +6,9 @@ name); claims share ``{claims}`` and run history ``{runs}``::
 
     <prefix>{<name>}:lock                 owner token, PX = ttl
     <prefix>{<name>}:fence                latest fence (kept)
-    <prefix>{<name>}:wait                 wake token list (short-lived)
-    <prefix>{<name>}:waiters              "someone failed to take it" flag (short-lived)
+    <prefix>{<name>}:queue                waiting owners, first come first served (short-lived)
+    <prefix>{<name>}:waiting              each waiter's registration (short-lived)
+    <prefix>{<name>}:wake:<owner>         a hand-over to the waiter <owner> (short-lived)
     <prefix>{<name>}:released:<owner>     "released by <owner>" tombstone (short-lived)
     <prefix>claim:{claims}:<key>          once-only claims
     <prefix>run:{runs}:<run_id>, <prefix>runs:{runs}:job:<job>, <prefix>runs:{runs}:all
@@ -70,16 +71,21 @@ class KeyLayout:
         return self._lock_head + escape_name(name) + "}"
 
     def lock(self, name: str) -> str:
-        return self.tag(name) + ":lock"
+        if name[:1] in ("}", ESCAPE):
+            name = ESCAPE + name
+        return self._lock_head + name + "}:lock"  # tag(name) + ":lock", inlined (hot path)
 
     def fence(self, name: str) -> str:
         return self.tag(name) + ":fence"
 
-    def wait(self, name: str) -> str:
-        return self.tag(name) + ":wait"
+    def queue(self, name: str) -> str:
+        return self.tag(name) + ":queue"
 
-    def waiters(self, name: str) -> str:
-        return self.tag(name) + ":waiters"
+    def waiting(self, name: str) -> str:
+        return self.tag(name) + ":waiting"
+
+    def wake(self, name: str, owner: str) -> str:
+        return self.tag(name) + ":wake:" + owner
 
     def released(self, name: str, owner: str) -> str:
         return self.tag(name) + ":released:" + owner

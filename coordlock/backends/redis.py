@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
@@ -67,16 +67,15 @@ DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_HISTORY_LIMIT = 1000
 DEFAULT_SENTINEL_PORT = 26379
 
-#: Longest single BLPOP; a waiter re-checks the lock at least this often (not polling: it is
-#: woken at once by a release, this only bounds how long one blocked call may last).
-MAX_BLOCK = 10.0
+#: Longest single BLPOP (seconds); a waiter renews its place in the queue this often (not
+#: polling: a release hands the lock over at once). It also bounds how long after a waiter
+#: died or froze a release may still hand it the lock (which then waits out its ttl).
+MAX_BLOCK = 2.0
+#: A waiter's queue registration outlives its BLPOP by this much (seconds), to cover the
+#: round trip back to renew it.
+REGISTER_SLACK = 1.0
 #: Extra time a waiter blocks past the holder's PTTL before looking again (ms rounding).
 EXPIRY_SLACK = 0.002
-#: How long a wake token lives in the wait list when nobody is blocked (ms).
-WAKE_TOKEN_MS = 10_000
-#: How long the "someone is waiting" flag stays up after a failed attempt (ms): longer than
-#: the longest BLPOP, so a waiter is always woken by the release that follows its attempt.
-WAITERS_FLAG_MS = int(MAX_BLOCK * 1000) + 5_000
 #: Highest fences this process saw, by name, passed as a floor (bounded).
 SEEN_FENCES_MAX = 4096
 SCAN_COUNT = 500
@@ -166,16 +165,19 @@ class RedisCoordinator(BaseCoordinator):
             self._max_block = max(0.01, min(MAX_BLOCK, wait_timeout * 0.8))
         self.description = description or repr(client)
         self._on_close = on_close
-        self._acquire_script: Script = client.register_script(lua.ACQUIRE)
+        self._acquire_script: Script = client.register_script(
+            lua.ACQUIRE if legacy_fences else lua.ACQUIRE_NO_LEGACY
+        )
+        self._acquire_plain: Script = client.register_script(lua.ACQUIRE_NO_LEGACY)
         self._release_script: Script = client.register_script(lua.RELEASE)
+        self._abandon_script: Script = client.register_script(lua.ABANDON)
+        self._force_script: Script = client.register_script(lua.FORCE_RELEASE)
         self._extend_script: Script = client.register_script(lua.EXTEND)
         self._claim_script: Script = client.register_script(lua.CLAIM_MANY)
         self._record_script: Script = client.register_script(lua.RECORD_RUN)
         self._history_script: Script = client.register_script(lua.HISTORY)
-        self._local = threading.local()
         self._seen: dict[str, int] = {}
         self.keys = KeyLayout(self.prefix)
-        self._legacy_fences = legacy_fences
         #: How long a "released by <owner>" tombstone lives (ms): a retried release (its first
         #: reply lost) arrives within the retry deadline, plus socket timeouts.
         self._tombstone_ms = ms(self.retry_deadline + TOMBSTONE_SLACK)
@@ -353,13 +355,13 @@ class RedisCoordinator(BaseCoordinator):
         """The key holding ``name``'s latest fence (kept forever, a few bytes)."""
         return self.keys.fence(name)
 
-    def wait_key(self, name: str) -> str:
-        """The list a release pushes a wake token onto (short-lived)."""
-        return self.keys.wait(name)
+    def queue_key(self, name: str) -> str:
+        """The queue of waiting owners (a sorted set, short-lived)."""
+        return self.keys.queue(name)
 
-    def waiters_key(self, name: str) -> str:
-        """A flag raised by every failed attempt (short-lived): releases then wake a waiter."""
-        return self.keys.waiters(name)
+    def wake_key(self, name: str, owner: str) -> str:
+        """The list a release hands the lock over on, to the waiter ``owner`` (short-lived)."""
+        return self.keys.wake(name, owner)
 
     def claim_key(self, key: str) -> str:
         """The key of a once-only claim (all claims share the hash tag ``{claims}``)."""
@@ -383,21 +385,22 @@ class RedisCoordinator(BaseCoordinator):
         (``deadline`` seconds, default ``retry_deadline``). Permanent errors (authentication,
         ACL, database index, unknown command) raise :class:`ConfigurationError` at once."""
 
+        try:
+            return fn()  # the common case: no wrapper built, nothing to catch
+        except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+            self._raise_if_permanent(exc, what)
+            if not isinstance(exc, self.transient_errors):
+                raise
+            self._check_open()  # closed under our feet (e.g. a waiter in BLPOP): stop here
+            log.warning("%s: %s; retrying", what, exc)
+
         def guarded() -> T:
             try:
                 return fn()
             except (RedisConnectionError, ResponseError) as exc:
-                problem = permanent_problem(exc)
-                if problem is None:
-                    raise
-                message = f"{what} on {self.description}: {problem} ({exc})"
-                raise ConfigurationError(message) from exc
+                self._raise_if_permanent(exc, what)
+                raise
 
-        try:
-            return guarded()
-        except self.transient_errors as exc:
-            self._check_open()  # closed under our feet (e.g. a waiter in BLPOP): stop here
-            log.warning("%s: %s; retrying", what, exc)
         return call_with_retry(
             guarded,
             transient=self.transient_errors,
@@ -405,63 +408,65 @@ class RedisCoordinator(BaseCoordinator):
             what=what,
         )
 
+    def _raise_if_permanent(self, exc: BaseException, what: str) -> None:
+        problem = permanent_problem(exc)
+        if problem is not None:
+            message = f"{what} on {self.description}: {problem} ({exc})"
+            raise ConfigurationError(message) from exc
+
     # -- hooks ---------------------------------------------------------------------------------
 
-    def _acquire_args(self, name: str, owner: str, ttl: float) -> tuple[str | int, ...]:
-        """KEYS and ARGV of the acquire script (see ``_redis_scripts.ACQUIRE``)."""
-        tag = self.keys.tag(name)
-        legacy = self.keys.legacy_fence(name) if self._legacy_fences else ""
+    def _attempt(self, name: str, owner: str, ttl: float, register: float = 0.0) -> AcquireReply:
+        """One acquire script call; ``register`` > 0 queues ``owner`` for a hand-over for that
+        many seconds if the lock is busy."""
+        key = self.keys.lock(name)
         floor = self._seen.get(name, 0)
-        return (
-            tag + ":lock", tag + ":fence", tag + ":waiters",
-            owner, ms(ttl), floor, WAITERS_FLAG_MS, legacy,
-        )  # fmt: skip
+        script = self._acquire_script if floor == 0 else self._acquire_plain
+        args = (key, owner, ms(ttl), floor, ms(register) if register > 0 else 0)
+        reply = parse_acquire(self._call(lambda: self._evalsha(script, 1, *args), "redis acquire"))
+        if reply.legacy_refused:  # the old layout's fence key is out of bounds (ACL)
+            self._acquire_script = self._acquire_plain
+        if reply.fence is not None:
+            self._saw(name, reply.fence)
+        return reply
 
-    def _attempt(self, name: str, owner: str, ttl: float) -> tuple[int | None, int]:
-        """One acquire script call: (fence, 0) when won, (None, holder PTTL in ms) when busy."""
-        args = self._acquire_args(name, owner, ttl)
-        floor = cast("int", args[5])
-        script = self._acquire_script
-        result = self._call(lambda: self._evalsha(script, 3, *args), "redis acquire")
-        if isinstance(result, int):
-            return None, result
-        text = _text(result)
-        if text.endswith("!"):  # the legacy fence key is out of bounds (ACL): stop reading it
-            self._legacy_fences = False
-            text = text[:-1]
-        fence = int(text)
-        if fence > floor:
-            seen = self._seen
+    def _saw(self, name: str, fence: int) -> None:
+        """Remember ``fence`` as this client's floor for ``name`` (bounded)."""
+        seen = self._seen
+        if fence > seen.get(name, 0):
             if len(seen) >= SEEN_FENCES_MAX and name not in seen:
                 # Evict the oldest entry (another thread may be doing the same).
-                with contextlib.suppress(RuntimeError, StopIteration):
+                with contextlib.suppress(RuntimeError, StopIteration, KeyError):
                     seen.pop(next(iter(seen)), None)
             seen[name] = fence
-        return fence, 0
 
     def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
-        fence, pttl = self._attempt(name, owner, ttl)
-        if fence is None:
-            self._local.pttl = pttl
-        return fence
-
-    def _release_args(self, name: str, owner: str) -> tuple[str | int, ...]:
-        """KEYS and ARGV of the release script (see ``_redis_scripts.RELEASE``)."""
-        tag = self.keys.tag(name)
-        return (
-            tag + ":lock", tag + ":wait", tag + ":waiters", tag + ":released:" + owner,
-            owner, WAKE_TOKEN_MS, self._tombstone_ms,
-        )  # fmt: skip
+        return self._attempt(name, owner, ttl).fence
 
     def _release(self, name: str, owner: str) -> bool:
-        args = self._release_args(name, owner)
+        args = (self.keys.lock(name), owner, self._tombstone_ms)
         script = self._release_script
-        return bool(self._call(lambda: self._evalsha(script, 4, *args), "redis release"))
+        return bool(self._call(lambda: self._evalsha(script, 1, *args), "redis release"))
+
+    def _abandon(self, name: str, owner: str) -> None:
+        """Leave the queue of ``name``; if a hand-over made ``owner`` the holder meanwhile,
+        pass the lock on. Best effort: a failure only delays others (registration expiry)."""
+        args = (self.keys.lock(name), owner)
+        script = self._abandon_script
+        try:
+            self._call(lambda: self._evalsha(script, 1, *args), "redis abandon", deadline=1.0)
+        except Exception:
+            log.debug("could not leave the queue of %r", name, exc_info=True)
+
+    def _force_release(self, name: str) -> bool:
+        """Free ``name`` whoever holds it (hand it to the next waiter); fences keep growing."""
+        script = self._force_script
+        key = self.keys.lock(name)
+        return bool(self._call(lambda: self._evalsha(script, 1, key), "redis force release"))
 
     def _extend(self, name: str, owner: str, ttl: float) -> bool:
-        args = (self.lock_key(name), owner, ms(ttl))
+        args = (self.keys.lock(name), owner, ms(ttl))
         script = self._extend_script
-
         # Retry only briefly: the renewal thread serves every lease of this coordinator and
         # retries on its own (marking the lease at risk); a renewal later than a third of the
         # ttl is of no use anyway.
@@ -476,36 +481,53 @@ class RedisCoordinator(BaseCoordinator):
         won = self._call(lambda: self._evalsha(script, len(keys), *args), "redis claim")
         return {keys[int(i) - 1] for i in cast("list[int]", won)}
 
-    def _block(self, name: str, timeout: float) -> None:
-        """BLPOP the wake list of ``name`` for up to ``timeout`` s (at least 1 ms)."""
+    def _block(self, name: str, owner: str, timeout: float) -> tuple[int, float] | None:
+        """BLPOP ``owner``'s hand-over list for up to ``timeout`` s (at least 1 ms): (fence,
+        seconds from the registration to the hand-over, server-measured), or None."""
         # BLPOP takes a decimal timeout since Redis 6.0; 0 would mean "forever", so >= 1 ms.
         timeout = round(min(max(timeout, 0.001), self._max_block), 3)
         client = self.wait_client
-        key = self.wait_key(name)
-        self._call(lambda: client.blpop([key], timeout=timeout), "redis wait")
-
-    def _wait_for_release(self, name: str, timeout: float) -> None:
-        if timeout > 0:
-            self._block(name, timeout)
+        key = self.keys.wake(name, owner)
+        reply = self._call(lambda: client.blpop([key], timeout=timeout), "redis wait")
+        return None if reply is None else parse_hand_over(reply[1])
 
     def _acquire_waiting(
         self, name: str, owner: str, ttl: float, deadline: float
     ) -> tuple[int, float] | None:
-        pttl = getattr(self._local, "pttl", -1)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            if pttl >= 0:  # wake up when the holder's key expires, at the latest
-                remaining = min(remaining, pttl / 1000 + EXPIRY_SLACK)
-            self._block(name, remaining)
-            self._check_open()
-            started = time.monotonic()
-            # Always try after a wake-up, even if the deadline just passed: the token we
-            # popped was meant for one waiter, and dropping it would leave others asleep.
-            fence, pttl = self._attempt(name, owner, ttl)
-            if fence is not None:
-                return fence, started
+        """Queue for ``name`` and block until a release hands it over (one BLPOP reply, no
+        second round trip), the holder's key expires, or ``deadline`` passes."""
+        previous: float | None = None  # when the previous queueing attempt was sent
+        queued = False
+        try:
+            while True:
+                self._check_open()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if queued:
+                        self._abandon(name, owner)
+                    return None
+                sent = time.monotonic()
+                queued = True
+                block = min(remaining, self._max_block)
+                reply = self._attempt(name, owner, ttl, register=block + REGISTER_SLACK)
+                if reply.fence is not None:
+                    # Already ours: handed over after an earlier registration (so after that
+                    # one was sent), or taken by this very call (a retried request).
+                    return reply.fence, (previous if reply.held_before and previous else sent)
+                if reply.pttl >= 0:  # wake up when the holder's key expires, at the latest
+                    block = min(block, reply.pttl / 1000 + EXPIRY_SLACK)
+                handed = self._block(name, owner, block)
+                if handed is not None:
+                    fence, delay = handed
+                    self._saw(name, fence)
+                    # The hand-over happened `delay` s (server clock) after the registration,
+                    # which the server ran after `sent`: a lower bound of the lease's start.
+                    return fence, sent + delay
+                previous = sent
+        except BaseException:
+            if queued:  # a hand-over may have made us the holder: pass it on
+                self._abandon(name, owner)
+            raise
 
     def _close(self) -> None:
         if self._on_close is not None:
@@ -603,6 +625,37 @@ class RedisCoordinator(BaseCoordinator):
 # -- helpers ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class AcquireReply:
+    """What one acquire script call said."""
+
+    fence: int | None  # the fence when the caller now holds the lock
+    pttl: int = -2  # when busy: the holder's remaining ttl in ms (-1: no expiry, -2: gone)
+    held_before: bool = False  # the caller already held it (a hand-over, or a retried call)
+    legacy_refused: bool = False  # the server refused to read the old layout's fence key
+
+
+def parse_acquire(result: Any) -> AcquireReply:
+    """Parse the reply of ``_redis_scripts.ACQUIRE``."""
+    if isinstance(result, int):
+        return AcquireReply(None, result)
+    if type(result) is bytes and result[-1] in _DIGITS:  # the common case, kept cheap
+        return AcquireReply(int(result))
+    text = _text(result)
+    refused = text.endswith("!")
+    held = text.endswith("=")
+    return AcquireReply(int(text.rstrip("!=")), 0, held, refused)
+
+
+_DIGITS = frozenset(b"0123456789")
+
+
+def parse_hand_over(item: bytes | str) -> tuple[int, float]:
+    """Parse a hand-over ``"<fence>|<µs from registration to hand-over>"``: (fence, seconds)."""
+    fence, _, delay = _text(item).partition("|")
+    return int(fence), max(0, int(delay)) / 1e6
+
+
 def _check_prefix(prefix: object) -> str:
     if not isinstance(prefix, str):
         raise ConfigurationError(f"prefix must be a str, not {type(prefix).__name__}")
@@ -636,6 +689,7 @@ def _number(value: object, what: str, kind: type[float] | type[int]) -> Any:
 #: Server replies that no retry can fix (matched in the error text), with what they mean.
 PERMANENT_REPLIES = (
     ("NOPERM", "the Redis user lacks a permission (ACL); see the ACL line in the docs"),
+    ("can't run this command", "the Redis user lacks a permission (ACL); see the docs"),
     ("DB index is out of range", "database index out of range (server setting `databases`)"),
     ("invalid DB index", "invalid database index"),
     ("unknown command", "a command coordlock needs is disabled or renamed on the server"),
