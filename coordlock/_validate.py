@@ -52,6 +52,14 @@ def check_ttl(ttl: object) -> float:
     return seconds
 
 
+def check_hold_at_least(value: object) -> float | None:
+    """``hold_at_least``: ``None``/``0`` (no minimum hold) or a positive number of seconds."""
+    if value is None:
+        return None
+    seconds = check_seconds(value, "hold_at_least", allow_zero=True)
+    return seconds or None
+
+
 def check_wait(wait: object) -> float:
     """Normalise a wait argument to seconds: ``None``/``False`` → 0, ``True`` → forever (inf)."""
     if wait is None or wait is False:
