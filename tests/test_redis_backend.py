@@ -57,6 +57,12 @@ return redis.call('PTTL', KEYS[1])
 """
 
 
+def attempt(c: RedisCoordinator, name: str, owner: str, ttl: float, *, register: float) -> Any:
+    """One acquire attempt that queues ``owner`` for ``register`` s when the lock is busy."""
+    ticket = backend.Ticket(owner, ttl)
+    return c._acquired(name, ticket, c._evalsha(*c._acquire_call(name, owner, ttl, register)))
+
+
 def old_layout_acquire(client: Any, prefix: str, name: str) -> int:
     """Take ``name`` as a pre-0.2 client would (old keys); return its fence."""
     tag = "{" + prefix + name + "}"
@@ -149,10 +155,11 @@ class TestFake:
 
     def test_try_acquire_is_idempotent_for_the_same_owner(self, fake: RedisCoordinator) -> None:
         owner = uuid.uuid4().hex
-        first = fake._try_acquire("idem", owner, 10)
-        assert first is not None
-        assert fake._try_acquire("idem", owner, 10) == first  # a retried call
-        assert fake._try_acquire("idem", uuid.uuid4().hex, 10) is None
+        first = fake._try_acquire("idem", owner, 10, None)
+        assert first.fence is not None
+        again = fake._try_acquire("idem", owner, 10, None)  # a retried call
+        assert again.fence == first.fence
+        assert fake._try_acquire("idem", uuid.uuid4().hex, 10, None).fence is None
         assert fake._release("idem", owner)
 
     def test_fence_is_at_least_server_time_in_microseconds(self, fake: RedisCoordinator) -> None:
@@ -275,9 +282,9 @@ class TestFake:
         holder = fake.acquire("fifo", 10)
         assert holder is not None
         first, second = "a" * 32, "b" * 32
-        assert fake._attempt("fifo", first, 7, register=5).fence is None
-        assert fake._attempt("fifo", second, 9, register=5).fence is None
-        assert fake._attempt("fifo", first, 7, register=5).fence is None  # keeps its place
+        assert attempt(fake, "fifo", first, 7, register=5).fence is None
+        assert attempt(fake, "fifo", second, 9, register=5).fence is None
+        assert attempt(fake, "fifo", first, 7, register=5).fence is None  # keeps its place
         assert fake._release("fifo", holder.owner)
         assert fake.client.get(fake.lock_key("fifo")) == first.encode()
         assert 6_000 < fake.client.pttl(fake.lock_key("fifo")) <= 7_000  # the waiter's ttl
@@ -295,7 +302,7 @@ class TestFake:
     def test_hand_over_skips_expired_registrations(self, fake: RedisCoordinator) -> None:
         holder = fake.acquire("stale", 10)
         assert holder is not None
-        assert fake._attempt("stale", "d" * 32, 10, register=0.001).fence is None  # "died"
+        assert attempt(fake, "stale", "d" * 32, 10, register=0.001).fence is None  # "died"
         time.sleep(0.05)
         assert fake._release("stale", holder.owner)
         assert fake.client.exists(fake.lock_key("stale")) == 0  # freed, not given to the dead
@@ -305,22 +312,26 @@ class TestFake:
         holder = fake.acquire("gave-up", 10)
         assert holder is not None
         quitter, patient = "q" * 32, "p" * 32
-        assert fake._attempt("gave-up", quitter, 10, register=5).fence is None
-        assert fake._attempt("gave-up", patient, 10, register=5).fence is None
+        assert attempt(fake, "gave-up", quitter, 10, register=5).fence is None
+        assert attempt(fake, "gave-up", patient, 10, register=5).fence is None
         assert fake._release("gave-up", holder.owner)  # handed to the quitter...
-        fake._abandon("gave-up", quitter)  # ...who gave up meanwhile: it goes to the next
+        queued = backend.Ticket(quitter, 10, queued=True)
+        fake._abandon("gave-up", quitter, queued)  # ...who gave up meanwhile: on to the next
         assert fake.client.get(fake.lock_key("gave-up")) == patient.encode()
         assert fake.client.exists(fake.wake_key("gave-up", quitter)) == 0
-        fake._abandon("gave-up", "x" * 32)  # a stranger's abandon touches nothing
+        fake._abandon("gave-up", "x" * 32, backend.Ticket("x" * 32, 10, queued=True))
+        fake._abandon("gave-up", patient, backend.Ticket(patient, 10))  # never queued: no-op
         assert fake.client.get(fake.lock_key("gave-up")) == patient.encode()
         assert fake._release("gave-up", patient)
 
     def test_queued_attempt_that_finds_the_lock_free_takes_it(self, fake: RedisCoordinator) -> None:
-        reply = fake._attempt("free", "w" * 32, 10, register=5)
-        assert reply.fence is not None and not reply.held_before
+        reply = attempt(fake, "free", "w" * 32, 10, register=5)
+        assert reply.fence is not None and reply.started is None  # the base's send time
         assert fake.client.exists(fake.queue_key("free")) == 0
-        again = fake._attempt("free", "w" * 32, 10, register=5)  # handed over / retried
-        assert again.fence == reply.fence and again.held_before
+        queued = backend.Ticket("w" * 32, 10, queued=True, previous=123.0)
+        call = fake._acquire_call("free", "w" * 32, 10, 5)
+        again = fake._acquired("free", queued, fake._evalsha(*call))  # handed over / retried
+        assert again.fence == reply.fence and again.started == 123.0  # the earlier send time
 
     def test_force_release_frees_and_fences_keep_growing(self, fake: RedisCoordinator) -> None:
         lease = fake.acquire("forced", 60)
@@ -360,9 +371,10 @@ class TestFake:
         # The script itself: a retry with the same token wins the same keys again.
         redis_keys = [fake.claim_key(k) for k in ["r1", "r2"]]
         token = uuid.uuid4().hex
-        assert fake._claim_script(keys=redis_keys, args=[30_000, token]) == [1, 2]
-        assert fake._claim_script(keys=redis_keys, args=[30_000, token]) == [1, 2]
-        assert fake._claim_script(keys=redis_keys, args=[30_000, "other"]) == []
+        claim = fake._claim_script
+        assert claim(keys=redis_keys, args=[30_000, token]) == [1, 2]
+        assert claim(keys=redis_keys, args=[30_000, token]) == [1, 2]
+        assert claim(keys=redis_keys, args=[30_000, "other"]) == []
         assert 0 < fake.client.pttl(fake.claim_key("r1")) <= 30_000
 
     def test_claims_do_not_collide_with_locks(self, fake: RedisCoordinator) -> None:
@@ -394,7 +406,7 @@ class TestFake:
     def test_every_key_starts_with_the_prefix(self, fake: RedisCoordinator, name: str) -> None:
         lease = fake.acquire(name, 10)
         assert lease is not None
-        assert fake._attempt(name, "w" * 32, 10, register=5).fence is None  # queued
+        assert attempt(fake, name, "w" * 32, 10, register=5).fence is None  # queued
         assert fake.claim(name, 10)
         fake.record_run(RunRecord(f"r-{name}", name, "t0", "i1", 1_700_000_000.0))
         lease.release()  # hands over to the waiter, leaves a tombstone
@@ -419,11 +431,11 @@ class TestFake:
         runs = {
             key_slot(k.encode())
             for k in [
-                fake._all_index,
-                fake._run_prefix + "r1",
-                fake._run_prefix + "}{",
-                fake._job_index_prefix + "job",
-                fake._job_index_prefix + "{x}",
+                fake.keys.all_index,
+                fake.keys.run_prefix + "r1",
+                fake.keys.run_prefix + "}{",
+                fake.keys.job_index_prefix + "job",
+                fake.keys.job_index_prefix + "{x}",
             ]
         }
         assert len(runs) == 1
@@ -460,7 +472,7 @@ class TestFake:
             c.record_run(RunRecord("x", "other", "t", "i2", base + 10, base + 11, "finished"))
             runs = c.history("job")
             assert [r.run_id for r in runs] == ["r4", "r3", "r2"]
-            assert not c.client.exists(c._run_prefix + "r0")  # trimmed runs are deleted
+            assert not c.client.exists(c.keys.run_prefix + "r0")  # trimmed runs are deleted
             c.record_run(RunRecord("r4", "job", "t4", "i1", base + 4, base + 5, "failed", "E"))
             updated = c.history("job", limit=1)[0]
             assert (updated.status, updated.error, updated.finished) == ("failed", "E", base + 5)
@@ -744,7 +756,7 @@ def lossy(server: RedisServer) -> Iterator[RedisCoordinator]:
         host=server.host,
         port=server.port,
         socket_timeout=2,
-        retry=backend._no_retry(),
+        retry=backend.urls.no_retry(),
     )
     c = RedisCoordinator(redis.Redis(connection_pool=pool), prefix=f"l{uuid.uuid4().hex[:6]}:")
     yield c
@@ -1070,19 +1082,17 @@ class TestRealServer:
         lease = lossy.acquire("expired", 0.05, renew=False)
         assert lease is not None
         assert eventually(lambda: lossy.client.exists(lossy.lock_key("expired")) == 0)
-        lost: list[Lease] = []
-        lease.on_lost(lost.append)
         LosesReplies.armed[lossy._release_script.sha] = lambda: None
         assert lease.release() is False  # no tombstone of this owner: really not ours
-        assert LosesReplies.dropped and lost
+        assert LosesReplies.dropped and lease.lost
 
     def test_database_index_out_of_range_fails_at_once(self, server: RedisServer) -> None:
         # A huge retry deadline: were it retried, the call would hang (and time out).
         url = server.url.rsplit("/", 1)[0] + "/99?retry_deadline=3600"
         with rc(url) as c:
-            with pytest.raises(ConfigurationError, match="database index out of range"):
+            with pytest.raises(ConfigurationError, match="DB index is out of range"):
                 c.acquire("x", 10)
-            with pytest.raises(ConfigurationError, match="database index out of range"):
+            with pytest.raises(ConfigurationError, match="DB index is out of range"):
                 c.claim("x", 10)
 
     def test_cli_exits_78_on_a_bad_database(self, server: RedisServer) -> None:
