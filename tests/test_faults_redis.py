@@ -578,3 +578,315 @@ def test_t6_soak(fresh_redis_server: RedisServer, capsys: pytest.CaptureFixture[
     with capsys.disabled():
         print(f"\n[redis fault] T6 soak: attempts={made} successes={successes}", flush=True)
     assert successes == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# T3 / T7: the holder partitioned from Redis (fault proxy), the waiter not
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PartitionRounds:
+    rounds: int = 0
+    lost_delays: list[float] = field(default_factory=list)  # on_lost − freeze, seconds
+    lost_before_takeover: int = 0
+    stale_accepted: int = 0  # the healed holder's write with its old fence, accepted
+    stale_rejected: int = 0
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def partition_rounds(
+    server: RedisServer, make_proxy: Any, register: FencedRegister, rounds: int, ttl: float
+) -> PartitionRounds:
+    """Each round: the holder (through a fault proxy) takes a lock and writes; the proxy
+    freezes (a silent partition); a waiter (direct) takes over once the key expires and
+    writes; the holder's ``on_lost`` time is recorded; the partition heals and the holder tries
+    a write with its old fence, which the fenced register must reject."""
+    proxy = make_proxy(server.port)
+    prefix = f"part-{uuid.uuid4().hex[:8]}:"
+    # Short socket timeout and retry deadline: a frozen call gives up soon, as in production
+    # settings for a lease this short.
+    via = proxy.via(server.url) + f"?prefix={prefix}&socket_timeout=0.2&retry_deadline=0.3"
+    out = PartitionRounds()
+    with rc(via) as holder, rc(f"{server.url}?prefix={prefix}") as waiter:
+        for i in range(rounds):
+            name = f"p{i}"
+            lease = holder.acquire(name, ttl)
+            assert lease is not None
+            lost_at: list[float] = []
+            lease.on_lost(lambda _, lost_at=lost_at: lost_at.append(time.monotonic()))
+            value = register.read(lease.fence)
+            assert register.write(value + 1, lease.fence)[0]
+            frozen_at = time.monotonic()
+            proxy.freeze()
+            assert proxy.stats.mode == "freeze"  # the fault happened
+            taken = waiter.acquire(name, 30, wait=ttl * 3 + PARTITION_PATIENCE)
+            taken_at = time.monotonic()
+            assert taken is not None and taken.fence > lease.fence, "nobody took over"
+            value = register.read(taken.fence)
+            assert register.write(value + 1, taken.fence)[0]
+            stop = time.monotonic() + PARTITION_PATIENCE
+            while not lost_at and time.monotonic() < stop:
+                time.sleep(0.005)
+            assert lost_at, "the partitioned holder was never told its lease was lost"
+            out.lost_delays.append(lost_at[0] - frozen_at)
+            out.lost_before_takeover += lost_at[0] <= taken_at
+            proxy.heal()
+            accepted, _ = register.write(register.read() + 1, lease.fence)
+            out.stale_accepted += accepted
+            out.stale_rejected += not accepted
+            assert lease.release() is False  # not ours any more; deletes nothing
+            assert taken.release() is True
+            out.rounds += 1
+    return out
+
+
+PARTITION_PATIENCE = 15.0
+
+
+def report_partitions(
+    capsys: pytest.CaptureFixture[str], title: str, r: PartitionRounds, ttl: float
+) -> None:
+    with capsys.disabled():
+        print(
+            f"\n[redis fault] {title}: rounds={r.rounds} ttl={ttl}s "
+            f"on_lost_delay_p50={percentile(r.lost_delays, 0.5) * 1000:.0f}ms "
+            f"p99={percentile(r.lost_delays, 0.99) * 1000:.0f}ms "
+            f"max={max(r.lost_delays) * 1000:.0f}ms "
+            f"lost_before_takeover={r.lost_before_takeover}/{r.rounds} "
+            f"stale_writes_accepted={r.stale_accepted} "
+            f"healed_holder_writes_rejected={r.stale_rejected}/{r.rounds}",
+            flush=True,
+        )
+
+
+@pytest.mark.fault
+def test_t3_partitioned_holder_is_told_and_fenced_off(
+    redis_server: RedisServer,
+    fault_proxy: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ttl = 1.0
+    register = FencedRegister(tmp_path / "register.json")
+    r = partition_rounds(redis_server, fault_proxy, register, rounds=6, ttl=ttl)
+    report_partitions(capsys, "T3/T7 partition (freeze) of the holder", r, ttl)
+    assert r.rounds == 6
+    assert r.stale_accepted == 0 and r.stale_rejected == r.rounds
+
+
+@pytest.mark.coordlock_soak
+def test_t3_partition_delays_soak(
+    redis_server: RedisServer,
+    fault_proxy: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ttl = 1.0
+    register = FencedRegister(tmp_path / "register.json")
+    r = partition_rounds(redis_server, fault_proxy, register, rounds=100, ttl=ttl)
+    report_partitions(capsys, "T3/T7 partition soak", r, ttl)
+    assert r.stale_accepted == 0 and r.stale_rejected == r.rounds
+
+
+def partition_scenario(
+    server: RedisServer,
+    make_proxy: Any,
+    tmp_path: Path,
+    cleanup: list[subprocess.Popen[str]],
+    *,
+    workers: int,
+    iterations: int,
+    partitions: int,
+    ttl: float,
+    budget: float,
+) -> tuple[Report, Faults, HistoryLog]:
+    """Fenced workers, each talking to Redis through a fault proxy of its own; the current
+    holder's proxy is frozen for 2 × ttl (a silent partition), then healed."""
+    prefix = f"fault-{uuid.uuid4().hex[:8]}:"
+    register = FencedRegister(tmp_path / "register.json")
+    history = HistoryLog(tmp_path / "history.jsonl")
+    proxies = {f"w{i}": make_proxy(server.port) for i in range(workers)}
+    procs = {}
+    for worker, proxy in proxies.items():
+        url = proxy.via(server.url) + f"?prefix={prefix}&socket_timeout=0.25&retry_deadline=0.5"
+        procs[worker] = subprocess.Popen(
+            worker_command(url, register.path, history.path, worker, iterations=iterations,
+                           ttl=ttl, wait=budget, hold=0.005, deadline=budget),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    cleanup.extend(procs.values())
+    faults = Faults()
+    rng = random.Random(3)
+    stop_at = time.monotonic() + budget * 0.6
+    latest = workers * iterations * 0.7
+    while faults.injected < partitions and time.monotonic() < stop_at:
+        if any(p.poll() is not None for p in procs.values()):
+            break
+        if register.state()["accepted"] > latest:
+            break
+        time.sleep(rng.uniform(0.05, 0.3))
+        step = holder_now(history)
+        if step is None or step["op"] != "read":
+            continue
+        worker = step["w"]
+        faults.attempts += 1
+        proxies[worker].freeze()
+        t0 = time.monotonic()
+        time.sleep(2 * ttl)
+        proxies[worker].heal()
+        faults.pauses.append((worker, int(step["fence"]), t0, time.monotonic()))
+        faults.injected += 1
+    finish_workers(procs, budget)
+    return check(history, register), faults, history
+
+
+def judge_partitions(report: Report, faults: Faults, history: HistoryLog) -> None:
+    """The frozen holder keeps running (only its network is cut), so its own write right after
+    the freeze is legitimate (its lease is still valid then); what must hold is that no stale
+    write is ever accepted, and that a frozen holder someone took over from heard of it (lost,
+    a refused release, or an error from its release call)."""
+    events = history.events()
+    for worker, fence, t0, t1 in faults.pauses:
+        if accepted_between(history, worker, t0, t1):
+            told = any(
+                e["w"] == worker and e.get("fence") in (fence, None) and t0 <= e["t"]
+                and (e["op"] in ("lost", "error")
+                     or (e["op"] == "release-result" and not e["ok"]))
+                for e in events
+            )  # fmt: skip
+            assert told, f"{worker} (fence {fence}) was taken over and never told"
+    assert report.c2_stale_accepted == 0
+    assert report.c3_lost_updates == 0
+    assert report.c4_fence_inversions == 0
+
+
+@pytest.mark.fault
+def test_t3_partitioned_workers(
+    redis_server: RedisServer,
+    fault_proxy: Any,
+    tmp_path: Path,
+    workers_cleanup: list[subprocess.Popen[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report, faults, history = partition_scenario(
+        redis_server, fault_proxy, tmp_path, workers_cleanup,
+        workers=4, iterations=150, partitions=3, ttl=1.0, budget=100.0,
+    )  # fmt: skip
+    report_line(capsys, "T3 partition (freeze) of the holder, 4 workers", report, faults)
+    assert faults.injected >= 1, "no partition ever caught a holder"
+    assert report.acquisitions == 4 * 150
+    judge_partitions(report, faults, history)
+
+
+@pytest.mark.coordlock_soak
+def test_t3_partition_soak(
+    redis_server: RedisServer,
+    fault_proxy: Any,
+    tmp_path: Path,
+    workers_cleanup: list[subprocess.Popen[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report, faults, history = partition_scenario(
+        redis_server, fault_proxy, tmp_path, workers_cleanup,
+        workers=8, iterations=1300, partitions=20, ttl=1.0, budget=1200.0,
+    )  # fmt: skip
+    report_line(capsys, "T3 partition soak", report, faults)
+    assert faults.injected >= 10
+    assert report.acquisitions >= 10_000
+    judge_partitions(report, faults, history)
+
+
+# ---------------------------------------------------------------------------------------------
+# T2: fenced workers killed with SIGKILL mid-run (and replaced)
+# ---------------------------------------------------------------------------------------------
+
+
+def kill_workers_scenario(
+    server: RedisServer,
+    tmp_path: Path,
+    cleanup: list[subprocess.Popen[str]],
+    *,
+    workers: int,
+    iterations: int,
+    kills: int,
+    ttl: float,
+    budget: float,
+) -> tuple[Report, Faults]:
+    """Fenced workers; the current holder is SIGKILLed now and then and a fresh worker takes
+    its place (with the iterations it had left), so the run keeps its total."""
+    url = prefixed(server)
+    register = FencedRegister(tmp_path / "register.json")
+    history = HistoryLog(tmp_path / "history.jsonl")
+    opts = {"ttl": ttl, "wait": budget, "hold": 0.002, "deadline": budget}
+
+    def spawn(worker: str, count: int) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            worker_command(url, register.path, history.path, worker, iterations=count, **opts),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        cleanup.append(proc)
+        return proc
+
+    procs = {f"w{i}": spawn(f"w{i}", iterations) for i in range(workers)}
+    killed: dict[str, subprocess.Popen[str]] = {}
+    faults = Faults()
+    stop_at = time.monotonic() + budget * 0.7
+    step = workers * iterations // (kills + 1)
+    while faults.injected < kills and time.monotonic() < stop_at:
+        if register.state()["accepted"] < step * (faults.injected + 1):
+            time.sleep(0.05)
+            continue
+        holder = holder_now(history)
+        if holder is None or holder["w"] not in procs:
+            time.sleep(0.002)
+            continue
+        worker = holder["w"]
+        proc = procs.pop(worker)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL  # the fault happened
+        killed[worker] = proc
+        done = sum(1 for e in history.events() if e["op"] == "acquired" and e["w"] == worker)
+        replacement = f"{worker}r{faults.injected}"
+        procs[replacement] = spawn(replacement, max(1, iterations - done))
+        faults.injected += 1
+    finish_workers(procs, budget)
+    return check(history, register), faults
+
+
+@pytest.mark.coordlock_soak
+def test_t2_kill_workers_soak(
+    fresh_redis_server: RedisServer,
+    tmp_path: Path,
+    workers_cleanup: list[subprocess.Popen[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report, faults = kill_workers_scenario(
+        fresh_redis_server, tmp_path, workers_cleanup,
+        workers=8, iterations=1300, kills=20, ttl=0.5, budget=1200.0,
+    )  # fmt: skip
+    report_line(capsys, "T2 SIGKILL holder soak", report, faults)
+    assert faults.injected >= 10
+    assert report.acquisitions >= 10_000
+    assert report.c2_stale_accepted == report.c3_lost_updates == report.c4_fence_inversions == 0
+
+
+@pytest.mark.fault
+def test_t2_kill_workers(
+    fresh_redis_server: RedisServer,
+    tmp_path: Path,
+    workers_cleanup: list[subprocess.Popen[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report, faults = kill_workers_scenario(
+        fresh_redis_server, tmp_path, workers_cleanup,
+        workers=4, iterations=150, kills=2, ttl=0.5, budget=100.0,
+    )  # fmt: skip
+    report_line(capsys, "T2 SIGKILL holder, 4 workers", report, faults)
+    assert faults.injected == 2
+    assert report.acquisitions >= 4 * 150 - 2  # the killed holders' rounds were redone
+    assert report.c2_stale_accepted == report.c3_lost_updates == report.c4_fence_inversions == 0
