@@ -34,7 +34,7 @@ from coordlock.backends.redis import RedisCoordinator
 #: The commands coordlock sends (directly, or from its Lua scripts), as an ACL rule list.
 #: Keep in sync with docs/backends/redis.md ("ACL").
 ACL_COMMANDS = (
-    "-@all +evalsha +script|load +blpop +scan +get +pttl +ping +select "
+    "-@all +evalsha +script|load +blpop +scan +get +pttl +ping +select +hello "
     "+set +del +exists +pexpire +time +rpush "
     "+hset +hget +hdel +hgetall +zadd +zcard +zrange +zrevrange +zrem +zremrangebyrank"
 )
@@ -92,6 +92,8 @@ def test_everything_works_inside_the_prefix(acl_server: RedisServer, rules: str)
         c.record_run(RunRecord("r1", "job", "t", "i", 1_700_000_000.0))
         assert [r.run_id for r in c.history("job")] == ["r1"]
         # Every key it wrote starts with the prefix (the ACL would have refused any other).
+        info = c.server_info()  # HELLO (allowed) or INFO (refused under -@dangerous)
+        assert info.version and info.version[0].isdigit() and info.server_time
         mine = [str(k) for k in acl_server_keys(acl_server) if c.prefix[:-1] in str(k)]
         assert len(mine) >= 5 and all(k.startswith(c.prefix) for k in mine), mine
 
@@ -238,3 +240,11 @@ def test_tls_misconfiguration_fails_at_once(tls_redis: TlsRedis, options: dict[s
     with coordlock.connect(tls_redis.url(retry_deadline="3600", **options)) as c:
         with pytest.raises(ConfigurationError, match="TLS"):
             c.acquire("x", 10)
+
+
+def test_the_docs_give_the_tested_acl_line() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "backends" / "redis.md").read_text()
+    lines = [line for line in page.splitlines() if line.startswith("ACL SETUSER ")]
+    assert lines, "docs/backends/redis.md lost its ACL line"
+    assert lines[0].endswith(" resetchannels " + " ".join(ACL_COMMANDS.split()))
+    assert "~coordlock:*" in lines[0]
