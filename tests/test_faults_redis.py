@@ -82,20 +82,51 @@ def prefixed(server: RedisServer) -> str:
 
 
 def start_workers(
-    url: str, directory: Path, workers: int, **options: Any
+    url: str | dict[str, str], directory: Path, workers: int, **options: Any
 ) -> tuple[dict[str, subprocess.Popen[str]], FencedRegister, HistoryLog]:
+    """``workers`` fenced worker processes ``w0``…; ``url`` may differ per worker (a dict)."""
     register = FencedRegister(directory / "register.json")
     history = HistoryLog(directory / "history.jsonl")
     procs = {
         f"w{i}": subprocess.Popen(
-            worker_command(url, register.path, history.path, f"w{i}", **options),
+            worker_command(
+                url if isinstance(url, str) else url[f"w{i}"],
+                register.path, history.path, f"w{i}", **options,
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
         for i in range(workers)
-    }
+    }  # fmt: skip
     return procs, register, history
+
+
+def holder_steps(
+    procs: dict[str, subprocess.Popen[str]],
+    register: FencedRegister,
+    history: HistoryLog,
+    faults: Faults,
+    *,
+    count: int,
+    budget: float,
+    total: int,
+    seed: int,
+) -> Iterator[dict[str, Any]]:
+    """Now and then, the step of the worker holding the lock, until ``count`` faults were
+    injected (the caller counts them). Only while most of the work is still ahead (so others
+    are there to take over), and while every worker runs."""
+    rng = random.Random(seed)
+    stop_at = time.monotonic() + budget * 0.6
+    while faults.injected < count and time.monotonic() < stop_at:
+        if any(p.poll() is not None for p in procs.values()):
+            return
+        if register.state()["accepted"] > total * 0.7:
+            return
+        time.sleep(rng.uniform(0.05, 0.3))
+        step = holder_now(history)
+        if step is not None:
+            yield step
 
 
 def finish_workers(procs: dict[str, subprocess.Popen[str]], timeout: float) -> None:
@@ -204,19 +235,10 @@ def pause_scenario(
     )
     cleanup.extend(procs.values())
     faults = Faults()
-    rng = random.Random(4)
-    stop_at = time.monotonic() + budget * 0.6
-    # Inject only while most of the work is still ahead, so others are there to take over.
-    latest = workers * iterations * 0.7
-    while faults.injected < pauses and time.monotonic() < stop_at:
-        if any(p.poll() is not None for p in procs.values()):
-            break
-        if register.state()["accepted"] > latest:
-            break
-        time.sleep(rng.uniform(0.05, 0.3))
-        step = holder_now(history)
-        if step is None:
-            continue
+    total = workers * iterations
+    for step in holder_steps(
+        procs, register, history, faults, count=pauses, budget=budget, total=total, seed=4
+    ):
         worker = step["w"]
         proc = procs[worker]
         faults.attempts += 1
@@ -664,32 +686,23 @@ def report_partitions(
         )
 
 
-@pytest.mark.fault
+@pytest.mark.parametrize(
+    "rounds",
+    [pytest.param(6, marks=pytest.mark.fault, id="fault"),
+     pytest.param(100, marks=pytest.mark.coordlock_soak, id="soak")],
+)  # fmt: skip
 def test_t3_partitioned_holder_is_told_and_fenced_off(
     redis_server: RedisServer,
     fault_proxy: Any,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    rounds: int,
 ) -> None:
     ttl = 1.0
     register = FencedRegister(tmp_path / "register.json")
-    r = partition_rounds(redis_server, fault_proxy, register, rounds=6, ttl=ttl)
-    report_partitions(capsys, "T3/T7 partition (freeze) of the holder", r, ttl)
-    assert r.rounds == 6
-    assert r.stale_accepted == 0 and r.stale_rejected == r.rounds
-
-
-@pytest.mark.coordlock_soak
-def test_t3_partition_delays_soak(
-    redis_server: RedisServer,
-    fault_proxy: Any,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    ttl = 1.0
-    register = FencedRegister(tmp_path / "register.json")
-    r = partition_rounds(redis_server, fault_proxy, register, rounds=100, ttl=ttl)
-    report_partitions(capsys, "T3/T7 partition soak", r, ttl)
+    r = partition_rounds(redis_server, fault_proxy, register, rounds=rounds, ttl=ttl)
+    report_partitions(capsys, f"T3/T7 partition (freeze) of the holder, {rounds} rounds", r, ttl)
+    assert r.rounds == rounds
     assert r.stale_accepted == 0 and r.stale_rejected == r.rounds
 
 
@@ -708,30 +721,20 @@ def partition_scenario(
     """Fenced workers, each talking to Redis through a fault proxy of its own; the current
     holder's proxy is frozen for 2 × ttl (a silent partition), then healed."""
     prefix = f"fault-{uuid.uuid4().hex[:8]}:"
-    register = FencedRegister(tmp_path / "register.json")
-    history = HistoryLog(tmp_path / "history.jsonl")
     proxies = {f"w{i}": make_proxy(server.port) for i in range(workers)}
-    procs = {}
-    for worker, proxy in proxies.items():
-        url = proxy.via(server.url) + f"?prefix={prefix}&socket_timeout=0.25&retry_deadline=0.5"
-        procs[worker] = subprocess.Popen(
-            worker_command(url, register.path, history.path, worker, iterations=iterations,
-                           ttl=ttl, wait=budget, hold=0.005, deadline=budget),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+    query = f"?prefix={prefix}&socket_timeout=0.25&retry_deadline=0.5"
+    urls = {w: proxy.via(server.url) + query for w, proxy in proxies.items()}
+    procs, register, history = start_workers(
+        urls, tmp_path, workers,
+        iterations=iterations, ttl=ttl, wait=budget, hold=0.005, deadline=budget,
+    )  # fmt: skip
     cleanup.extend(procs.values())
     faults = Faults()
-    rng = random.Random(3)
-    stop_at = time.monotonic() + budget * 0.6
-    latest = workers * iterations * 0.7
-    while faults.injected < partitions and time.monotonic() < stop_at:
-        if any(p.poll() is not None for p in procs.values()):
-            break
-        if register.state()["accepted"] > latest:
-            break
-        time.sleep(rng.uniform(0.05, 0.3))
-        step = holder_now(history)
-        if step is None or step["op"] != "read":
+    total = workers * iterations
+    for step in holder_steps(
+        procs, register, history, faults, count=partitions, budget=budget, total=total, seed=3
+    ):
+        if step["op"] != "read":
             continue
         worker = step["w"]
         faults.attempts += 1
@@ -765,39 +768,28 @@ def judge_partitions(report: Report, faults: Faults, history: HistoryLog) -> Non
     assert report.c4_fence_inversions == 0
 
 
-@pytest.mark.fault
+@pytest.mark.parametrize(
+    ("workers", "iterations", "partitions"),
+    [pytest.param(4, 150, 3, marks=pytest.mark.fault, id="fault"),
+     pytest.param(8, 1300, 20, marks=pytest.mark.coordlock_soak, id="soak")],
+)  # fmt: skip
 def test_t3_partitioned_workers(
     redis_server: RedisServer,
     fault_proxy: Any,
     tmp_path: Path,
     workers_cleanup: list[subprocess.Popen[str]],
     capsys: pytest.CaptureFixture[str],
+    workers: int,
+    iterations: int,
+    partitions: int,
 ) -> None:
     report, faults, history = partition_scenario(
-        redis_server, fault_proxy, tmp_path, workers_cleanup,
-        workers=4, iterations=150, partitions=3, ttl=1.0, budget=100.0,
+        redis_server, fault_proxy, tmp_path, workers_cleanup, workers=workers,
+        iterations=iterations, partitions=partitions, ttl=1.0, budget=100.0 + iterations,
     )  # fmt: skip
-    report_line(capsys, "T3 partition (freeze) of the holder, 4 workers", report, faults)
-    assert faults.injected >= 1, "no partition ever caught a holder"
-    assert report.acquisitions == 4 * 150
-    judge_partitions(report, faults, history)
-
-
-@pytest.mark.coordlock_soak
-def test_t3_partition_soak(
-    redis_server: RedisServer,
-    fault_proxy: Any,
-    tmp_path: Path,
-    workers_cleanup: list[subprocess.Popen[str]],
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    report, faults, history = partition_scenario(
-        redis_server, fault_proxy, tmp_path, workers_cleanup,
-        workers=8, iterations=1300, partitions=20, ttl=1.0, budget=1200.0,
-    )  # fmt: skip
-    report_line(capsys, "T3 partition soak", report, faults)
-    assert faults.injected >= 10
-    assert report.acquisitions >= 10_000
+    report_line(capsys, f"T3 partition (freeze) of the holder, {workers} workers", report, faults)
+    assert faults.injected >= min(partitions, 10), "too few partitions caught a holder"
+    assert report.acquisitions == workers * iterations
     judge_partitions(report, faults, history)
 
 
@@ -858,35 +850,25 @@ def kill_workers_scenario(
     return check(history, register), faults
 
 
-@pytest.mark.coordlock_soak
-def test_t2_kill_workers_soak(
+@pytest.mark.parametrize(
+    ("workers", "iterations", "kills"),
+    [pytest.param(4, 150, 2, marks=pytest.mark.fault, id="fault"),
+     pytest.param(8, 1300, 20, marks=pytest.mark.coordlock_soak, id="soak")],
+)  # fmt: skip
+def test_t2_killed_fenced_workers(
     fresh_redis_server: RedisServer,
     tmp_path: Path,
     workers_cleanup: list[subprocess.Popen[str]],
     capsys: pytest.CaptureFixture[str],
+    workers: int,
+    iterations: int,
+    kills: int,
 ) -> None:
     report, faults = kill_workers_scenario(
-        fresh_redis_server, tmp_path, workers_cleanup,
-        workers=8, iterations=1300, kills=20, ttl=0.5, budget=1200.0,
+        fresh_redis_server, tmp_path, workers_cleanup, workers=workers,
+        iterations=iterations, kills=kills, ttl=0.5, budget=100.0 + iterations,
     )  # fmt: skip
-    report_line(capsys, "T2 SIGKILL holder soak", report, faults)
-    assert faults.injected >= 10
-    assert report.acquisitions >= 10_000
-    assert report.c2_stale_accepted == report.c3_lost_updates == report.c4_fence_inversions == 0
-
-
-@pytest.mark.fault
-def test_t2_kill_workers(
-    fresh_redis_server: RedisServer,
-    tmp_path: Path,
-    workers_cleanup: list[subprocess.Popen[str]],
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    report, faults = kill_workers_scenario(
-        fresh_redis_server, tmp_path, workers_cleanup,
-        workers=4, iterations=150, kills=2, ttl=0.5, budget=100.0,
-    )  # fmt: skip
-    report_line(capsys, "T2 SIGKILL holder, 4 workers", report, faults)
-    assert faults.injected == 2
-    assert report.acquisitions >= 4 * 150 - 2  # the killed holders' rounds were redone
+    report_line(capsys, f"T2 SIGKILL holder, {workers} workers", report, faults)
+    assert faults.injected == kills
+    assert report.acquisitions >= workers * iterations - kills  # killed rounds were redone
     assert report.c2_stale_accepted == report.c3_lost_updates == report.c4_fence_inversions == 0
