@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
-import functools
 import inspect
 import logging
 import os
@@ -29,13 +27,14 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
-from ._attempt import Attempt
+from . import _observe
 from ._errors import ConfigurationError
+from ._hooks import Hooks
 from ._io import AsyncIO, SyncIO, drive
 from ._lease import AT_RISK, LOST, RESTORED, AsyncLease, BaseLease, Lease
 from ._legacy import LegacyHooks
@@ -50,6 +49,7 @@ from ._validate import (
     check_seconds,
     check_ttl,
     check_wait,
+    unknown_options,
 )
 
 log = logging.getLogger("coordlock")
@@ -62,11 +62,9 @@ POLL_MIN = 0.001
 POLL_MAX = 0.05
 #: A waiter told that the holder's lease ends in ``retry_in`` s looks again this much later.
 EXPIRY_SLACK = 0.002
-#: Worker threads for backends' sync hooks run from the async API.
-ASYNC_WORKERS = 16
 
 
-class BaseCoordinator(LegacyHooks, ABC):
+class BaseCoordinator(Hooks, LegacyHooks, ABC):
     """Common base of the built-in backends. Thread-safe; one instance serves a whole process,
     from threads and from any number of event loops.
 
@@ -98,7 +96,7 @@ class BaseCoordinator(LegacyHooks, ABC):
 
     def __init__(self, *, retry_deadline: float = 10.0, **unknown: Any) -> None:
         if unknown:
-            raise unknown_options(type(self), unknown)
+            raise _unknown_backend_options(type(self), unknown)
         self.retry_deadline = check_seconds(retry_deadline, "retry_deadline", allow_zero=True)
         self._policy = RetryPolicy(
             self.retry_deadline,
@@ -215,7 +213,7 @@ class BaseCoordinator(LegacyHooks, ABC):
     @property
     def can_force_release(self) -> bool:
         """``True`` when the backend implements :meth:`force_release`."""
-        return type(self)._force_release is not BaseCoordinator._force_release
+        return type(self)._force_release is not Hooks._force_release
 
     @property
     def closed(self) -> bool:
@@ -310,11 +308,13 @@ class BaseCoordinator(LegacyHooks, ABC):
     ) -> L | None:
         self._check_open()
         owner = new_owner()
-        deadline = time.monotonic() + timeout
+        begun = time.monotonic()
+        deadline = begun + timeout
         what = f"acquire {name!r}"
         wakes = self._wakes(io)
         poll = self.POLL_MIN
         ticket: Any = None
+        busy_since: float | None = None  # the first busy answer (for the handoff wait)
         try:
             sent = time.monotonic()
             attempt = await io.call(
@@ -323,6 +323,8 @@ class BaseCoordinator(LegacyHooks, ABC):
             ticket = attempt.ticket
             while attempt.fence is None:
                 now = time.monotonic()
+                if busy_since is None:
+                    busy_since = now
                 if now >= deadline:
                     break
                 budget = deadline - now
@@ -347,10 +349,15 @@ class BaseCoordinator(LegacyHooks, ABC):
                 ticket = attempt.ticket
         except BaseException as exc:
             await self._cleanup(io, name, owner, ticket, interrupted=not isinstance(exc, Exception))
+            if _observe.observers:
+                outcome = "error" if isinstance(exc, Exception) else "cancelled"
+                _observe.acquire(self.backend_name, name, outcome, time.monotonic() - begun, None)
             raise
         if attempt.fence is None:
             if ticket is not None:
                 await self._cleanup(io, name, owner, ticket, interrupted=False)
+            if _observe.observers:
+                _observe.acquire(self.backend_name, name, "busy", time.monotonic() - begun, None)
             return None
         started = sent if attempt.started is None else min(attempt.started, sent + 3600)
         lease = lease_type(
@@ -358,6 +365,11 @@ class BaseCoordinator(LegacyHooks, ABC):
             renew=renew, hold_at_least=hold_at_least,
         )  # fmt: skip
         self._adopt(lease, io)
+        if _observe.observers:
+            lease._observed = _observe.observers
+            done = time.monotonic()
+            waited = None if busy_since is None else done - busy_since
+            _observe.acquire(self.backend_name, name, "acquired", done - begun, waited)
         return lease
 
     async def _cleanup(
@@ -371,7 +383,11 @@ class BaseCoordinator(LegacyHooks, ABC):
             if interrupted:
                 await io.once(self._release, self._async_release, name, owner)
         except BaseException as exc:  # best effort: the lock expires after its ttl anyway
-            log.debug("cleanup after acquire %r failed: %r", name, exc)
+            log.debug(
+                "cleanup after acquire %r failed: %r", name, exc,
+                extra={"lock": name, "owner": owner, "backend": self.backend_name,
+                       "event": "cleanup", "outcome": "error", "error": repr(exc)},
+            )  # fmt: skip
 
     async def _release_flow(self, io: SyncIO | AsyncIO, lease: BaseLease) -> bool:
         # A lost lease is still released on the server (a renewal answered late may have
@@ -390,7 +406,9 @@ class BaseCoordinator(LegacyHooks, ABC):
         else:
             ok = await io.call(what, self._release, self._async_release, lease.name, lease.owner)
         if not ok:
-            lease._mark_lost("the lock was no longer ours at release", even_if_released=True)
+            lease._mark_lost(
+                "the lock was no longer ours at release", even_if_released=True, kind="not-ours"
+            )
         return bool(ok) and not was_lost
 
     async def _extend_flow(
@@ -401,7 +419,7 @@ class BaseCoordinator(LegacyHooks, ABC):
             return False
         sent = time.monotonic()
         if sent >= lease._deadline:
-            lease._mark_lost("ttl elapsed before the extension")
+            lease._mark_lost("ttl elapsed before the extension", kind="expired")
             return False
         ok = await io.call(
             f"extend {lease.name!r}", self._extend, self._async_extend,
@@ -409,7 +427,7 @@ class BaseCoordinator(LegacyHooks, ABC):
         )  # fmt: skip
         if ok:
             return lease._renewed(sent, ttl)
-        lease._mark_lost("the lock is no longer ours (expired or taken over)")
+        lease._mark_lost("the lock is no longer ours (expired or taken over)", kind="not-ours")
         return False
 
     async def _claim_flow(self, io: SyncIO | AsyncIO, keys: list[str], hold: float) -> set[str]:
@@ -474,7 +492,7 @@ class BaseCoordinator(LegacyHooks, ABC):
         if not self.wakes_waiters:
             return False
         if io.asynchronous:  # a sync wake-up run in a thread would pin a worker thread
-            return type(self)._async_wait is not BaseCoordinator._async_wait
+            return type(self)._async_wait is not Hooks._async_wait
         return True
 
     def _adopt(self, lease: BaseLease, io: SyncIO | AsyncIO) -> None:
@@ -493,16 +511,6 @@ class BaseCoordinator(LegacyHooks, ABC):
         if key not in state:
             state[key] = factory()
         return state[key]  # type: ignore[no-any-return]
-
-    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking ``fn(*args)`` on the coordinator's worker threads (not the loop's
-        default executor, which the application may need)."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                ASYNC_WORKERS, thread_name_prefix=f"coordlock-{self.backend_name}"
-            )
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     def _report_lost(self, owner: str, reason: str) -> None:
         """The backend learnt that the lease of ``owner`` is gone (pushed by the server)."""
@@ -538,87 +546,8 @@ class BaseCoordinator(LegacyHooks, ABC):
         """(name, owner) of every lease this coordinator handed out and still tracks."""
         return [(lease.name, owner) for owner, lease in list(self._leases_by_owner.items())]
 
-    # -- hooks for backends ------------------------------------------------------------------
-
-    @abstractmethod
-    def _try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
-        """One attempt to take ``name`` for ``owner`` for ``ttl`` s.
-
-        ``ticket`` is ``None`` on the first attempt of an acquire call, else the ticket of the
-        previous :class:`Attempt` of that call. Must be idempotent for the same owner (a retried
-        call that finds the lock held by ``owner`` returns that acquisition's fence).
-        """
-
-    @abstractmethod
-    def _release(self, name: str, owner: str) -> bool:
-        """Delete the lock only if ``owner`` still holds it; True when it did."""
-
-    @abstractmethod
-    def _extend(self, name: str, owner: str, ttl: float) -> bool:
-        """Reset the expiry to ``ttl`` s only if ``owner`` still holds an unexpired lock."""
-
-    @abstractmethod
-    def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
-        """Claim the (distinct, checked) ``keys``; return those this call won."""
-
-    def _wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
-        """Block up to ``timeout`` s or until ``name`` may be free; return ``None`` (the base
-        then tries again) or a completed :class:`Attempt`. Default: sleep (poll)."""
-        if timeout > 0:
-            time.sleep(timeout)
-        return None
-
-    def _abandon(self, name: str, owner: str, ticket: Any) -> None:
-        """An acquire call gave up while holding waiter state in ``ticket``. Default: nothing."""
-
-    def _release_later(self, name: str, owner: str, linger: float) -> bool:
-        """Release so that ``name`` stays taken ``linger`` more seconds (``hold_at_least``),
-        enforced by the server. Default: shorten the lock's expiry to ``linger``."""
-        return self._extend(name, owner, linger)
-
-    def _force_release(self, name: str) -> bool:
-        """Delete the lock ``name`` whoever holds it; True when one was removed."""
-        raise NotImplementedError
-
-    def _after_fork(self) -> None:
-        """In a forked child, before its first call: drop inherited connections without
-        closing them on the wire (that would end the parent's sessions)."""
-
-    def _close(self) -> None:
-        """Release connections. Called once by :meth:`close`."""
-
-    async def _async_try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
-        return await self._in_thread(self._try_acquire, name, owner, ttl, ticket)
-
-    async def _async_release(self, name: str, owner: str) -> bool:
-        return await self._in_thread(self._release, name, owner)
-
-    async def _async_extend(self, name: str, owner: str, ttl: float) -> bool:
-        return await self._in_thread(self._extend, name, owner, ttl)
-
-    async def _async_claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
-        return await self._in_thread(self._claim_many, keys, hold)
-
-    async def _async_wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
-        """Default: sleep on the loop (the base polls); never pins a worker thread."""
-        await asyncio.sleep(max(timeout, 0.0))
-        return None
-
-    async def _async_abandon(self, name: str, owner: str, ticket: Any) -> None:
-        await self._in_thread(self._abandon, name, owner, ticket)
-
-    async def _async_release_later(self, name: str, owner: str, linger: float) -> bool:
-        return await self._in_thread(self._release_later, name, owner, linger)
-
-    async def _async_force_release(self, name: str) -> bool:
-        return await self._in_thread(self._force_release, name)
-
-    async def _async_close(self, state: dict[str, Any]) -> None:
-        """Close the async resources kept in ``state`` (one event loop's :meth:`_loop_local`)."""
-
-
-def unknown_options(cls: type, unknown: dict[str, Any]) -> ConfigurationError:
-    """A :class:`ConfigurationError` naming the options of ``cls`` (with "did you mean")."""
+def _unknown_backend_options(cls: type, unknown: dict[str, Any]) -> ConfigurationError:
+    """The error for options no ``__init__`` of ``cls`` accepts."""
     known: set[str] = {"retry_deadline"}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -628,11 +557,5 @@ def unknown_options(cls: type, unknown: dict[str, Any]) -> ConfigurationError:
             if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD) and \
                     param.name != "self" and not param.name.startswith("_"):
                 known.add(param.name)
-    parts = []
-    for name in sorted(unknown):
-        close = difflib.get_close_matches(name, sorted(known), n=1)
-        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return ConfigurationError(
-        f"unknown option(s) for the {getattr(cls, 'backend_name', cls.__name__)} backend: "
-        f"{', '.join(parts)}; known options: {', '.join(sorted(known))}"
-    )
+    backend = getattr(cls, "backend_name", cls.__name__)
+    return unknown_options(f"the {backend} backend", unknown, known)

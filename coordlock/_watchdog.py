@@ -31,38 +31,62 @@ log = logging.getLogger("coordlock")
 COMPACT_AFTER = 1024
 
 
+#: A callback running longer than this (seconds) no longer holds up the ones queued after it.
+STALL_AFTER = 0.5
+
+
 class Dispatcher:
-    """Runs callbacks in order on one daemon thread; survives anything they raise."""
+    """Runs callbacks in order on a daemon thread; survives anything they raise.
+
+    A callback that blocks (against the advice) does not hold up the others for long: once it
+    has run for :data:`STALL_AFTER` seconds, the next submission starts a fresh thread that
+    takes over the queue, and the stuck one ends after its callback returns.
+    """
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._busy_since: float | None = None
 
     def submit(self, fn: Callable[[], None]) -> None:
         """Queue ``fn`` to run on the dispatcher thread."""
         self._queue.put(fn)
-        thread = self._thread
-        if thread is None or not thread.is_alive():
+        thread, busy = self._thread, self._busy_since
+        stalled = busy is not None and time.monotonic() - busy > STALL_AFTER
+        if thread is None or stalled or not thread.is_alive():
             with self._start_lock:
-                if self._thread is None or not self._thread.is_alive():
+                if self._thread is thread:
+                    self._busy_since = None
                     self._thread = threading.Thread(
                         target=self._run, name="coordlock-callbacks", daemon=True
                     )
                     self._thread.start()
 
     def _run(self) -> None:
-        while True:
+        me = threading.current_thread()
+        while self._thread is me:
             fn = self._queue.get()
+            if self._thread is not me:  # replaced while we waited: hand the work back
+                self._queue.put(fn)
+                return
+            self._busy_since = time.monotonic()
             try:
                 fn()
             except BaseException:  # a callback's sys.exit() must not end the thread
-                log.exception("a coordlock lease callback raised; ignored")
+                log.exception(
+                    "a coordlock lease callback raised; ignored",
+                    extra={"event": "callback", "outcome": "error"},
+                )
+            finally:
+                if self._thread is me:
+                    self._busy_since = None
 
     def _reset_after_fork(self) -> None:
         self._queue = queue.SimpleQueue()
         self._thread = None
         self._start_lock = threading.Lock()
+        self._busy_since = None
 
 
 AT_RISK_CHECK = 0
@@ -108,7 +132,10 @@ class Watchdog:
             try:
                 self._step()
             except BaseException:  # pragma: no cover - never expected; keep watching
-                log.exception("coordlock watchdog: unexpected error; going on")
+                log.exception(
+                    "coordlock watchdog: unexpected error; going on",
+                    extra={"event": "watchdog", "outcome": "error"},
+                )
 
     def _step(self) -> None:
         with self._cond:

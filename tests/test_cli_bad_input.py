@@ -151,7 +151,7 @@ ROWS = [
         code=lambda e: "coordlock.lock('x', ttl=0)", expect="ValueError"),
     Row("`Scheduler().every(5, retry=3)`", "`ConfigurationError`: did you mean `retries`", "–",
         AT_ONCE, code=lambda e: "coordlock.Scheduler().every(5, retry=3)",
-        expect="retries", xfail=CORE),
+        expect="retries"),
 ]
 
 

@@ -135,8 +135,9 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="show scheduler run history, newest first",
         description=(
-            "The scheduler's run history, newest first: job, tick (UTC), status (running,\n"
-            "finished, failed, stuck), seconds and instance, plus the error of failed runs.\n"
+            "The scheduler's run history, newest first: job, tick (UTC), status (claimed,\n"
+            "running, finished, failed, stuck, skipped, missed), seconds and instance, plus\n"
+            "the error of failed runs.\n"
             '--json prints {"runs": [{"run_id", "job", "tick", "instance", "status",\n'
             '"started", "finished", "duration", "error"}]} (epoch seconds; null while running).\n'
             "Exits 69 when the backend keeps no history."

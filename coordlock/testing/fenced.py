@@ -304,10 +304,10 @@ def run_fenced(
                     coordinator, register, history, worker, iterations=iterations, **options
                 )
 
-        threads = [threading.Thread(target=body, args=(f"w{i}",)) for i in range(workers)]
-        for thread in threads:
+        pool = [threading.Thread(target=body, args=(f"w{i}",)) for i in range(workers)]
+        for thread in pool:
             thread.start()
-        for thread in threads:
+        for thread in pool:
             thread.join(timeout)
         short = {w: n for w, n in results.items() if n != iterations}
         assert len(results) == workers and not short, f"workers fell short: {results}"
