@@ -42,6 +42,8 @@ from coordlock.testing.servers import RedisServer
 pytest.importorskip("redis")
 
 HOLDING = ("acquired", "read")  # a worker whose last step is one of these holds the lock
+#: Marks of a soak: opt-in, and a longer bound than the suite's per-test timeout.
+SOAK = [pytest.mark.coordlock_soak, pytest.mark.timeout(3600)]
 
 
 @dataclass
@@ -198,11 +200,11 @@ def holder_now(history: HistoryLog, worker: str | None = None) -> dict[str, Any]
     return None
 
 
-def accepted_between(history: HistoryLog, worker: str, t0: float, t1: float) -> bool:
+def accepted_between(events: list[dict[str, Any]], worker: str, t0: float, t1: float) -> bool:
     """True if another worker had a write accepted between monotonic times t0 and t1."""
     return any(
         e["op"] == "write" and e["accepted"] and e["w"] != worker and t0 < e["t"] < t1
-        for e in history.events()
+        for e in events
     )
 
 
@@ -262,7 +264,7 @@ def pause_scenario(
 def judge_pauses(report: Report, faults: Faults, history: HistoryLog) -> None:
     events = history.events()
     for worker, fence, t0, t1 in faults.pauses:
-        assert accepted_between(history, worker, t0, t1), (
+        assert accepted_between(events, worker, t0, t1), (
             f"nobody took over while {worker} was stopped: the fault did not bite"
         )
         writes = [
@@ -307,6 +309,7 @@ def test_t1_paused_holder_is_fenced_off(
 
 
 @pytest.mark.coordlock_soak
+@pytest.mark.timeout(3600)
 def test_t1_soak(
     fresh_redis_server: RedisServer,
     tmp_path: Path,
@@ -499,6 +502,7 @@ def test_t2_redis_restart_mid_run(
 
 
 @pytest.mark.coordlock_soak
+@pytest.mark.timeout(3600)
 def test_t2_restart_soak(
     fresh_redis_server: RedisServer,
     tmp_path: Path,
@@ -523,6 +527,7 @@ def test_t2_restart_soak(
 
 
 @pytest.mark.coordlock_soak
+@pytest.mark.timeout(3600)
 def test_t2_kill_soak(
     fresh_redis_server: RedisServer,
     workers_cleanup: list[subprocess.Popen[str]],
@@ -595,6 +600,7 @@ def test_t6_non_owners_never_succeed(
 
 
 @pytest.mark.coordlock_soak
+@pytest.mark.timeout(3600)
 def test_t6_soak(fresh_redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
     made, successes = non_owner_scenario(fresh_redis_server, 20000)
     with capsys.disabled():
@@ -689,7 +695,7 @@ def report_partitions(
 @pytest.mark.parametrize(
     "rounds",
     [pytest.param(6, marks=pytest.mark.fault, id="fault"),
-     pytest.param(100, marks=pytest.mark.coordlock_soak, id="soak")],
+     pytest.param(100, marks=SOAK, id="soak")],
 )  # fmt: skip
 def test_t3_partitioned_holder_is_told_and_fenced_off(
     redis_server: RedisServer,
@@ -755,7 +761,7 @@ def judge_partitions(report: Report, faults: Faults, history: HistoryLog) -> Non
     a refused release, or an error from its release call)."""
     events = history.events()
     for worker, fence, t0, t1 in faults.pauses:
-        if accepted_between(history, worker, t0, t1):
+        if accepted_between(events, worker, t0, t1):
             told = any(
                 e["w"] == worker and e.get("fence") in (fence, None) and t0 <= e["t"]
                 and (e["op"] in ("lost", "error")
@@ -771,7 +777,7 @@ def judge_partitions(report: Report, faults: Faults, history: HistoryLog) -> Non
 @pytest.mark.parametrize(
     ("workers", "iterations", "partitions"),
     [pytest.param(4, 150, 3, marks=pytest.mark.fault, id="fault"),
-     pytest.param(8, 1300, 20, marks=pytest.mark.coordlock_soak, id="soak")],
+     pytest.param(8, 1300, 20, marks=SOAK, id="soak")],
 )  # fmt: skip
 def test_t3_partitioned_workers(
     redis_server: RedisServer,
@@ -853,7 +859,7 @@ def kill_workers_scenario(
 @pytest.mark.parametrize(
     ("workers", "iterations", "kills"),
     [pytest.param(4, 150, 2, marks=pytest.mark.fault, id="fault"),
-     pytest.param(8, 1300, 20, marks=pytest.mark.coordlock_soak, id="soak")],
+     pytest.param(8, 1300, 20, marks=SOAK, id="soak")],
 )  # fmt: skip
 def test_t2_killed_fenced_workers(
     fresh_redis_server: RedisServer,

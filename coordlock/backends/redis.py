@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -280,8 +281,16 @@ class RedisCoordinator(ListingMixin, BaseCoordinator):
         reg = ms(register) if register > 0 else 0
         return script, 1, self.keys.lock(name), owner, ms(ttl), floor, reg
 
-    def _acquired(self, name: str, ticket: Ticket, result: Any) -> Attempt:
-        """The :class:`Attempt` for an acquire script reply (``ticket``: this call's state)."""
+    def _acquired(self, name: str, ticket: Ticket | Callable[[], Ticket], result: Any) -> Attempt:
+        """The :class:`Attempt` for an acquire script reply; ``ticket`` is this call's state
+        (or makes it: the uncontended path needs none, and skips building one)."""
+        if type(result) is bytes and result[-1] in _DIGITS:  # granted: the common case, cheap
+            fence = int(result)
+            if fence > self._seen.get(name, 0):
+                self._saw(name, fence)
+            return Attempt(fence)
+        if not isinstance(ticket, Ticket):
+            ticket = ticket()
         reply = parse_acquire(result)
         if reply.legacy_refused:  # the old layout's fence key is out of bounds (ACL)
             self._acquire_script = self._acquire_plain
@@ -345,8 +354,9 @@ class RedisCoordinator(ListingMixin, BaseCoordinator):
             return execute("EVALSHA", script.sha, numkeys, *args)
 
     def _try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
-        state = ticket if isinstance(ticket, Ticket) else Ticket(owner, ttl)
-        return self._acquired(name, state, self._evalsha(*self._acquire_call(name, owner, ttl)))
+        return self._acquired(
+            name, _ticket(ticket, owner, ttl), self._evalsha(*self._acquire_call(name, owner, ttl))
+        )
 
     def _wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
         return drive(self._wait_flow(self._sync_redis, name, ticket, timeout))
@@ -397,8 +407,8 @@ class RedisCoordinator(ListingMixin, BaseCoordinator):
         io = self._aio()
         if io is None:
             return await super()._async_try_acquire(name, owner, ttl, ticket)
-        state = ticket if isinstance(ticket, Ticket) else Ticket(owner, ttl)
-        return self._acquired(name, state, await io.evalsha(*self._acquire_call(name, owner, ttl)))
+        result = await io.evalsha(*self._acquire_call(name, owner, ttl))
+        return self._acquired(name, _ticket(ticket, owner, ttl), result)
 
     async def _async_wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
         io = self._aio()
@@ -469,6 +479,11 @@ class RedisCoordinator(ListingMixin, BaseCoordinator):
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _ticket(ticket: Any, owner: str, ttl: float) -> Ticket | Callable[[], Ticket]:
+    """The call's ticket, or (first attempt) how to make one if the lock turns out busy."""
+    return ticket if isinstance(ticket, Ticket) else functools.partial(Ticket, owner, ttl)
 
 
 def _token() -> str:
