@@ -1272,7 +1272,8 @@ def test_async_api_uses_redis_asyncio_not_threads(server: RedisServer) -> None:
 
 def test_event_loop_stall_with_50_tasks(server: RedisServer, capsys: Any) -> None:
     """50 tasks lock, wait (hand-overs) and release on one loop while a ticker measures the
-    longest stall of the loop. The figure is printed (goal < 20 ms), not judged here."""
+    longest stall of the loop (after a warm-up round). The figure is printed (goal < 20 ms),
+    not judged here."""
 
     async def main() -> tuple[float, int]:
         c = coordlock.connect(url_of(server))
@@ -1295,6 +1296,10 @@ def test_event_loop_stall_with_50_tasks(server: RedisServer, capsys: Any) -> Non
                     held += 1
                     await asyncio.sleep(0.002)
 
+        # Warm up: one-time costs of a process's first lock (lazy imports of the metrics
+        # hooks, the script cache) are not what this measures.
+        await asyncio.gather(*(worker(i) for i in range(5)))
+        held = 0
         tick = asyncio.create_task(ticker())
         try:
             await asyncio.gather(*(worker(i) for i in range(50)))

@@ -73,6 +73,23 @@ class Clients:
     options: dict[str, Any] = field(default_factory=dict)  # for the coordinator itself
 
 
+def _driver_info() -> dict[str, Any]:
+    """``CLIENT SETINFO`` names redis-py and coordlock. Built once: redis-py >= 7 would
+    otherwise read its package metadata from disk for every new connection — blocking file
+    I/O on the event loop each time a waiter opens its ``BLPOP`` connection."""
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py < 7: its default is computed once at import
+        return {}
+    from .. import __version__
+
+    info = DriverInfo(lib_version=redis.__version__).add_upstream_driver("coordlock", __version__)
+    return {"driver_info": info}
+
+
+DRIVER_INFO = _driver_info()
+
+
 def no_retry() -> Retry:
     """redis-py must not retry on its own: coordlock's bounded retry does that."""
     return Retry(NoBackoff(), 0)
@@ -138,7 +155,11 @@ def _direct(
             raise ConfigurationError(f"bad database index {db} (must be >= 0)")
         overrides["db"] = db
     unix = sync_kwargs.get("connection_class") is redis.UnixDomainSocketConnection
-    common = {"socket_connect_timeout": connect, **({} if unix else {"socket_keepalive": True})}
+    common = {
+        "socket_connect_timeout": connect,
+        **DRIVER_INFO,
+        **({} if unix else {"socket_keepalive": True}),
+    }
 
     def make(extra: float) -> redis.Redis:
         pool = redis.ConnectionPool(
@@ -187,7 +208,9 @@ def _sentinel(url: str, options: dict[str, Any], timeout: float, connect: float)
         sentinel_kwargs["password"] = options.pop("sentinel_password")
     if "sentinel_username" in options:
         sentinel_kwargs["username"] = options.pop("sentinel_username")
-    master_kwargs: dict[str, Any] = {"socket_connect_timeout": connect, "db": db, **options}
+    master_kwargs: dict[str, Any] = {
+        "socket_connect_timeout": connect, "db": db, **DRIVER_INFO, **options,
+    }  # fmt: skip
     if parts.username:
         master_kwargs["username"] = unquote(parts.username)
     if parts.password:
