@@ -163,6 +163,19 @@ class LockContext:
             decision,
         )  # fmt: skip
 
+    def _check_fresh(self, decision: TickDecision) -> None:
+        """Refuse to claim a tick named so long ago (a stalled process) that its next tick
+        has come: the first claim of it may have expired by now, so it could run twice."""
+        assert decision.tick is not None and self.tick_spec is not None
+        now = wall_clock()
+        if now > self.tick_spec.claim_deadline(decision.tick):
+            raise TickNotRun(
+                self.name, OFF_TICK,
+                f"tick {decision.key!r} was named {now - decision.now:.1f}s ago and its next "
+                "tick has come: too late to claim it safely (the process was stalled)",
+                decision,
+            )  # fmt: skip
+
     def _claimed(self, decision: TickDecision, won: bool) -> None:
         if not won:
             raise TickNotRun(
@@ -200,6 +213,7 @@ class LockContext:
         target = self._target()
         decision = self._decide(now)
         if decision is not None and decision.key is not None:
+            self._check_fresh(decision)
             self._claimed(decision, bool(target.claim(decision.key, decision.hold)))
         lease: Lease | None = target.acquire(self.name, self.ttl, **self._options(decision))
         self._got(lease, decision)
@@ -218,6 +232,7 @@ class LockContext:
             )
         decision = self._decide(now)
         if decision is not None and decision.key is not None:
+            self._check_fresh(decision)
             self._claimed(decision, bool(await target.aclaim(decision.key, decision.hold)))
         lease: AsyncLease | None = await aacquire(self.name, self.ttl, **self._options(decision))
         self._got(lease, decision)
