@@ -7,7 +7,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _observe
+from ._owner import current_pid
 from ._watchdog import AT_RISK_CHECK, LOST_CHECK, dispatcher, watchdog
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class BaseLease:
         self._callbacks: list[StateCallback] = []
         self._guard = threading.Lock()
         self._op: Any = threading.Lock()  # serialises extend/release (an asyncio.Lock async)
-        self._pid = os.getpid()
+        self._pid = current_pid()
 
     # -- what callers read ------------------------------------------------------------------
 
@@ -294,6 +294,9 @@ class BaseLease:
             self._lost = True
             self._lost_reason = reason
             ended = not self._released
+            live = getattr(self._coordinator, "_leases_by_owner", None)
+            if live is not None:
+                live.pop(self.owner, None)
             if self._renewer is not None:
                 self._renewer.forget()
             watchdog.forget()
