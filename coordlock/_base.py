@@ -113,6 +113,7 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         self._closed = False
         self._close_lock = threading.Lock()
         self._owner_pid = os.getpid()
+        _observe.coordinators.add(self)  # for the held-leases gauge of metrics
 
     @classmethod
     @abstractmethod
@@ -365,11 +366,12 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             renew=renew, hold_at_least=hold_at_least,
         )  # fmt: skip
         self._adopt(lease, io)
-        if _observe.observers:
-            lease._observed = _observe.observers
+        if _observe.observers:  # posted inline: this is every lock()'s path
             done = time.monotonic()
             waited = None if busy_since is None else done - busy_since
-            _observe.acquire(self.backend_name, name, "acquired", done - begun, waited)
+            _observe.post(
+                (_observe.ACQUIRE, self.backend_name, name, "acquired", done - begun, waited)
+            )
         return lease
 
     async def _cleanup(

@@ -64,7 +64,6 @@ class BaseLease:
         "_hold_until",
         "_lost",
         "_lost_reason",
-        "_observed",
         "_released",
         "_renewer",
         "acquired_at",
@@ -104,7 +103,6 @@ class BaseLease:
         self._lost = False
         self._lost_reason = ""
         self._released = False
-        self._observed: tuple[_observe.Observer, ...] = ()  # the metrics observers that counted it
         self._renewer: _Rescheduler | None = None
         self.at_risk = False
         self._callbacks: list[StateCallback] = []
@@ -266,13 +264,10 @@ class BaseLease:
                 return False
             self._lost = True
             self._lost_reason = reason
-            ended = not self._released
         log.warning("lease %r (fence %d) lost: %s", self.name, self.fence, reason,
                     extra=self._facts("lost", reason))
         if _observe.observers:
             _observe.lease_lost(self._backend(), self.name, kind)
-        if ended and self._observed:
-            _observe.lease_ended(self._observed, self._backend(), self.name, "lost", self._held())
         self._notify(LOST)
         if self._renewer is not None:
             self._renewer.forget()
@@ -285,11 +280,6 @@ class BaseLease:
             if self._released:
                 return False
             self._released = True
-            ended = not self._lost
-        if ended and self._observed:
-            _observe.lease_ended(
-                self._observed, self._backend(), self.name, "released", self._held()
-            )
         if self._renewer is not None:
             self._renewer.forget()
         watchdog.forget()
@@ -306,10 +296,6 @@ class BaseLease:
 
     def _backend(self) -> str:
         return getattr(self._coordinator, "backend_name", "") or type(self._coordinator).__name__
-
-    def _held(self) -> float:
-        """Seconds since the lease was granted (wall clock, never negative)."""
-        return max(0.0, time.time() - self.acquired_at)
 
     def _facts(self, event: str, reason: str = "", **more: object) -> dict[str, object]:
         """The ``extra=`` fields of this lease's log records (never a ``name`` key: that one
