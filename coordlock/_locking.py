@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +19,38 @@ from ._validate import check_hold_at_least, check_name, check_ttl, check_wait
 if TYPE_CHECKING:
     from ._lease import AsyncLease, BaseLease, Lease
     from ._protocol import RunCoordinator
+    from ._ticks import TickDecision, TickSpec
 
 log = logging.getLogger("coordlock")
+
+#: Where tick-aware locks read the time of day (epoch seconds); tests may replace it.
+wall_clock: Callable[[], float] = time.time
+
+#: Outcomes of a tick-aware call (:attr:`TickNotRun.reason`; ``won`` when it ran).
+WON = "won"  # this call won the tick's claim (and the lock)
+CLAIMED_ELSEWHERE = "claimed-elsewhere"  # another caller claimed (ran) the tick
+OFF_TICK = "off-tick"  # no scheduled tick within the skew tolerance of the call
+RUNNING = "running"  # the tick was won, but a run still holds the lock (no overlap)
+COORDINATOR_ERROR = "coordinator-error"  # the coordinator could not be asked: fail closed
+
+
+class TickNotRun(LockNotAcquired):
+    """A tick-aware lock (``cron=``/``every=``) did not let this call run.
+
+    ``reason``: ``"claimed-elsewhere"`` (the tick was claimed — run — by another caller),
+    ``"off-tick"`` (no scheduled tick within the skew tolerance of the call) or ``"running"``
+    (the tick was won, but a run still holds the lock). ``tick`` is the tick (an aware UTC
+    datetime, ``None`` off tick) and ``key`` its claim key ``name@<tick UTC>``.
+    """
+
+    def __init__(
+        self, name: str, reason: str, message: str, decision: TickDecision | None = None
+    ) -> None:
+        super().__init__(name, message)
+        self.reason = reason
+        self.detail = message if decision is None or not decision.reason else decision.reason
+        self.tick: datetime | None = None if decision is None else decision.tick_datetime
+        self.key: str | None = None if decision is None else decision.key
 
 
 class LockContext:
@@ -30,7 +64,12 @@ class LockContext:
     * The coordinator is looked up when the block is entered (``coordinator=None`` → the
       process-wide one), so a module can build these before ``configure()`` runs.
     * ``async with`` never blocks the event loop: it uses the coordinator's async API and the
-      lease is an :class:`~coordlock.AsyncLease`. One object serves one block at a time.
+      lease is an :class:`~coordlock.AsyncLease`. One object may serve many threads and tasks
+      at once (each block has its own lease); the lock itself is not re-entrant.
+    * With a ``tick`` spec (``cron=``/``every=`` of :func:`coordlock.lock`), entering first
+      names the scheduled tick nearest to now and claims ``name@<tick UTC>`` (one round trip),
+      then takes the lock; a tick claimed elsewhere, or a call off every tick, raises
+      :class:`TickNotRun` (a :class:`LockNotAcquired`). ``tick``/``tick_key`` tell the tick.
     """
 
     def __init__(
@@ -43,6 +82,7 @@ class LockContext:
         resolve: Callable[[], RunCoordinator] | None = None,
         renew: bool = True,
         hold_at_least: float | None = None,
+        tick: TickSpec | None = None,
     ) -> None:
         self.name = check_name(name)
         self.ttl = check_ttl(ttl)
@@ -55,7 +95,34 @@ class LockContext:
         self._resolve = resolve
         self.renew = renew
         self.hold_at_least = check_hold_at_least(hold_at_least)
-        self.lease: BaseLease | None = None
+        self.tick_spec = tick
+        # The blocks this object holds, per thread / asyncio task (a module-level lock(...)
+        # object serves every thread and task that enters it, each with its own lease).
+        self._blocks: ContextVar[tuple[_Block, ...]] = ContextVar(
+            f"coordlock-lock-{id(self):x}", default=()
+        )
+
+    @property
+    def lease(self) -> BaseLease | None:
+        """The lease of the innermost block this thread or task holds, else ``None``."""
+        blocks = self._blocks.get()
+        return blocks[-1].lease if blocks else None
+
+    @property
+    def decision(self) -> TickDecision | None:
+        """The tick decision of the innermost block this thread or task holds."""
+        blocks = self._blocks.get()
+        return blocks[-1].decision if blocks else None
+
+    @property
+    def tick(self) -> datetime | None:
+        """The tick this block runs for (aware UTC datetime), once entered; else ``None``."""
+        return None if self.decision is None else self.decision.tick_datetime
+
+    @property
+    def tick_key(self) -> str | None:
+        """The claim key of :attr:`tick` (``name@2026-01-01T00:05:00Z``), else ``None``."""
+        return None if self.decision is None else self.decision.key
 
     def _target(self) -> Any:
         coordinator = self._coordinator
@@ -64,15 +131,68 @@ class LockContext:
             coordinator = self._resolve()
         return coordinator
 
-    def _options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"wait": self.wait}
+    def _options(self, decision: TickDecision | None) -> dict[str, Any]:
+        wait = self.wait
+        if decision is not None and decision.tick is not None and decision.key is not None:
+            # A won tick waits a little for a run (of an earlier tick) that is just ending,
+            # as the Scheduler does: within what is left of the tick's skew, at most 5 s.
+            assert self.tick_spec is not None
+            wait = max(wait, self.tick_spec.lease_wait(decision.tick, wall_clock()))
+        options: dict[str, Any] = {"wait": wait}
         if not self.renew:
             options["renew"] = False
         if self.hold_at_least is not None:
             options["hold_at_least"] = self.hold_at_least
         return options
 
-    def _got(self, lease: BaseLease | None) -> None:
+    def _decide(self, now: float | None) -> TickDecision | None:
+        """Name the tick of a call at ``now`` (``None`` without a tick spec); raises
+        :class:`TickNotRun` for a call off every tick unless ``off_tick='run'``."""
+        spec = self.tick_spec
+        if spec is None:
+            return None
+        decision = spec.resolve(wall_clock() if now is None else now)
+        if decision.key is not None:
+            return decision
+        if spec.off_tick == "run":
+            log.info("%s; running under the lock alone (off_tick='run')", decision.reason,
+                     extra={"lock": self.name, "event": "off-tick", "outcome": "run"})
+            return decision
+        raise TickNotRun(
+            self.name, OFF_TICK, f"{decision.reason} (off_tick='run' runs such calls anyway)",
+            decision,
+        )  # fmt: skip
+
+    def _check_fresh(self, decision: TickDecision) -> None:
+        """Refuse to claim a tick named so long ago (a stalled process) that its next tick
+        has come: the first claim of it may have expired by now, so it could run twice."""
+        assert decision.tick is not None and self.tick_spec is not None
+        now = wall_clock()
+        if now > self.tick_spec.claim_deadline(decision.tick):
+            raise TickNotRun(
+                self.name, OFF_TICK,
+                f"tick {decision.key!r} was named {now - decision.now:.1f}s ago and its next "
+                "tick has come: too late to claim it safely (the process was stalled)",
+                decision,
+            )  # fmt: skip
+
+    def _claimed(self, decision: TickDecision, won: bool) -> None:
+        if not won:
+            raise TickNotRun(
+                self.name, CLAIMED_ELSEWHERE,
+                f"tick {decision.key!r} was already claimed elsewhere (it runs once across "
+                "servers)",
+                decision,
+            )  # fmt: skip
+
+    def _got(self, lease: BaseLease | None, decision: TickDecision | None) -> None:
+        if lease is None and decision is not None and decision.key is not None:
+            raise TickNotRun(
+                self.name, RUNNING,
+                f"won tick {decision.key!r}, but lock {self.name!r} is still held by a "
+                "run that has not ended (no overlap)",
+                decision,
+            )  # fmt: skip
         if lease is None:
             if self.wait == 0:
                 raise LockNotAcquired(self.name)
@@ -80,32 +200,51 @@ class LockContext:
             raise LockNotAcquired(
                 self.name, f"lock {self.name!r} still held by another owner after {waited}"
             )
-        self.lease = lease
+        self._blocks.set((*self._blocks.get(), _Block(lease, decision)))
 
-    def acquire(self) -> Lease:
-        """Take the lock (raising :class:`LockNotAcquired` if it cannot) and return the lease."""
-        lease: Lease | None = self._target().acquire(self.name, self.ttl, **self._options())
-        self._got(lease)
+    def acquire(self, *, now: float | None = None) -> Lease:
+        """Take the lock (raising :class:`LockNotAcquired` if it cannot) and return the lease.
+
+        With a tick spec, first claim the tick of a call at ``now`` (epoch seconds; default:
+        the time of day now).
+        """
+        if self.tick_spec is not None and now is None:
+            now = wall_clock()  # when the call came, not when a first connection was made
+        target = self._target()
+        decision = self._decide(now)
+        if decision is not None and decision.key is not None:
+            self._check_fresh(decision)
+            self._claimed(decision, bool(target.claim(decision.key, decision.hold)))
+        lease: Lease | None = target.acquire(self.name, self.ttl, **self._options(decision))
+        self._got(lease, decision)
         assert lease is not None
         return lease
 
-    async def aacquire(self) -> AsyncLease:
+    async def aacquire(self, *, now: float | None = None) -> AsyncLease:
         """:meth:`acquire` for ``async with``."""
+        if self.tick_spec is not None and now is None:
+            now = wall_clock()
         target = self._target()
         aacquire = getattr(target, "aacquire", None)
         if aacquire is None:
             raise TypeError(
                 f"{type(target).__name__} has no async API (aacquire); use `with`, not `async with`"
             )
-        lease: AsyncLease | None = await aacquire(self.name, self.ttl, **self._options())
-        self._got(lease)
+        decision = self._decide(now)
+        if decision is not None and decision.key is not None:
+            self._check_fresh(decision)
+            self._claimed(decision, bool(await target.aclaim(decision.key, decision.hold)))
+        lease: AsyncLease | None = await aacquire(self.name, self.ttl, **self._options(decision))
+        self._got(lease, decision)
         assert lease is not None
         return lease
 
     def _take(self) -> tuple[BaseLease | None, bool, str]:
-        lease, self.lease = self.lease, None
-        if lease is None:
+        blocks = self._blocks.get()
+        if not blocks:
             return None, False, ""
+        self._blocks.set(blocks[:-1])
+        lease = blocks[-1].lease
         return lease, lease.lost, lease.lost_reason
 
     def _finish(
@@ -137,8 +276,6 @@ class LockContext:
         self._finish(lease, was_lost, reason, bool(ok), raising)
 
     def __enter__(self) -> Lease:
-        if self.lease is not None:  # already taken with acquire() (as @locked does)
-            return self.lease  # type: ignore[return-value]
         return self.acquire()
 
     def __exit__(
@@ -150,8 +287,6 @@ class LockContext:
         self.release(raising=exc_type is None)
 
     async def __aenter__(self) -> AsyncLease:
-        if self.lease is not None:  # already taken with aacquire() (as @locked does)
-            return self.lease  # type: ignore[return-value]
         return await self.aacquire()
 
     async def __aexit__(
@@ -161,6 +296,14 @@ class LockContext:
         tb: TracebackType | None,
     ) -> None:
         await self.arelease(raising=exc_type is None)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """What one ``with``/``async with`` block of a :class:`LockContext` holds."""
+
+    lease: BaseLease
+    decision: TickDecision | None
 
 
 def _unreleased(lease: BaseLease, exc: BaseException) -> bool:

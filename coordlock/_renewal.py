@@ -102,9 +102,12 @@ class Renewer:
     def _ensure_worker(self) -> None:
         worker = self._worker
         if self._io.asynchronous:
+            running = asyncio.get_running_loop()
+            if self._loop is not None and running is not self._loop:
+                return  # a renewer serves the one loop it was made for (see AsyncLease.loop)
             if worker is None or worker.done():  # type: ignore[union-attr]
-                self._loop = asyncio.get_running_loop()
-                self._worker = self._loop.create_task(self._run(), name="coordlock-renewer")
+                self._loop = running
+                self._worker = running.create_task(self._run(), name="coordlock-renewer")
         elif worker is None or not worker.is_alive():  # type: ignore[union-attr]
             with self._lock:
                 if self._worker is worker:
@@ -151,6 +154,7 @@ class Renewer:
             except asyncio.CancelledError:
                 raise
             except Exception:  # pragma: no cover - never expected; keep renewing
+                await self._io.sleep(0.05)  # never spin
                 log.exception(
                     "coordlock renewer: unexpected error; going on",
                     extra={"backend": self._coordinator.backend_name, "event": "renewer",

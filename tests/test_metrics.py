@@ -169,18 +169,22 @@ def test_events_of_a_pair_carry_backend_lock_outcome_and_times(
     assert recorder.events[1][3] == "busy"
 
 
-def test_held_leases_are_read_from_the_live_leases(memory: Any) -> None:
-    before = _observe.held_leases().get("memory", 0)
-    first = memory.acquire("held-1", 30)
-    second = memory.acquire("held-2", 0.2, renew=False)
+def test_held_leases_are_read_from_the_live_leases() -> None:
+    class Counted(MemoryCoordinator):
+        backend_name = "held-test"  # a label no other test's leases use
+
+    coordinator = Counted(f"held-{uuid.uuid4().hex}")
+    first = coordinator.acquire("held-1", 30)
+    second = coordinator.acquire("held-2", 0.2, renew=False)
     assert first is not None and second is not None
-    assert _observe.held_leases()["memory"] == before + 2
+    assert _observe.held_leases()["held-test"] == 2
     deadline = time.monotonic() + 10
     while not second.lost and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _observe.held_leases()["memory"] == before + 1  # a lost lease is not held
+    assert _observe.held_leases()["held-test"] == 1  # a lost lease is not held
     first.release()
-    assert _observe.held_leases().get("memory", 0) == before
+    assert "held-test" not in _observe.held_leases()
+    coordinator.close()
 
 
 def test_a_failing_observer_never_breaks_locking(
@@ -345,18 +349,24 @@ def test_errors_and_cancellation_are_outcomes(scraper: Scraper) -> None:
 def test_lost_leases_by_reason(scraper: Scraper, memory: Any) -> None:
     short = memory.acquire("expiring", 0.2, renew=False)
     taken = memory.acquire("taken", 30)
-    assert short is not None and taken is not None
-    assert memory.force_release("taken")
+    forced = memory.acquire("forced", 30)
+    assert short is not None and taken is not None and forced is not None
+    other = coordlock.connect(f"memory://{memory.name}")  # the same lock table
+    assert other.force_release("taken")  # another coordinator: this one cannot know
     assert taken.extend() is False  # the server says: not ours
+    assert memory.force_release("forced")  # this process's own holder hears at once
+    other.close()
     deadline = time.monotonic() + 10
     while not short.lost and time.monotonic() < deadline:
         time.sleep(0.02)
     assert short.lost
     lost = "coordlock_leases_lost_total"
+    # losses are reported on coordlock's callback thread, in order, soon after
     assert scraper.wait_for(lost, 1, backend="memory", reason="expired") == 1
-    assert scraper.value(lost, backend="memory", reason="not-ours") == 1
-    short.release()
-    taken.release()
+    assert scraper.wait_for(lost, 1, backend="memory", reason="not-ours") == 1
+    assert scraper.wait_for(lost, 1, backend="memory", reason="forced") == 1
+    for lease in (short, taken, forced):
+        lease.release()
     assert scraper.value(lost, backend="memory", reason="expired") == 1  # counted once
 
 

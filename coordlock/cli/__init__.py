@@ -61,8 +61,8 @@ Known schemes: {", ".join(s + "://" for s in known_schemes())}
 Global options (-v, --url, --retry-deadline, --json) go before or after the command.
 
 Exit statuses: 0 done (for 'run': the command's own status, 128+N if signal N killed it);
-{EX_USAGE} bad usage; {EX_UNAVAILABLE} backend unavailable; {EX_TEMPFAIL} lock busy;
-{EX_CONFIG} configuration error (bad URL, unknown scheme, missing driver);
+{EX_USAGE} bad usage; {EX_UNAVAILABLE} backend unavailable; {EX_TEMPFAIL} lock busy, or the tick ran
+elsewhere; {EX_CONFIG} configuration error (bad URL, unknown scheme, missing driver);
 130 / 143 / 129 interrupted by SIGINT (Ctrl-C) / SIGTERM / SIGHUP.
 """
 
