@@ -255,7 +255,8 @@ def locked(
                 "@locked does not support generator functions: the lock would cover creating "
                 "the generator, not running it"
             )
-        lock_name = name if isinstance(name, str) else f"{func.__module__}.{func.__qualname__}"
+        label = _label(func)
+        lock_name = name if isinstance(name, str) else label
         spec = _tick_spec(lock_name, *ticks)
 
         def context() -> LockContext:
@@ -269,7 +270,7 @@ def locked(
                 return _tick_not_run(exc, func, on_busy)
             if on_busy != "skip":
                 raise exc
-            log.info("skipped %s: lock %r is held elsewhere", func.__qualname__, lock_name,
+            log.info("skipped %s: lock %r is held elsewhere", label, lock_name,
                      extra={"lock": lock_name, "event": "skipped", "outcome": "busy"})
             return None
 
@@ -316,6 +317,12 @@ def locked(
     return decorate
 
 
+def _label(func: Callable[..., Any]) -> str:
+    """``module.qualname`` of a function, or of the class of a callable object."""
+    target = func if hasattr(func, "__qualname__") else type(func)
+    return f"{getattr(target, '__module__', '?')}.{target.__qualname__}"
+
+
 def _is_async(func: Callable[..., Any]) -> bool:
     """``async def`` functions, partials of them and objects with an ``async __call__``."""
     return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
@@ -340,6 +347,6 @@ def _tick_not_run(exc: TickNotRun, func: Callable[..., Any], on_busy: str) -> No
                                                                        OFF_TICK)):
         raise exc
     level = logging.WARNING if exc.reason == OFF_TICK else logging.INFO
-    log.log(level, "skipped %s: %s", func.__qualname__, exc,
+    log.log(level, "skipped %s: %s", _label(func), exc,
             extra={"lock": exc.name, "event": "skipped", "outcome": exc.reason,
                    "tick": exc.key})

@@ -412,7 +412,7 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             )  # fmt: skip
             return False
         if self._closed:
-            lease._mark_lost("its coordinator was closed", even_if_released=True, kind="closed")
+            lease._mark_lost("its coordinator was closed", even_if_released=True, kind="error")
             return False
         return True
 
@@ -447,14 +447,28 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         return bool(ok) and not was_lost
 
     async def _extend_flow(
-        self, io: SyncIO | AsyncIO, lease: BaseLease, ttl: float, *, deadline: float | None = None
+        self,
+        io: SyncIO | AsyncIO,
+        lease: BaseLease,
+        ttl: float | None,
+        *,
+        deadline: float | None = None,
+        renewal_of: int | None = None,
     ) -> bool:
-        ttl = check_ttl(ttl)
+        """Extend ``lease`` to ``ttl`` s (``None``: its current ttl). ``renewal_of``: the
+        generation a background renewal was scheduled for; it is skipped (True) when the
+        lease was extended meanwhile, so it can never undo a longer ``extend()``."""
+        if ttl is not None:
+            ttl = check_ttl(ttl)
         if not self._usable(lease, "extended"):
             return False
         async with lease._exclusive():  # one extension or release of a lease at a time
             if lease.released or lease._lost:
                 return False
+            if renewal_of is not None and renewal_of != lease._gen:
+                return True
+            if ttl is None:
+                ttl = lease.ttl
             sent = time.monotonic()
             if sent >= lease._deadline:
                 lease._mark_lost("ttl elapsed before the extension", kind="expired")
@@ -487,9 +501,9 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
                 f"the {self.backend_name} backend cannot force-unlock; wait for the lease to "
                 "expire"
             ) from None
-        for lease_name, owner in self._live_owners():  # a holder in this process hears at once
-            if lease_name == name:
-                self._report_lost(owner, "force-released by an operator", kind="forced")
+        for lease in list(self._leases_by_owner.values()):  # a holder in this process hears now
+            if lease.name == name:
+                lease._mark_lost("force-released by an operator", kind="not-ours")
         return removed
 
     # -- checks shared by both APIs ---------------------------------------------------------
@@ -561,12 +575,11 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             state[key] = factory()
         return state[key]  # type: ignore[no-any-return]
 
-    def _report_lost(self, owner: str, reason: str, *, kind: str = "backend") -> None:
-        """The backend learnt that the lease of ``owner`` is gone (pushed by the server).
-        ``kind``: the reason's class for metrics (see :data:`coordlock._observe.LOST_REASONS`)."""
+    def _report_lost(self, owner: str, reason: str) -> None:
+        """The backend learnt that the lease of ``owner`` is gone (pushed by the server)."""
         lease = self._leases_by_owner.pop(owner, None)
         if lease is not None:
-            lease._mark_lost(reason, kind=kind)
+            lease._mark_lost(reason)
 
     def _report_at_risk(self, owner: str, reason: str) -> None:
         """The lease of ``owner`` cannot be confirmed right now (e.g. connection suspended)."""

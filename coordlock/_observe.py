@@ -56,9 +56,8 @@ ACQUIRE_OUTCOMES = ("acquired", "busy", "error", "cancelled")
 #: Why a lease was lost (``lease_lost``): its ttl ran out before a renewal was confirmed; the
 #: server said it was no longer ours (taken over, expired there); a renewal was confirmed only
 #: after the local deadline; the backend reported it (session or connection lost); an
-#: unexpected error while renewing; its coordinator was closed while it was held; an operator
-#: force-released it (from this process: elsewhere it shows as ``not-ours``).
-LOST_REASONS = ("expired", "not-ours", "late-renewal", "backend", "error", "closed", "forced")
+#: unexpected error while renewing; its coordinator was closed while it was held.
+LOST_REASONS = ("expired", "not-ours", "late-renewal", "backend", "error", "closed")
 #: Outcomes of ``renewal``.
 RENEWAL_OUTCOMES = ("renewed", "lost", "error")
 

@@ -131,15 +131,15 @@ class Renewer:
                 return
         self._event.set()
 
-    def _due(self) -> tuple[list[BaseLease], float | None]:
+    def _due(self) -> tuple[list[tuple[int, BaseLease]], float | None]:
         now = time.monotonic()
-        due: list[BaseLease] = []
+        due: list[tuple[int, BaseLease]] = []
         with self._lock:
             heap = self._heap
             while heap and heap[0][0] <= now:
                 _, _, gen, lease = heapq.heappop(heap)
                 if gen == lease._gen and lease._alive():
-                    due.append(lease)
+                    due.append((gen, lease))
             return due, (heap[0][0] - now if heap else None)
 
     async def _run(self) -> None:
@@ -147,8 +147,8 @@ class Renewer:
             try:
                 self._event.clear()
                 due, wait = self._due()
-                for lease in due:
-                    await self._renew(lease)
+                for gen, lease in due:
+                    await self._renew(lease, gen)
                 if not due:
                     await self._io.wait(self._event, wait)
             except asyncio.CancelledError:
@@ -161,7 +161,7 @@ class Renewer:
                            "outcome": "error"},
                 )
 
-    async def _renew(self, lease: BaseLease) -> None:
+    async def _renew(self, lease: BaseLease, gen: int) -> None:
         remaining = lease._deadline - time.monotonic()
         if remaining <= 0 or not lease.renew:
             return  # the watchdog reports it lost at its deadline
@@ -169,7 +169,7 @@ class Renewer:
         outcome = "error"
         try:
             ok = await self._coordinator._extend_flow(
-                self._io, lease, lease.ttl, deadline=remaining
+                self._io, lease, None, deadline=remaining, renewal_of=gen
             )
             outcome = "renewed" if ok else "lost"
         except CoordlockError as exc:

@@ -53,6 +53,7 @@ class Dispatcher:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._busy_since: float | None = None
+        self._nudge: threading.Timer | None = None
 
     def submit(self, key: object, fn: Callable[[], None]) -> None:
         """Queue ``fn`` after the earlier work of ``key`` (never blocks)."""
@@ -63,14 +64,31 @@ class Dispatcher:
                 self._queue.put(key)
             else:
                 pending.append(fn)  # served, in order, by whoever serves ``key``
-            thread, busy = self._thread, self._busy_since
-            stalled = busy is not None and time.monotonic() - busy > STALL_AFTER
-            if thread is None or stalled or not thread.is_alive():
-                self._busy_since = None
-                self._thread = threading.Thread(
-                    target=self._run, name="coordlock-callbacks", daemon=True
-                )
-                self._thread.start()
+            self._check_stall()
+
+    def _check_stall(self) -> None:
+        """With ``_lock`` held: start a fresh thread when the current one is gone or stuck in
+        one report while other work waits; if it is busy but not stuck yet, look again when it
+        would be (so work queued just after a report blocked is not held up by it)."""
+        thread, busy = self._thread, self._busy_since
+        now = time.monotonic()
+        if thread is None or not thread.is_alive() or (
+            busy is not None and now - busy > STALL_AFTER and not self._queue.empty()
+        ):
+            self._busy_since = None
+            self._thread = threading.Thread(
+                target=self._run, name="coordlock-callbacks", daemon=True
+            )
+            self._thread.start()
+        elif busy is not None and self._nudge is None and not self._queue.empty():
+            self._nudge = threading.Timer(busy + STALL_AFTER + 0.01 - now, self._look_again)
+            self._nudge.daemon = True
+            self._nudge.start()
+
+    def _look_again(self) -> None:
+        with self._lock:
+            self._nudge = None
+            self._check_stall()
 
     def _run(self) -> None:
         me = threading.current_thread()
@@ -107,6 +125,7 @@ class Dispatcher:
         self._queue = queue.SimpleQueue()
         self._thread = None
         self._busy_since = None
+        self._nudge = None
 
 
 AT_RISK_CHECK = 0

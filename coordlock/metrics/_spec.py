@@ -49,7 +49,7 @@ HELD = Metric(
 )  # fmt: skip
 LOST = Metric(
     "coordlock_leases_lost_total", "counter", ("backend", "reason"),
-    "Leases lost; reason: expired, not-ours, late-renewal, backend, error, closed, forced.",
+    "Leases lost; reason: expired, not-ours, late-renewal, backend, error, closed.",
     "coordlock.leases_lost", "{lease}",
 )  # fmt: skip
 RENEWAL = Metric(
