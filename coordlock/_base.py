@@ -114,6 +114,7 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         self._closed = False
         self._close_lock = threading.Lock()
         self._owner_pid = current_pid()
+        _observe.coordinators.add(self)  # for the held-leases gauge of metrics
 
     @classmethod
     @abstractmethod
@@ -212,7 +213,8 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             if renewer is not None:
                 renewer.stop()
         # Nothing renews them from now on: their holders must hear it now, not at the deadline.
-        self._report_all(LOST, "its coordinator was closed")
+        for lease in list(self._leases_by_owner.values()):
+            lease._mark_lost("its coordinator was closed", kind="closed")
         self._close()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
@@ -374,11 +376,12 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             renew=renew, hold_at_least=hold_at_least,
         )  # fmt: skip
         self._adopt(lease, io)
-        if _observe.observers:
-            lease._observed = _observe.observers
+        if _observe.observers:  # posted inline: this is every lock()'s path
             done = time.monotonic()
             waited = None if busy_since is None else done - busy_since
-            _observe.acquire(self.backend_name, name, "acquired", done - begun, waited)
+            _observe.post(
+                (_observe.ACQUIRE, self.backend_name, name, "acquired", done - begun, waited)
+            )
         return lease
 
     async def _cleanup(
@@ -408,7 +411,7 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             )  # fmt: skip
             return False
         if self._closed:
-            lease._mark_lost("its coordinator was closed", even_if_released=True, kind="error")
+            lease._mark_lost("its coordinator was closed", even_if_released=True, kind="closed")
             return False
         return True
 
