@@ -319,7 +319,7 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         owner = new_owner()
         begun = time.monotonic()
         deadline = begun + timeout
-        what = f"acquire {name!r}"
+        what = ("acquire", name)
         wakes = self._wakes(io)
         poll = self.POLL_MIN
         ticket: Any = None
@@ -344,7 +344,7 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
                     poll = min(poll * 2, self.POLL_MAX)
                 sent = time.monotonic()
                 woke = await io.call(
-                    f"wait for {name!r}", self._wait, self._async_wait, name, ticket, budget
+                    ("wait for", name), self._wait, self._async_wait, name, ticket, budget
                 )
                 self._check_open()
                 if woke is None:
@@ -421,15 +421,15 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         if not self._usable(lease, "released"):
             return False
         async with lease._exclusive():  # after any renewal in flight: it cannot undo this
-            was_lost = lease.lost
-            if not lease._begin_release():
+            was_lost = lease._begin_release()
+            if was_lost is None:  # released before
                 return False
             if was_lost:  # lost at its deadline but not yet reported: make it stick
                 lease._mark_lost("ttl elapsed without renewal", even_if_released=True,
                                  kind="expired")
             self._leases_by_owner.pop(lease.owner, None)
             linger = lease._linger()
-            what = f"release {lease.name!r}"
+            what = ("release", lease.name)
             if linger > 0:
                 ok = await io.call(
                     what, self._release_later, self._async_release_later,
@@ -473,7 +473,7 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
                 lease._mark_lost("ttl elapsed before the extension", kind="expired")
                 return False
             ok = await io.call(
-                f"extend {lease.name!r}", self._extend, self._async_extend,
+                ("extend", lease.name), self._extend, self._async_extend,
                 lease.name, lease.owner, ttl,
                 deadline=lease._deadline - sent if deadline is None else deadline,
             )  # fmt: skip

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from ._retry import RetryPolicy
+from ._retry import RetryPolicy, What
 
 T = TypeVar("T")
 SyncHook = Callable[..., T]
@@ -40,7 +40,7 @@ class _IO:
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
 
-    async def call(self, what: str, sync_fn: SyncHook[T], async_fn: AsyncHook[T], *args: Any,
+    async def call(self, what: What, sync_fn: SyncHook[T], async_fn: AsyncHook[T], *args: Any,
                    deadline: float | None = None) -> T:
         """Run the hook (``sync_fn`` or ``async_fn``, by mode) on ``args`` under the retry
         policy; ``deadline`` caps the retry budget (seconds)."""
@@ -66,7 +66,7 @@ class _IO:
 class SyncIO(_IO):
     """Blocking I/O on the calling thread: the sync hooks, called directly."""
 
-    async def call(self, what: str, sync_fn: SyncHook[T], async_fn: AsyncHook[T], *args: Any,
+    async def call(self, what: What, sync_fn: SyncHook[T], async_fn: AsyncHook[T], *args: Any,
                    deadline: float | None = None) -> T:
         return self.policy.call(sync_fn, what, deadline, args)
 
@@ -91,7 +91,7 @@ class AsyncIO(_IO):
 
     asynchronous = True
 
-    async def call(self, what: str, sync_fn: SyncHook[T], async_fn: AsyncHook[T], *args: Any,
+    async def call(self, what: What, sync_fn: SyncHook[T], async_fn: AsyncHook[T], *args: Any,
                    deadline: float | None = None) -> T:
         return await self.policy.acall(async_fn, what, deadline, args)
 

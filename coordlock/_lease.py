@@ -327,16 +327,18 @@ class BaseLease:
                      extra=self._facts("restored"))
         self._run_callbacks(callbacks, state)
 
-    def _begin_release(self) -> bool:
-        """Mark the lease released; False when it already was."""
+    def _begin_release(self) -> bool | None:
+        """Mark the lease released: ``None`` when it already was, else whether it had been
+        lost by then (its deadline passed or it was marked lost)."""
         with self._guard:
             if self._released:
-                return False
+                return None
             self._released = True
+            was_lost = self._lost or time.monotonic() >= self._deadline
         if self._renewer is not None:
             self._renewer.forget()
         watchdog.forget()
-        return True
+        return was_lost
 
     def _mark_released(self) -> None:  # kept for backends written before the hook rewrite
         self._begin_release()
