@@ -24,6 +24,14 @@ from ._errors_table import PERMANENT, TRANSIENT, Kind, classify, is_driver_error
 T = TypeVar("T")
 log = logging.getLogger("coordlock")
 
+#: An operation's name for errors and logs: a string, or ``(verb, lock name)``.
+What = str | tuple[str, str]
+
+
+def label(what: What) -> str:
+    """``"acquire 'x'"`` for ``("acquire", "x")``; a string as it is."""
+    return what if isinstance(what, str) else f"{what[0]} {what[1]!r}"
+
 
 class _StopWhen(stop_base):
     def __init__(self, predicate: Callable[[], bool]) -> None:
@@ -117,27 +125,36 @@ class RetryPolicy:
             "reraise": True,
         }
 
-    def call(self, fn: Callable[[], T], what: str, deadline: float | None = None) -> T:
-        """Run ``fn``; on a transient error retry it (only ``fn`` safe to repeat!)."""
+    def call(
+        self, fn: Callable[..., T], what: What, deadline: float | None = None,
+        args: tuple[Any, ...] = (),
+    ) -> T:
+        """Run ``fn(*args)``; on a transient error retry it (only ``fn`` safe to repeat!).
+        ``what`` names the operation in errors and logs (``("acquire", name)`` is formatted
+        only when needed)."""
         try:
-            return fn()
+            return fn(*args)
         except Exception as exc:
+            what = label(what)
             self.first_failure(exc, what, deadline)
         try:
-            return Retrying(**self.retrying_options(what, deadline))(fn)
+            return Retrying(**self.retrying_options(what, deadline))(fn, *args)
         except Exception as exc:
             raise self._final(exc, what)  # noqa: B904 (the cause is set by _final)
 
     async def acall(
-        self, fn: Callable[[], Awaitable[T]], what: str, deadline: float | None = None
+        self, fn: Callable[..., Awaitable[T]], what: What, deadline: float | None = None,
+        args: tuple[Any, ...] = (),
     ) -> T:
         """:meth:`call` for coroutine functions."""
         try:
-            return await fn()
+            return await fn(*args)
         except Exception as exc:
+            what = label(what)
             self.first_failure(exc, what, deadline)
+
         async def attempt() -> T:  # a coroutine function, so tenacity awaits each try
-            return await fn()
+            return await fn(*args)
 
         try:
             return await AsyncRetrying(**self.retrying_options(what, deadline))(attempt)

@@ -33,7 +33,8 @@ class _Held:
 
 @dataclass
 class _Table:
-    cond: threading.Condition = field(default_factory=threading.Condition)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cond: threading.Condition = field(init=False)
     locks: dict[str, _Held] = field(default_factory=dict)
     fences: dict[str, int] = field(default_factory=dict)
     claims: dict[str, float] = field(default_factory=dict)
@@ -43,6 +44,9 @@ class _Table:
     async_waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = (
         field(default_factory=dict)
     )
+
+    def __post_init__(self) -> None:
+        self.cond = threading.Condition(self.lock)
 
     def wake(self, name: str) -> None:
         """Wake every waiter of ``name`` (call with ``cond`` held)."""
@@ -97,20 +101,20 @@ class MemoryCoordinator(BaseCoordinator):
         return held
 
     def _try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
-        with self._t.cond:
+        with self._t.lock:
             now = self._clock()
             held = self._live(name, now)
             if held is not None:
                 if held.owner == owner:
-                    return Attempt.granted(held.fence)
+                    return Attempt(held.fence)
                 return Attempt.busy(retry_in=held.expires - now)
             fence = self._t.fences.get(name, 0) + 1
             self._t.fences[name] = fence
             self._t.locks[name] = _Held(owner, fence, now + ttl)
-            return Attempt.granted(fence)
+            return Attempt(fence)
 
     def _release(self, name: str, owner: str) -> bool:
-        with self._t.cond:
+        with self._t.lock:
             held = self._live(name, self._clock())
             if held is None or held.owner != owner:
                 return False
@@ -119,7 +123,7 @@ class MemoryCoordinator(BaseCoordinator):
             return True
 
     def _extend(self, name: str, owner: str, ttl: float) -> bool:
-        with self._t.cond:
+        with self._t.lock:
             now = self._clock()
             held = self._live(name, now)
             if held is None or held.owner != owner:
@@ -128,7 +132,7 @@ class MemoryCoordinator(BaseCoordinator):
             return True
 
     def _force_release(self, name: str) -> bool:
-        with self._t.cond:
+        with self._t.lock:
             held = self._live(name, self._clock())
             if held is None:
                 return False
@@ -147,7 +151,7 @@ class MemoryCoordinator(BaseCoordinator):
     async def _async_wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        with self._t.cond:
+        with self._t.lock:
             held = self._live(name, self._clock())
             if held is None:
                 return None
@@ -158,7 +162,7 @@ class MemoryCoordinator(BaseCoordinator):
         except asyncio.TimeoutError:
             pass
         finally:  # timed out or cancelled: stop being a waiter
-            with self._t.cond:
+            with self._t.lock:
                 waiters = self._t.async_waiters.get(name, [])
                 with contextlib.suppress(ValueError):
                     waiters.remove((loop, future))
@@ -185,7 +189,7 @@ class MemoryCoordinator(BaseCoordinator):
         return self._force_release(name)
 
     def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
-        with self._t.cond:
+        with self._t.lock:
             now = self._clock()
             if len(self._t.claims) > 2 * max(512, self._t.claims_live):  # drop expired claims
                 self._t.claims = {k: t for k, t in self._t.claims.items() if t > now}
@@ -200,7 +204,7 @@ class MemoryCoordinator(BaseCoordinator):
 
     def locks(self) -> list[LockInfo]:
         """Every live lock of this table."""
-        with self._t.cond:
+        with self._t.lock:
             now = self._clock()
             wall = time.time()
             return [
@@ -211,12 +215,12 @@ class MemoryCoordinator(BaseCoordinator):
 
     def record_run(self, run: RunRecord) -> None:
         """Store or update ``run`` (keyed by ``run_id``)."""
-        with self._t.cond:
+        with self._t.lock:
             self._t.runs[run.run_id] = run
 
     def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
         """Newest runs first, optionally of one ``job``."""
-        with self._t.cond:
+        with self._t.lock:
             runs = [r for r in self._t.runs.values() if job is None or r.job == job]
         runs.sort(key=lambda r: r.started, reverse=True)
         return runs[:limit]
