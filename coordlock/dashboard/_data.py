@@ -26,6 +26,7 @@ from typing import Any
 from .._protocol import KeepsHistory, ListsLocks, LockInfo, RunRecord
 from ..cli.history import iso, run_record
 from ..cli.locks import lock_record
+from ..scheduler.control import RESERVED
 
 #: Lock-name prefixes the scheduler uses (see coordlock.scheduler.claims).
 INSTANCE_PREFIX = "coordlock:instance:"
@@ -148,6 +149,7 @@ def snapshot(
     keeps_history = isinstance(coordinator, KeepsHistory)
     held = coordinator.locks() if isinstance(coordinator, ListsLocks) else []
     recent = coordinator.history(None, window) if isinstance(coordinator, KeepsHistory) else []
+    recent = [r for r in recent if r.job not in RESERVED]  # job control rows, not runs
     locks = [_lock_entry(info, now) for info in held]
     alive = {e["instance"]: True for e in locks if e["kind"] == "instance"}
     known_alive = alive if lists_locks else None
