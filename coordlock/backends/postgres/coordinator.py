@@ -45,7 +45,7 @@ from ..._lease import Lease
 from ..._protocol import LockInfo, RunRecord
 from .._pg_keys import lock_key
 from .errors import classify
-from .keeper import WATCH_AFTER, Keeper
+from .keeper import TICK, Keeper
 from .options import (
     DEFAULT_IO_TIMEOUT,
     PGBOUNCER_ADVICE,
@@ -244,7 +244,7 @@ class PostgresCoordinator(BaseCoordinator):
             keys = session.row_keys(time.monotonic())
             if keys:
                 with contextlib.suppress(psycopg.Error):
-                    session.run(
+                    session.execute(
                         self._q.release_rows,
                         {"keys": keys, "m": session.marker},
                         time.monotonic() + self._io,
@@ -312,7 +312,7 @@ class PostgresCoordinator(BaseCoordinator):
                 session.timeout_ms = want
             held = Held(name, owner, key, fence, ttl, sent, session)
             self._pool.add(held)
-        self._keeper.schedule(min(held.deadline, session.last_used + WATCH_AFTER))
+        self._keeper.schedule(min(held.deadline, session.last_used + TICK))
         return int(fence)
 
     # -- hooks: release, extend --------------------------------------------------------------
@@ -455,7 +455,7 @@ class PostgresCoordinator(BaseCoordinator):
             session.timeout_ms = want
             held = Held(name, owner, key, fence, ttl, started, session)
             self._pool.add(held)
-        self._keeper.schedule(min(held.deadline, received + WATCH_AFTER))
+        self._keeper.schedule(min(held.deadline, received + TICK))
         return WaitOutcome(fence=int(fence), started=started)
 
     # -- claims, history, listing (on an auxiliary connection) -------------------------------
@@ -491,7 +491,8 @@ class PostgresCoordinator(BaseCoordinator):
             self._last_cleanup = now
             try:
                 self._aux_call(
-                    lambda s: s.run(self._q.claims_cleanup, (), now + self._io), "claims cleanup"
+                    lambda s: s.execute(self._q.claims_cleanup, (), now + self._io),
+                    "claims cleanup",
                 )
             except CoordlockError as exc:  # housekeeping only
                 log.info("coordlock: claims cleanup failed: %s", exc)
@@ -531,7 +532,7 @@ class PostgresCoordinator(BaseCoordinator):
         params = (run.run_id, run.job, run.tick, run.instance, run.started, run.finished,
                   run.status, run.error)  # fmt: skip
         self._aux_call(
-            lambda s: s.run(self._q.record_run, params, time.monotonic() + self._io),
+            lambda s: s.execute(self._q.record_run, params, time.monotonic() + self._io),
             "record run",
         )
 
@@ -597,7 +598,7 @@ class PostgresCoordinator(BaseCoordinator):
         keys = session.row_keys(time.monotonic())
         if keys:
             with contextlib.suppress(psycopg.Error):
-                session.run(
+                session.execute(
                     self._q.release_rows,
                     {"keys": keys, "m": session.marker},
                     time.monotonic() + min(self._io, 2.0),

@@ -36,7 +36,7 @@ from .statements import Statements
 log = logging.getLogger("coordlock")
 
 #: How often (s) the keeper wakes while locks are being taken, and while idle.
-TICK = 0.05
+TICK = 0.025
 IDLE_WAKE = 1.0
 #: After activity, the keeper ticks every TICK for this long.
 LINGER = 5.0
@@ -87,7 +87,13 @@ class Keeper:
     def _reset(self) -> None:
         self.thread: threading.Thread | None = None
         self.stopping = False
-        self.wake_at = math.inf  # monotonic time the keeper will next wake by itself
+        # The keeper sleeps until ``sleep_until`` (-inf while it is awake: it will look at
+        # every session anyway); ``pending`` is the earliest time asked for by schedule()
+        # since its round started. schedule() writes ``pending`` before it reads
+        # ``sleep_until``, the keeper writes ``sleep_until`` before it reads ``pending``: one
+        # of them sees the other, so no request is lost and an awake keeper is never woken.
+        self.sleep_until = -math.inf
+        self.pending = math.inf
         self.active_until = 0.0
         self.lock = threading.Lock()
         self.wake_r, self.wake_w = socket.socketpair()
@@ -104,10 +110,13 @@ class Keeper:
             self.thread.start()
 
     def schedule(self, due: float) -> None:
-        """Make sure the keeper wakes by ``due`` (monotonic). Cheap when it already will."""
+        """Make sure the keeper wakes by ``due`` (monotonic). No system call unless the keeper
+        sleeps past ``due``; a few comparisons on the lock/unlock path."""
         self.active_until = time.monotonic() + LINGER
-        if due < self.wake_at - 0.002:
-            self.wake_at = due
+        if due < self.pending:
+            self.pending = due
+        if due < self.sleep_until - 0.002:
+            self.sleep_until = due
             # OSError: the buffer is full (the keeper will wake anyway) or closed (shutting down)
             with contextlib.suppress(OSError):
                 self.wake_w.send(b"x")
@@ -142,7 +151,8 @@ class Keeper:
                 time.sleep(0.1)
 
     def _round(self) -> None:
-        self.wake_at = math.inf  # until it sleeps again, every schedule() wakes it
+        self.sleep_until = -math.inf  # awake: schedule() need not wake it
+        self.pending = math.inf
         now = time.monotonic()
         sessions = self.pool.live_sessions()
         wake = now + (TICK if now < self.active_until else IDLE_WAKE)
@@ -158,13 +168,14 @@ class Keeper:
             wake = min(wake, self._service(session, now))
             if session.dead:
                 continue
-            if session.held or session.timeout_ms:
-                idle_since = session.last_used
-                if time.monotonic() - idle_since > WATCH_AFTER:
-                    watched[session.fd] = session  # the server may end it: notice at once
-                else:  # just used (a reply may still be arriving): watch it once it idles
-                    wake = min(wake, idle_since + WATCH_AFTER + 0.001)
-        self.wake_at = wake
+            # Idle for a moment (no reply can still be arriving): the server may end it; its
+            # socket turning readable tells at once. (A session in use is looked at again by
+            # the next round, at most TICK later: no wake-up per lock/unlock pair.)
+            if (session.held or session.timeout_ms) and now - session.last_used > WATCH_AFTER:
+                watched[session.fd] = session
+        self.sleep_until = wake
+        wake = min(wake, self.pending)  # asked for while this round looked at the sessions
+        self.sleep_until = wake
         timeout = max(0.0, wake - time.monotonic())
         try:
             readable = wait_readable([self.wake_r.fileno(), *watched], timeout)

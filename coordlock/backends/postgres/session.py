@@ -104,9 +104,18 @@ class Session:
         ``deadline`` (monotonic): the keeper cuts the connection if no answer came by then."""
         self.deadline = deadline
         try:
-            cur = self.cur
-            cur.execute(query, params)
-            return cur.fetchone() if cur.description is not None else None
+            self.cur.execute(query, params)
+            return self.cur.fetchone()
+        finally:
+            self.deadline = INF
+
+    def execute(
+        self, query: str, params: Sequence[Any] | Mapping[str, Any], deadline: float
+    ) -> None:
+        """Run ``query``, which returns no rows (see :meth:`run`)."""
+        self.deadline = deadline
+        try:
+            self.cur.execute(query, params)
         finally:
             self.deadline = INF
 
