@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -15,7 +16,7 @@ from ._errors import ConfigurationError, LockNotAcquired, NotConfigured
 from ._locking import LockContext
 from ._protocol import RunCoordinator
 from ._registry import connect, redact
-from ._validate import check_name, check_ttl, check_wait
+from ._validate import check_hold_at_least, check_name, check_ttl, check_wait
 
 log = logging.getLogger("coordlock")
 
@@ -82,6 +83,13 @@ def get_coordinator() -> RunCoordinator:
         return coordinator
 
 
+async def aconnect(url: str, **options: Any) -> RunCoordinator:
+    """:func:`connect` for asyncio: the driver import and any first connection run off the
+    event loop. The coordinator serves both APIs (``aacquire`` and ``acquire``)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, functools.partial(connect, url, **options))
+
+
 def lock(
     name: str,
     ttl: float = 30,
@@ -89,17 +97,22 @@ def lock(
     *,
     coordinator: RunCoordinator | None = None,
     renew: bool = True,
+    hold_at_least: float | None = None,
 ) -> LockContext:
-    """Hold the lock ``name`` for a ``with`` block; the block gets the :class:`Lease`.
+    """Hold the lock ``name`` for a ``with`` or ``async with`` block; the block gets the lease.
 
     ``ttl``: seconds the lock survives without renewal (renewed every ttl/3 while held unless
     ``renew=False``). ``wait``: ``False`` → raise :class:`LockNotAcquired` at once when busy,
-    ``True`` → wait forever, a number → wait that many seconds then raise. Leaving the block
-    releases the lock and raises :class:`LockLost` if the lease was lost meanwhile.
+    ``True`` → wait forever, a number → wait that many seconds then raise. ``hold_at_least``:
+    the name stays taken until that many seconds after the acquisition, even if the block ends
+    sooner (a second server whose cron fires a moment later finds it taken). Leaving the block
+    releases the lock and raises :class:`LockLost` if the lease was lost meanwhile. Under
+    ``async with`` the event loop is never blocked and the lease is an ``AsyncLease``.
     """
     return LockContext(
-        name, ttl, wait, coordinator=coordinator, resolve=get_coordinator, renew=renew
-    )
+        name, ttl, wait, coordinator=coordinator, resolve=get_coordinator, renew=renew,
+        hold_at_least=hold_at_least,
+    )  # fmt: skip
 
 
 @overload
@@ -115,6 +128,7 @@ def locked(
     wait: float | None = None,
     coordinator: RunCoordinator | None = None,
     renew: bool = True,
+    hold_at_least: float | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -126,15 +140,17 @@ def locked(
     wait: float | None = None,
     coordinator: RunCoordinator | None = None,
     renew: bool = True,
+    hold_at_least: float | None = None,
 ) -> Any:
-    """Decorate a function so that each call runs under the lock ``name``.
+    """Decorate a function (or an ``async def``) so that each call runs under the lock ``name``.
 
     ``name`` defaults to ``module.qualname`` of the function. When the lock is held elsewhere:
     ``on_busy="skip"`` returns ``None`` without calling (logged at INFO), ``"wait"`` waits
     (``wait`` seconds, default forever, then raises :class:`LockNotAcquired`), ``"raise"``
     raises :class:`LockNotAcquired`. Exceptions of the function pass through untouched. If the
     lease is lost while the function runs, :class:`LockLost` is raised after it returns. The
-    coordinator is looked up at each call, so decorating before ``configure()`` is fine.
+    coordinator is looked up at each call, so decorating before ``configure()`` is fine. A
+    coroutine function is locked with the async API (the event loop is never blocked).
     """
     if callable(name):
         return locked()(name)
@@ -148,43 +164,54 @@ def locked(
     wait_seconds = (check_wait(wait) if wait is not None else math.inf) if on_busy == "wait" else 0
     if coordinator is not None and not isinstance(coordinator, RunCoordinator):
         raise TypeError(f"coordinator must be a RunCoordinator, not {type(coordinator).__name__}")
+    hold = check_hold_at_least(hold_at_least)
 
     def decorate(func: F) -> F:
         if not callable(func):
             raise TypeError("@locked decorates a function")
-        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
-            raise TypeError(
-                "@locked does not support async functions yet: the lock would only cover "
-                "creating the coroutine, not running it"
-            )
+        if inspect.isasyncgenfunction(func):
+            raise TypeError("@locked does not support async generator functions")
         lock_name = name if isinstance(name, str) else f"{func.__module__}.{func.__qualname__}"
 
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            context = LockContext(
-                lock_name,
-                ttl,
-                wait_seconds,
-                coordinator=coordinator,
-                resolve=get_coordinator,
-                renew=renew,
-            )
-            try:
-                context.acquire()
-            except LockNotAcquired:
-                if on_busy == "skip":
-                    log.info("skipped %s: lock %r is held elsewhere", func.__qualname__, lock_name)
-                    return None
-                raise
-            try:
-                result = func(*args, **kwargs)
-            except BaseException:
-                context.release(raising=False)
-                raise
-            context.release()
-            return result
+        def context() -> LockContext:
+            return LockContext(
+                lock_name, ttl, wait_seconds, coordinator=coordinator, resolve=get_coordinator,
+                renew=renew, hold_at_least=hold,
+            )  # fmt: skip
 
-        wrapper.lock_name = lock_name  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
+        def busy(exc: LockNotAcquired) -> None:
+            if on_busy != "skip":
+                raise exc
+            log.info("skipped %s: lock %r is held elsewhere", func.__qualname__, lock_name,
+                     extra={"lock": lock_name, "event": "skipped", "outcome": "busy"})
+
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                held = context()
+                try:
+                    await held.aacquire()
+                except LockNotAcquired as exc:
+                    return busy(exc)
+                async with held:
+                    return await func(*args, **kwargs)
+
+            wrapper: Any = async_wrapper
+        else:
+
+            @functools.wraps(func)
+            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+                held = context()
+                try:
+                    held.acquire()
+                except LockNotAcquired as exc:
+                    return busy(exc)
+                with held:
+                    return func(*args, **kwargs)
+
+            wrapper = sync_wrapper
+        wrapper.lock_name = lock_name
+        return wrapper  # type: ignore[no-any-return]
 
     return decorate

@@ -1,41 +1,71 @@
-"""``BaseCoordinator``: the shared logic of every backend, with small hooks to implement.
+"""``BaseCoordinator``: the shared core of every backend, with small hooks to implement.
 
-A backend subclasses :class:`BaseCoordinator` and fills in the ``_try_acquire``, ``_release``,
-``_extend`` and ``_claim_many`` hooks (plus ``_wait_for_release`` when it can wake waiters
-instead of polling). Validation, leases, waiting, renewal and loss detection live here once,
-so every backend behaves the same (filelock's ``_acquire``/``_release`` split).
+A backend subclasses :class:`BaseCoordinator` and fills in a few I/O hooks (filelock's
+``_acquire``/``_release`` split, httpx's one core for two I/O modes):
+
+* required: ``_try_acquire(name, owner, ttl, ticket) -> Attempt``, ``_release(name, owner)``,
+  ``_extend(name, owner, ttl)``, ``_claim_many(keys, hold)`` and ``from_url``;
+* optional: ``_wait`` (wake waiters instead of polling; set ``wakes_waiters``), ``_abandon``,
+  ``_release_later`` (``hold_at_least``), ``_force_release``, ``_after_fork``, ``_close``, and
+  the ``_async_*`` twins of each hook (by default the sync hook runs on the coordinator's own
+  worker threads, so every backend gets the async API for free).
+
+Everything else lives here once, for both the sync and the async API: validation, owner
+tokens, the wait loop and its poll schedule, retries and error translation, renewal, loss
+detection, cleanup after errors and cancellation. The decision code is written as coroutines
+over an I/O object (:mod:`coordlock._io`); the sync methods drive them without an event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import logging
-import math
 import os
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
 from ._errors import ConfigurationError
-from ._lease import Lease
+from ._hooks import Hooks
+from ._io import AsyncIO, SyncIO, drive
+from ._lease import AT_RISK, LOST, RESTORED, AsyncLease, BaseLease, Lease
+from ._legacy import LegacyHooks
 from ._locking import LockContext
+from ._owner import new_owner
 from ._renewal import Renewer
-from ._retry import call_with_retry
-from ._validate import check_name, check_names, check_seconds, check_ttl, check_wait
+from ._retry import RetryPolicy
+from ._validate import (
+    check_hold_at_least,
+    check_name,
+    check_names,
+    check_seconds,
+    check_ttl,
+    check_wait,
+    unknown_options,
+)
 
 log = logging.getLogger("coordlock")
 T = TypeVar("T")
+L = TypeVar("L", bound=BaseLease)
 Self = TypeVar("Self", bound="BaseCoordinator")
 
 #: Polling bounds for backends that cannot wake waiters (seconds).
 POLL_MIN = 0.001
 POLL_MAX = 0.05
+#: A waiter told that the holder's lease ends in ``retry_in`` s looks again this much later.
+EXPIRY_SLACK = 0.002
 
 
-class BaseCoordinator(ABC):
-    """Common base of the built-in backends. Thread-safe; one instance serves a whole process.
+class BaseCoordinator(Hooks, LegacyHooks, ABC):
+    """Common base of the built-in backends. Thread-safe; one instance serves a whole process,
+    from threads and from any number of event loops.
 
     Options every backend accepts:
 
@@ -43,67 +73,83 @@ class BaseCoordinator(ABC):
       :class:`~coordlock.BackendUnavailable` (default 10).
     """
 
-    #: True when ``_wait_for_release`` returns as soon as the lock may be free (a wake-up or a
-    #: cheap check of its own); then it is given the whole remaining wait at once.
+    #: The backend's short name (``"redis"``), used in logs and metrics.
+    backend_name: ClassVar[str] = ""
+
+    #: True when ``_wait`` returns as soon as the lock may be free (a wake-up of its own); it is
+    #: then given the whole remaining wait at once. False: the base polls (1 ms → 50 ms).
     wakes_waiters: ClassVar[bool] = False
 
-    #: Errors of the driver that are worth retrying (connection refused, timeouts).
+    #: A third-party driver's transient errors, for drivers :mod:`coordlock._errors_table`
+    #: does not know.
     transient_errors: ClassVar[tuple[type[BaseException], ...]] = ()
 
-    def __init__(self, *, retry_deadline: float = 10.0) -> None:
+    POLL_MIN: ClassVar[float] = POLL_MIN
+    POLL_MAX: ClassVar[float] = POLL_MAX
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.backend_name:
+            cls.backend_name = cls.__name__.lower().removesuffix("coordinator") or cls.__name__
+        cls._detect_legacy()
+
+    def __init__(self, *, retry_deadline: float = 10.0, **unknown: Any) -> None:
+        if unknown:
+            raise _unknown_backend_options(type(self), unknown)
         self.retry_deadline = check_seconds(retry_deadline, "retry_deadline", allow_zero=True)
-        self._renewer = Renewer(self)
+        self._policy = RetryPolicy(
+            self.retry_deadline,
+            extra_transient=self.transient_errors,
+            stopped=lambda: self._closed,
+        )
+        self._sync_io = SyncIO(self._policy)
+        self._async_io = AsyncIO(self._policy)
+        self._renewer = Renewer(self, self._sync_io)
+        self._loop_state: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]]
+        self._loop_state = weakref.WeakKeyDictionary()
+        self._leases_by_owner: dict[str, BaseLease] = {}  # owner -> lease, for push-based reports
+        self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self._close_lock = threading.Lock()
+        self._owner_pid = os.getpid()
 
     @classmethod
     @abstractmethod
     def from_url(cls: type[Self], url: str, **options: Any) -> Self:
         """Build a coordinator from a URL (the entry point the registry calls)."""
 
-    # -- the RunCoordinator protocol ---------------------------------------------------------
+    # -- the RunCoordinator protocol (sync) ----------------------------------------------------
 
     def acquire(
-        self, name: str, ttl: float, *, wait: float | None = None, renew: bool = True
+        self,
+        name: str,
+        ttl: float,
+        *,
+        wait: float | None = None,
+        renew: bool = True,
+        hold_at_least: float | None = None,
     ) -> Lease | None:
         """Take the lock ``name`` for ``ttl`` seconds; ``None`` when someone else holds it.
 
         ``wait``: ``None``/``0`` tries once, a number waits up to that many seconds,
         ``math.inf`` waits forever. ``renew=True`` keeps the lease alive in the background
-        (every ttl/3) until it is released. Raises ``BackendUnavailable`` when the server
-        cannot be asked.
+        (every ttl/3) until it is released. ``hold_at_least``: after release the name stays
+        taken until ``hold_at_least`` seconds after the acquisition (ShedLock's
+        ``lockAtLeastFor``), enforced by the server. Raises ``BackendUnavailable`` when the
+        server cannot be reached, ``ConfigurationError`` when it refuses us for good.
         """
-        name = check_name(name)
-        ttl = check_ttl(ttl)
-        timeout = check_wait(wait)
-        if not isinstance(renew, bool):
-            raise TypeError("renew must be a bool")
-        self._check_open()
-        owner = os.urandom(16).hex()  # 128 random bits, like uuid4, at a fraction of the cost
-        started = time.monotonic()
-        fence = self._try_acquire(name, owner, ttl)
-        if fence is None and timeout > 0:
-            granted = self._acquire_waiting(name, owner, ttl, started + timeout)
-            if granted is not None:
-                fence, started = granted
-        if fence is None:
-            return None
-        lease = Lease(self, name, owner, fence, ttl, started, renew=renew)
-        self._renewer.watch(lease)
-        return lease
+        args = self._check_acquire(name, ttl, wait, renew, hold_at_least)
+        if self._legacy:
+            return self._legacy_acquire(*args)
+        return drive(self._acquire_flow(self._sync_io, Lease, *args))
 
     def release(self, lease: Lease) -> bool:
-        """Release ``lease`` if it is still ours; never touches another owner's lock."""
-        if not isinstance(lease, Lease):
-            raise TypeError(f"expected a Lease, not {type(lease).__name__}")
-        if lease.released:
-            return False
-        lease._mark_released()
-        self._renewer.forget(lease)
-        ok = self._release(lease.name, lease.owner)
-        if not ok:
-            lease._mark_lost("the lock was no longer ours at release", even_if_released=True)
-        return ok
+        """Release ``lease`` if it is still ours; never touches another owner's lock.
+
+        With ``hold_at_least``, the name stays taken until the hold ends. ``False`` (and the
+        lease marked lost) when the lock was no longer ours, or the lease had been lost before.
+        """
+        return drive(self._release_flow(self._sync_io, self._check_lease(lease, Lease)))
 
     def extend(self, lease: Lease, ttl: float) -> bool:
         """Extend ``lease`` to ``ttl`` seconds from now if it is still ours, else mark it lost.
@@ -111,20 +157,7 @@ class BaseCoordinator(ABC):
         A lease whose ttl already elapsed locally is never extended (someone else may have
         held the lock in between), even if the server still shows it.
         """
-        if not isinstance(lease, Lease):
-            raise TypeError(f"expected a Lease, not {type(lease).__name__}")
-        ttl = check_ttl(ttl)
-        if lease.released or lease._lost:
-            return False
-        started = time.monotonic()
-        if started >= lease._deadline:
-            lease._mark_lost("ttl elapsed before the extension")
-            return False
-        if self._extend(lease.name, lease.owner, ttl):
-            lease._renewed(started, ttl)
-            return True
-        lease._mark_lost("the lock is no longer ours (expired or taken over)")
-        return False
+        return drive(self._extend_flow(self._sync_io, self._check_lease(lease, Lease), ttl))
 
     def claim(self, key: str, hold: float) -> bool:
         """Once-only claim: ``True`` for exactly one caller of ``key`` within ``hold`` seconds."""
@@ -133,18 +166,33 @@ class BaseCoordinator(ABC):
 
     def claim_many(self, keys: Iterable[str], hold: float) -> set[str]:
         """Claim every key in one round trip where the backend can; returns the keys won."""
-        checked = list(dict.fromkeys(check_names(keys)))
-        hold = check_seconds(hold, "hold")
+        return drive(self._claim_flow(self._sync_io, *self._check_claims(keys, hold)))
+
+    def force_release(self, name: str) -> bool:
+        """Operator force-unlock: free ``name`` whoever holds it (``coordlock unlock --force``).
+
+        The holder's lease is lost (it finds out at its next renewal, within its ttl); the next
+        acquisition still gets a greater fence. ``True`` when a lock was removed. Raises
+        ``ConfigurationError`` when the backend cannot do it.
+        """
+        name = check_name(name)
         self._check_open()
-        if not checked:
-            return set()
-        return self._claim_many(checked, hold)
+        return drive(self._force_flow(self._sync_io, name))
 
     def lock(
-        self, name: str, ttl: float = 30, wait: bool | float = False, *, renew: bool = True
+        self,
+        name: str,
+        ttl: float = 30,
+        wait: bool | float = False,
+        *,
+        renew: bool = True,
+        hold_at_least: float | None = None,
     ) -> LockContext:
-        """A context manager holding ``name`` for the block; see :func:`coordlock.lock`."""
-        return LockContext(name, ttl, wait, coordinator=self, renew=renew)
+        """A context manager holding ``name`` for a ``with`` or ``async with`` block; see
+        :func:`coordlock.lock`."""
+        return LockContext(
+            name, ttl, wait, coordinator=self, renew=renew, hold_at_least=hold_at_least
+        )
 
     def close(self) -> None:
         """Stop renewing leases and close connections. Held locks expire after their ttl."""
@@ -153,7 +201,18 @@ class BaseCoordinator(ABC):
                 return
             self._closed = True
         self._renewer.stop()
+        for state in list(self._loop_state.values()):
+            renewer = state.get("renewer")
+            if renewer is not None:
+                renewer.stop()
         self._close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    @property
+    def can_force_release(self) -> bool:
+        """``True`` when the backend implements :meth:`force_release`."""
+        return type(self)._force_release is not Hooks._force_release
 
     @property
     def closed(self) -> bool:
@@ -171,73 +230,311 @@ class BaseCoordinator(ABC):
     ) -> None:
         self.close()
 
-    # -- hooks for backends ------------------------------------------------------------------
+    # -- the async API -------------------------------------------------------------------------
 
-    @abstractmethod
-    def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
-        """One attempt: take ``name`` for ``owner`` for ``ttl`` s; return the new fence or None.
+    async def aacquire(
+        self,
+        name: str,
+        ttl: float,
+        *,
+        wait: float | None = None,
+        renew: bool = True,
+        hold_at_least: float | None = None,
+    ) -> AsyncLease | None:
+        """:meth:`acquire` for asyncio: never blocks the event loop; renewal runs as a task."""
+        args = self._check_acquire(name, ttl, wait, renew, hold_at_least)
+        if self._legacy:
+            return await self._legacy_aacquire(*args)
+        return await self._acquire_flow(self._async_io, AsyncLease, *args)
 
-        Must be idempotent for the same owner (a retried call that finds the lock already held
-        by ``owner`` returns that acquisition's fence), so transport retries are safe.
-        """
+    async def arelease(self, lease: AsyncLease) -> bool:
+        """:meth:`release` for asyncio."""
+        return await self._release_flow(self._async_io, self._check_lease(lease, AsyncLease))
 
-    @abstractmethod
-    def _release(self, name: str, owner: str) -> bool:
-        """Delete the lock only if ``owner`` still holds it; True when it did."""
+    async def aextend(self, lease: AsyncLease, ttl: float) -> bool:
+        """:meth:`extend` for asyncio."""
+        lease = self._check_lease(lease, AsyncLease)
+        return await self._extend_flow(self._async_io, lease, ttl)
 
-    @abstractmethod
-    def _extend(self, name: str, owner: str, ttl: float) -> bool:
-        """Reset the expiry to ``ttl`` s only if ``owner`` still holds an unexpired lock."""
+    async def aclaim(self, key: str, hold: float) -> bool:
+        """:meth:`claim` for asyncio."""
+        key = check_name(key, "key")
+        return key in await self.aclaim_many([key], hold)
 
-    @abstractmethod
-    def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
-        """Claim the (distinct, checked) ``keys``; return those this call won."""
+    async def aclaim_many(self, keys: Iterable[str], hold: float) -> set[str]:
+        """:meth:`claim_many` for asyncio."""
+        return await self._claim_flow(self._async_io, *self._check_claims(keys, hold))
 
-    def _close(self) -> None:
-        """Release connections. Called once by :meth:`close`."""
+    async def aforce_release(self, name: str) -> bool:
+        """:meth:`force_release` for asyncio."""
+        name = check_name(name)
+        self._check_open()
+        return await self._force_flow(self._async_io, name)
 
-    def _acquire_waiting(
-        self, name: str, owner: str, ttl: float, deadline: float
-    ) -> tuple[int, float] | None:
-        """Keep trying until ``deadline`` (``time.monotonic()``); return (fence, sent_at).
+    async def aclose(self) -> None:
+        """Close the async resources of the running loop, then everything (see :meth:`close`)."""
+        state = self._loop_state.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            renewer = state.get("renewer")
+            if renewer is not None:
+                renewer.stop()
+            with contextlib.suppress(Exception):
+                await self._async_close(state)
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
 
-        The default waits with :meth:`_wait_for_release` between attempts. Backends that can
-        block on the server (PostgreSQL ``pg_advisory_lock``) override this.
-        """
-        interval = POLL_MIN
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                return None
-            if self.wakes_waiters:
-                self._wait_for_release(name, deadline - now)
-            else:
-                self._wait_for_release(name, min(deadline - now, interval))
-                interval = min(interval * 2, POLL_MAX)
-            self._check_open()
-            started = time.monotonic()
-            fence = self._try_acquire(name, owner, ttl)
-            if fence is not None:
-                return fence, started
+    async def __aenter__(self: Self) -> Self:
+        return self
 
-    def _wait_for_release(self, name: str, timeout: float) -> None:
-        """Block up to ``timeout`` s or until ``name`` may be free. Default: sleep (poll)."""
-        if timeout > 0 and not math.isinf(timeout):
-            time.sleep(timeout)
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
-    def _retry(self, fn: Callable[[], T], what: str) -> T:
-        """Run ``fn`` with bounded retries of :attr:`transient_errors` (see ``_retry.py``).
+    # -- the one core: decisions written once, over an I/O object ------------------------------
 
-        The first attempt runs bare: the retry machinery is only built after a failure.
-        """
+    async def _acquire_flow(
+        self,
+        io: SyncIO | AsyncIO,
+        lease_type: type[L],
+        name: str,
+        ttl: float,
+        timeout: float,
+        renew: bool,
+        hold_at_least: float | None,
+    ) -> L | None:
+        self._check_open()
+        owner = new_owner()
+        deadline = time.monotonic() + timeout
+        what = f"acquire {name!r}"
+        wakes = self._wakes(io)
+        poll = self.POLL_MIN
+        ticket: Any = None
         try:
-            return fn()
-        except self.transient_errors:
-            pass
-        return call_with_retry(
-            fn, transient=self.transient_errors, deadline=self.retry_deadline, what=what
-        )
+            sent = time.monotonic()
+            attempt = await io.call(
+                what, self._try_acquire, self._async_try_acquire, name, owner, ttl, None
+            )
+            ticket = attempt.ticket
+            while attempt.fence is None:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                budget = deadline - now
+                if attempt.retry_in is not None:
+                    budget = min(budget, max(attempt.retry_in, 0.0) + EXPIRY_SLACK)
+                if not wakes:
+                    budget = min(budget, poll)
+                    poll = min(poll * 2, self.POLL_MAX)
+                sent = time.monotonic()
+                woke = await io.call(
+                    f"wait for {name!r}", self._wait, self._async_wait, name, ticket, budget
+                )
+                self._check_open()
+                if woke is None:
+                    # Always try after a wake-up, even if the deadline just passed: a wake-up
+                    # meant for one waiter must not be dropped.
+                    sent = time.monotonic()
+                    woke = await io.call(
+                        what, self._try_acquire, self._async_try_acquire, name, owner, ttl, ticket
+                    )
+                attempt = woke
+                ticket = attempt.ticket
+        except BaseException as exc:
+            await self._cleanup(io, name, owner, ticket, interrupted=not isinstance(exc, Exception))
+            raise
+        if attempt.fence is None:
+            if ticket is not None:
+                await self._cleanup(io, name, owner, ticket, interrupted=False)
+            return None
+        started = sent if attempt.started is None else min(attempt.started, sent + 3600)
+        lease = lease_type(
+            self, name, owner, attempt.fence, ttl, started,
+            renew=renew, hold_at_least=hold_at_least,
+        )  # fmt: skip
+        self._adopt(lease, io)
+        return lease
+
+    async def _cleanup(
+        self, io: SyncIO | AsyncIO, name: str, owner: str, ticket: Any, *, interrupted: bool
+    ) -> None:
+        """An acquire call gave up: drop its waiter state; after an interruption (a cancelled
+        task, Ctrl-C) also release, since a lost reply may have granted the lock."""
+        try:
+            if ticket is not None:
+                await io.once(self._abandon, self._async_abandon, name, owner, ticket)
+            if interrupted:
+                await io.once(self._release, self._async_release, name, owner)
+        except BaseException as exc:  # best effort: the lock expires after its ttl anyway
+            log.debug("cleanup after acquire %r failed: %r", name, exc)
+
+    async def _release_flow(self, io: SyncIO | AsyncIO, lease: BaseLease) -> bool:
+        # A lost lease is still released on the server (a renewal answered late may have
+        # extended it there), but the caller hears False: it did not hold the lock throughout.
+        was_lost = lease.lost
+        if not lease._begin_release():
+            return False
+        self._leases_by_owner.pop(lease.owner, None)
+        linger = lease._linger()
+        what = f"release {lease.name!r}"
+        if linger > 0:
+            ok = await io.call(
+                what, self._release_later, self._async_release_later,
+                lease.name, lease.owner, linger,
+            )  # fmt: skip
+        else:
+            ok = await io.call(what, self._release, self._async_release, lease.name, lease.owner)
+        if not ok:
+            lease._mark_lost("the lock was no longer ours at release", even_if_released=True)
+        return bool(ok) and not was_lost
+
+    async def _extend_flow(
+        self, io: SyncIO | AsyncIO, lease: BaseLease, ttl: float, *, deadline: float | None = None
+    ) -> bool:
+        ttl = check_ttl(ttl)
+        if lease.released or lease._lost:
+            return False
+        sent = time.monotonic()
+        if sent >= lease._deadline:
+            lease._mark_lost("ttl elapsed before the extension")
+            return False
+        ok = await io.call(
+            f"extend {lease.name!r}", self._extend, self._async_extend,
+            lease.name, lease.owner, ttl, deadline=deadline,
+        )  # fmt: skip
+        if ok:
+            return lease._renewed(sent, ttl)
+        lease._mark_lost("the lock is no longer ours (expired or taken over)")
+        return False
+
+    async def _claim_flow(self, io: SyncIO | AsyncIO, keys: list[str], hold: float) -> set[str]:
+        if not keys:
+            return set()
+        won = await io.call("claim", self._claim_many, self._async_claim_many, keys, hold)
+        return set(won)
+
+    async def _force_flow(self, io: SyncIO | AsyncIO, name: str) -> bool:
+        try:
+            return bool(
+                await io.call(
+                    f"force-release {name!r}", self._force_release, self._async_force_release, name
+                )
+            )
+        except NotImplementedError:
+            raise ConfigurationError(
+                f"the {self.backend_name} backend cannot force-unlock; wait for the lease to "
+                "expire"
+            ) from None
+
+    # -- checks shared by both APIs ---------------------------------------------------------
+
+    def _check_acquire(
+        self, name: str, ttl: float, wait: object, renew: object, hold_at_least: object
+    ) -> tuple[str, float, float, bool, float | None]:
+        name = check_name(name)
+        ttl = check_ttl(ttl)
+        timeout = check_wait(wait)
+        if not isinstance(renew, bool):
+            raise TypeError("renew must be a bool")
+        return name, ttl, timeout, renew, check_hold_at_least(hold_at_least)
+
+    def _check_claims(self, keys: Iterable[str], hold: float) -> tuple[list[str], float]:
+        checked = list(dict.fromkeys(check_names(keys)))
+        hold = check_seconds(hold, "hold")
+        self._check_open()
+        return checked, hold
+
+    @staticmethod
+    def _check_lease(lease: object, kind: type[L]) -> L:
+        if not isinstance(lease, kind):
+            other = "AsyncLease (use the a-methods)" if isinstance(lease, AsyncLease) else ""
+            raise TypeError(
+                f"expected a {kind.__name__}, not {other or type(lease).__name__}"
+            )
+        return lease
 
     def _check_open(self) -> None:
         if self._closed:
             raise ConfigurationError(f"{type(self).__name__} is closed")
+        pid = os.getpid()
+        if pid != self._owner_pid:  # a forked child: never use the parent's connections
+            self._owner_pid = pid
+            self._leases_by_owner.clear()
+            self._renewer._reset_after_fork()
+            self._loop_state = weakref.WeakKeyDictionary()
+            self._executor = None
+            self._after_fork()
+
+    def _wakes(self, io: SyncIO | AsyncIO) -> bool:
+        if not self.wakes_waiters:
+            return False
+        if io.asynchronous:  # a sync wake-up run in a thread would pin a worker thread
+            return type(self)._async_wait is not Hooks._async_wait
+        return True
+
+    def _adopt(self, lease: BaseLease, io: SyncIO | AsyncIO) -> None:
+        """Register a new lease: push reports, deadline checks and renewal."""
+        self._leases_by_owner[lease.owner] = lease
+        renewer = self._loop_local("renewer", lambda: Renewer(self, io)) if io.asynchronous \
+            else self._renewer
+        lease._arm(renewer)
+
+    # -- protected API for backends ---------------------------------------------------------
+
+    def _loop_local(self, key: str, factory: Callable[[], T]) -> T:
+        """A per-event-loop object (an async client, a renewal task…), made by ``factory`` on
+        first use in the running loop. Closed by :meth:`aclose` through ``_async_close``."""
+        state = self._loop_state.setdefault(asyncio.get_running_loop(), {})
+        if key not in state:
+            state[key] = factory()
+        return state[key]  # type: ignore[no-any-return]
+
+    def _report_lost(self, owner: str, reason: str) -> None:
+        """The backend learnt that the lease of ``owner`` is gone (pushed by the server)."""
+        lease = self._leases_by_owner.pop(owner, None)
+        if lease is not None:
+            lease._mark_lost(reason)
+
+    def _report_at_risk(self, owner: str, reason: str) -> None:
+        """The lease of ``owner`` cannot be confirmed right now (e.g. connection suspended)."""
+        lease = self._leases_by_owner.get(owner)
+        if lease is not None:
+            lease._mark_at_risk(reason)
+
+    def _report_restored(self, owner: str) -> None:
+        """The lease of ``owner`` was confirmed again before its deadline."""
+        lease = self._leases_by_owner.get(owner)
+        if lease is not None and time.monotonic() < lease._deadline:
+            lease._restored()
+
+    def _report_all(self, state: str, reason: str = "") -> None:
+        """Report ``state`` (``"at-risk"``, ``"restored"``, ``"lost"``) for every live lease."""
+        for owner in list(self._leases_by_owner):
+            if state == LOST:
+                self._report_lost(owner, reason)
+            elif state == AT_RISK:
+                self._report_at_risk(owner, reason)
+            elif state == RESTORED:
+                self._report_restored(owner)
+            else:
+                raise ValueError(f"unknown lease state {state!r}")
+
+    def _live_owners(self) -> list[tuple[str, str]]:
+        """(name, owner) of every lease this coordinator handed out and still tracks."""
+        return [(lease.name, owner) for owner, lease in list(self._leases_by_owner.items())]
+
+def _unknown_backend_options(cls: type, unknown: dict[str, Any]) -> ConfigurationError:
+    """The error for options no ``__init__`` of ``cls`` accepts."""
+    known: set[str] = {"retry_deadline"}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD) and \
+                    param.name != "self" and not param.name.startswith("_"):
+                known.add(param.name)
+    backend = getattr(cls, "backend_name", cls.__name__)
+    return unknown_options(f"the {backend} backend", unknown, known)

@@ -8,7 +8,9 @@ class CoordlockError(Exception):
 
 
 class ConfigurationError(CoordlockError):
-    """A bad URL, an unknown scheme, a bad option or a missing driver package."""
+    """A bad URL, an unknown scheme, a bad option, a missing driver package, or a server that
+    refuses us for a reason retrying cannot fix (wrong password, no such database, no
+    permission). Exit status 78 in the CLI."""
 
 
 class NotConfigured(ConfigurationError):
@@ -38,5 +40,10 @@ class LockLost(CoordlockError):
         super().__init__(f"{text}: {reason}" if reason else text)
 
 
-class BackendUnavailable(CoordlockError):
-    """The backend server could not be reached, even after bounded retries."""
+class BackendError(CoordlockError):
+    """The backend server answered with an error coordlock did not expect (the driver's error
+    is chained as ``__cause__``)."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend server could not be reached, even after bounded retries. Exit status 69."""

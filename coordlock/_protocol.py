@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ._lease import Lease
+if TYPE_CHECKING:
+    from ._lease import AsyncLease, Lease
 
 
 @runtime_checkable
@@ -22,7 +23,9 @@ class RunCoordinator(Protocol):
     * Server failures raise :class:`~coordlock.BackendUnavailable` after bounded retries.
     """
 
-    def acquire(self, name: str, ttl: float, *, wait: float | None = None) -> Lease | None: ...
+    def acquire(
+        self, name: str, ttl: float, *, wait: float | None = None, renew: bool = True
+    ) -> Lease | None: ...
 
     def release(self, lease: Lease) -> bool: ...
 
@@ -31,6 +34,33 @@ class RunCoordinator(Protocol):
     def claim(self, key: str, hold: float) -> bool: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncRunCoordinator(Protocol):
+    """The async side of a coordinator (every :class:`~coordlock.backends.BaseCoordinator`
+    has it): the same operations as :class:`RunCoordinator`, as coroutines."""
+
+    async def aacquire(
+        self, name: str, ttl: float, *, wait: float | None = None, renew: bool = True
+    ) -> AsyncLease | None: ...
+
+    async def arelease(self, lease: AsyncLease) -> bool: ...
+
+    async def aextend(self, lease: AsyncLease, ttl: float) -> bool: ...
+
+    async def aclaim(self, key: str, hold: float) -> bool: ...
+
+    async def aclaim_many(self, keys: Iterable[str], hold: float) -> set[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ForceUnlocks(Protocol):
+    """Optional: operator force-unlock (``coordlock unlock NAME --force``)."""
+
+    def force_release(self, name: str) -> bool: ...
 
 
 @runtime_checkable
@@ -82,3 +112,25 @@ class KeepsHistory(Protocol):
     def record_run(self, run: RunRecord) -> None: ...
 
     def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]: ...
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What ``coordlock check`` reports about a backend's server.
+
+    ``server_time``: the server's clock (epoch seconds) read at ``measured_at`` (the local
+    ``time.time()`` halfway through the request), so ``server_time - measured_at`` estimates the
+    clock offset; ``None`` when the backend cannot tell.
+    """
+
+    backend: str
+    version: str | None = None
+    server_time: float | None = None
+    measured_at: float | None = None
+
+
+@runtime_checkable
+class DescribesServer(Protocol):
+    """Optional: report the server's version and clock (``coordlock check``)."""
+
+    def server_info(self) -> ServerInfo: ...

@@ -15,10 +15,11 @@ import threading
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ._errors import ConfigurationError
 from ._protocol import RunCoordinator
+from ._redact import redact_url
 
 ENTRY_POINT_GROUP = "coordlock.backends"
 
@@ -48,15 +49,9 @@ def known_schemes() -> list[str]:
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to log or show in errors)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """``url`` with its password and secret query parameters (``password``, ``token``, ...)
+    replaced by ``***``: safe to log or show in errors (see :mod:`coordlock._redact`)."""
+    return redact_url(url)
 
 
 def missing_driver(scheme: str, package: str, extra: str) -> ConfigurationError:
@@ -101,6 +96,11 @@ def connect(url: str, **options: Any) -> RunCoordinator:
     """
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, not {type(url).__name__}")
+    if not url.strip():
+        raise ConfigurationError(
+            "empty coordinator URL: give one such as sqlite:///locks.db or "
+            "redis://host:6379/0; known schemes: " + ", ".join(s + "://" for s in known_schemes())
+        )
     try:
         scheme = urlsplit(url.strip()).scheme.lower()
     except ValueError as exc:

@@ -1,7 +1,15 @@
-"""One background thread per coordinator that renews held leases and notices lost ones."""
+"""Background renewal of held leases: every ``ttl/3``, as the design promises.
+
+One :class:`Renewer` per coordinator and I/O mode: sync leases are renewed on a daemon thread,
+async leases on a task of their event loop. Both run the same loop (:meth:`Renewer._run`)
+through their I/O object. The renewer only renews; noticing that a lease ran out is the
+watchdog's job (:mod:`coordlock._watchdog`), so a renewal stuck on a frozen socket never delays
+the loss being reported.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import logging
@@ -9,145 +17,167 @@ import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._errors import CoordlockError
+from ._io import AsyncIO, SyncIO, drive
+from ._watchdog import COMPACT_AFTER
 
 if TYPE_CHECKING:
     from ._base import BaseCoordinator
-    from ._lease import Lease
+    from ._lease import BaseLease
 
 log = logging.getLogger("coordlock")
 
-#: A lease is renewed when a third of its ttl has passed, as the design promises.
+#: A lease is renewed when a third of its ttl has passed.
 RENEW_FRACTION = 1 / 3
 
-
-_renewers: weakref.WeakSet[Renewer] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """A forked child has no renewal thread: start afresh there (the parent keeps renewing its
-    own leases; the child renews what it acquires itself)."""
-    for renewer in list(_renewers):
-        renewer._reset_after_fork()
+_sync_renewers: weakref.WeakSet[Renewer] = weakref.WeakSet()
 
 
 class Renewer:
-    """Renews every lease of one coordinator on a single daemon thread.
+    """Renews the leases of one coordinator in one I/O mode (see the module docstring).
 
-    A lease with ``renew=True`` is extended every ``ttl/3`` seconds. A failed renewal that the
-    backend answers with "not yours" marks the lease lost at once; an error (server down) marks it
-    at risk and is retried until the ttl runs out, then the lease is lost. A lease with
-    ``renew=False`` is only watched: it is marked lost when its ttl elapses, so that is never
-    silent either. The thread starts with the first lease and stops with :meth:`stop`.
+    A renewal the backend answers with "not yours" marks the lease lost at once. An error
+    (server down, timeout) marks it at risk and is retried every ttl/10 while the ttl lasts;
+    each attempt's retry budget is the lease's remaining time.
     """
 
-    def __init__(self, coordinator: BaseCoordinator) -> None:
+    def __init__(self, coordinator: BaseCoordinator, io: SyncIO | AsyncIO) -> None:
         self._coordinator = coordinator
-        self._heap: list[tuple[float, int, Lease]] = []
+        self._io = io
+        self._heap: list[tuple[float, int, int, BaseLease]] = []
         self._seq = itertools.count()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._event: Any = io.new_event()
         self._stopped = False
-        self._forgotten = 0  # releases since the heap was last compacted
-        _renewers.add(self)
+        self._dead = 0
+        self._worker: threading.Thread | asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if not io.asynchronous:
+            _sync_renewers.add(self)
 
-    def _reset_after_fork(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._heap = []
-        self._thread = None
+    # -- called by leases and the coordinator -----------------------------------------------
 
-    def watch(self, lease: Lease) -> None:
-        """Start renewing (or watching) ``lease``."""
-        with self._cond:
-            if self._stopped:
-                return
-            self._push(lease, time.monotonic())
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name=f"coordlock-renewer-{id(self):x}", daemon=True
-                )
-                self._thread.start()
-            if self._heap[0][2] is lease:  # only an earlier deadline needs the thread's attention
-                self._cond.notify()
+    def schedule(self, lease: BaseLease) -> None:
+        """Renew ``lease`` when a third of its current ttl has passed."""
+        due = lease._deadline - lease.ttl * (1 - RENEW_FRACTION)
+        self._push(lease, due)
 
-    def forget(self, lease: Lease) -> None:
-        """``lease`` was released: drop it (lazily; the heap is compacted when mostly dead)."""
-        self._forgotten += 1  # a heuristic: a lost increment under a race only delays compaction
-        if self._forgotten < 1024:
-            return
-        with self._cond:
-            if self._forgotten >= 1024:
-                self._forgotten = 0
-                self._heap = [e for e in self._heap if not (e[2].released or e[2]._lost)]
+    def forget(self) -> None:
+        """A lease ended: compact the heap now and then."""
+        self._dead += 1  # a heuristic: a lost increment under a race only delays compaction
+        if self._dead >= COMPACT_AFTER:
+            with self._lock:
+                self._heap = [e for e in self._heap if e[3]._alive()]
                 heapq.heapify(self._heap)
+                self._dead = 0
 
     def stop(self) -> None:
-        """Stop the thread; leases are no longer renewed."""
-        with self._cond:
-            self._stopped = True
+        """Stop renewing; leases then run out at their deadline (and are reported lost)."""
+        self._stopped = True
+        with self._lock:
             self._heap.clear()
-            self._cond.notify()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
+        self._wake()
+        worker = self._worker
+        if isinstance(worker, threading.Thread):
+            if worker is not threading.current_thread():
+                worker.join(timeout=5)
+        elif worker is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(worker.cancel)
 
-    def _push(self, lease: Lease, now: float) -> None:
-        if lease.renew:
-            due = min(now + lease.ttl * RENEW_FRACTION, lease._deadline)
-        else:
-            due = lease._deadline
-        heapq.heappush(self._heap, (due, next(self._seq), lease))
+    # -- internals --------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped:
-                    now = time.monotonic()
-                    if self._heap and self._heap[0][0] <= now:
-                        break
-                    timeout = self._heap[0][0] - now if self._heap else None
-                    self._cond.wait(timeout)
-                if self._stopped:
-                    return
-                _, _, lease = heapq.heappop(self._heap)
-            if lease.released or lease._lost:
-                continue
-            self._service(lease)
+    def _push(self, lease: BaseLease, due: float) -> None:
+        if self._stopped:
+            return
+        with self._lock:
+            heapq.heappush(self._heap, (due, next(self._seq), lease._gen, lease))
+            first = self._heap[0][3] is lease
+        self._ensure_worker()
+        if first:
+            self._wake()
 
-    def _service(self, lease: Lease) -> None:
+    def _ensure_worker(self) -> None:
+        worker = self._worker
+        if self._io.asynchronous:
+            if worker is None or worker.done():  # type: ignore[union-attr]
+                self._loop = asyncio.get_running_loop()
+                self._worker = self._loop.create_task(self._run(), name="coordlock-renewer")
+        elif worker is None or not worker.is_alive():  # type: ignore[union-attr]
+            with self._lock:
+                if self._worker is worker:
+                    self._worker = threading.Thread(
+                        target=lambda: drive(self._run()),
+                        name=f"coordlock-renewer-{id(self):x}",
+                        daemon=True,
+                    )
+                    self._worker.start()
+
+    def _wake(self) -> None:
+        loop = self._loop
+        if self._io.asynchronous and loop is not None:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(self._event.set)
+                return
+        self._event.set()
+
+    def _due(self) -> tuple[list[BaseLease], float | None]:
         now = time.monotonic()
-        if now >= lease._deadline:
-            lease._mark_lost(
-                "ttl elapsed before it could be renewed (process paused or server unreachable)"
-                if lease.renew
-                else "ttl elapsed (renewal is off for this lease)"
-            )
-            return
-        if not lease.renew:
-            self._requeue(lease, now)
-            return
+        due: list[BaseLease] = []
+        with self._lock:
+            heap = self._heap
+            while heap and heap[0][0] <= now:
+                _, _, gen, lease = heapq.heappop(heap)
+                if gen == lease._gen and lease._alive():
+                    due.append(lease)
+            return due, (heap[0][0] - now if heap else None)
+
+    async def _run(self) -> None:
+        while not self._stopped:
+            try:
+                self._event.clear()
+                due, wait = self._due()
+                for lease in due:
+                    await self._renew(lease)
+                if not due:
+                    await self._io.wait(self._event, wait)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # pragma: no cover - never expected; keep renewing
+                log.exception("coordlock renewer: unexpected error; going on")
+
+    async def _renew(self, lease: BaseLease) -> None:
+        remaining = lease._deadline - time.monotonic()
+        if remaining <= 0 or not lease.renew:
+            return  # the watchdog reports it lost at its deadline
         try:
-            ok = self._coordinator.extend(lease, lease.ttl)
+            await self._coordinator._extend_flow(self._io, lease, lease.ttl, deadline=remaining)
         except CoordlockError as exc:
             lease._mark_at_risk(f"renewal failed: {exc}")
             retry_at = min(time.monotonic() + max(lease.ttl / 10, 0.01), lease._deadline)
-            with self._cond:
-                if not self._stopped:
-                    heapq.heappush(self._heap, (retry_at, next(self._seq), lease))
-            return
+            self._push(lease, retry_at)
         except Exception:
             log.exception("lease %r: unexpected error while renewing", lease.name)
             lease._mark_lost("unexpected error while renewing")
-            return
-        if ok:
-            self._requeue(lease, time.monotonic())
 
-    def _requeue(self, lease: Lease, now: float) -> None:
-        with self._cond:
-            if not self._stopped:
-                self._push(lease, now)
+    def _reset_after_fork(self) -> None:
+        # The parent renews its own leases; the child renews only what it acquires itself.
+        self._heap = []
+        self._lock = threading.Lock()
+        self._event = self._io.new_event()
+        self._worker = None
+        self._dead = 0
+
+
+def _after_fork_in_child() -> None:
+    for renewer in list(_sync_renewers):
+        renewer._reset_after_fork()
 
 
 if hasattr(os, "register_at_fork"):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Iterable
 from datetime import timedelta
+
+from ._errors import ConfigurationError
 
 MAX_NAME_LENGTH = 512
 
@@ -52,6 +55,14 @@ def check_ttl(ttl: object) -> float:
     return seconds
 
 
+def check_hold_at_least(value: object) -> float | None:
+    """``hold_at_least``: ``None``/``0`` (no minimum hold) or a positive number of seconds."""
+    if value is None:
+        return None
+    seconds = check_seconds(value, "hold_at_least", allow_zero=True)
+    return seconds or None
+
+
 def check_wait(wait: object) -> float:
     """Normalise a wait argument to seconds: ``None``/``False`` → 0, ``True`` → forever (inf)."""
     if wait is None or wait is False:
@@ -88,3 +99,16 @@ def parse_duration(text: str) -> float:
             f"bad duration {text!r}: use seconds or units ms, s, m, h, d (e.g. 30s, 10m, 1h30m)"
         )
     return check_seconds(total, "duration")
+
+
+def unknown_options(what: str, unknown: Iterable[str], known: Iterable[str]) -> ConfigurationError:
+    """A :class:`ConfigurationError` for unknown keyword options of ``what``, naming the valid
+    ones and suggesting the closest ("did you mean")."""
+    valid = sorted(set(known))
+    parts = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, valid, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ConfigurationError(
+        f"unknown option(s) for {what}: {', '.join(parts)}; known options: {', '.join(valid)}"
+    )

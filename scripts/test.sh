@@ -35,9 +35,9 @@ site_dir="$(mktemp -d)"
 .venv/bin/mkdocs build --strict --quiet --site-dir "$site_dir"
 rm -rf "$site_dir"
 
-step "pytest (real servers; soak tests are opt-in with --soak)"
+step "pytest (real servers; soak tests are opt-in with --coordlock-soak)"
 status=0
-.venv/bin/python -m pytest -n "${COORDLOCK_TEST_WORKERS:-3}" -m "not soak" -p no:cacheprovider \
+.venv/bin/python -m pytest -n "${COORDLOCK_TEST_WORKERS:-3}" -m "not coordlock_soak" -p no:cacheprovider \
     --durations=15 "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure" >&2

@@ -65,6 +65,8 @@ def test_public_names_match_the_design() -> None:
         "BackendUnavailable", "ConfigurationError", "CoordlockError", "Lease", "LockLost",
         "LockNotAcquired", "NotConfigured", "RunCoordinator", "Scheduler", "configure",
         "connect", "get_coordinator", "lock", "locked",
+        # the async API and the error for unexpected server answers
+        "AsyncLease", "AsyncRunCoordinator", "BackendError", "aconnect",
     }
     for name in coordlock.__all__:
         assert hasattr(coordlock, name)
@@ -357,10 +359,11 @@ def test_locked_rejects_bad_arguments() -> None:
     with pytest.raises(TypeError):
         coordlock.locked("x", coordinator=object())  # type: ignore[arg-type]
 
-    with pytest.raises(TypeError, match="async"):
+    with pytest.raises(TypeError, match="async generator"):
 
         @coordlock.locked("x")
-        async def job() -> None: ...
+        async def job() -> Any:
+            yield 1
 
 
 def test_locked_raises_lock_lost_after_the_call(mem: MemoryCoordinator) -> None:

@@ -3,7 +3,7 @@
 Each test runs against a throwaway PostgreSQL of its own (``fresh_postgres_server``), injects a
 real fault, checks that the fault happened, and judges the outcome with the fenced register
 (``coordlock.testing.fenced``). Counts are printed (``-s`` shows them). Bounded by counts and
-deadlines; the ``soak`` variants (``--soak``) run the same with bigger counts.
+deadlines; the ``coordlock_soak`` variants (``--coordlock-soak``) run the same with bigger counts.
 
 * T2/T7 ``pg_terminate_backend`` of lock sessions under 8 processes, ≥ 2,000 acquisitions.
 * T1 holder SIGSTOPped for 2× its ttl: the next holder gets the lock within the documented bound
@@ -138,7 +138,7 @@ def test_terminated_lock_sessions_under_load(
     _terminate_under_load(fresh_postgres_server, tmp_path, workers=8, iterations=250, kills=12)
 
 
-@pytest.mark.soak
+@pytest.mark.coordlock_soak
 @pytest.mark.fault
 def test_terminated_lock_sessions_soak(
     fresh_postgres_server: PostgresServer, tmp_path: Path
@@ -234,7 +234,7 @@ def test_paused_holder_loses_its_locks(
     _pause_cycles(fresh_postgres_server, tmp_path, cycles=3, ttl=1.0)
 
 
-@pytest.mark.soak
+@pytest.mark.coordlock_soak
 @pytest.mark.fault
 def test_paused_holder_soak(fresh_postgres_server: PostgresServer, tmp_path: Path) -> None:
     _pause_cycles(fresh_postgres_server, tmp_path, cycles=25, ttl=1.0)
@@ -283,7 +283,7 @@ def test_server_restarts_under_load(fresh_postgres_server: PostgresServer, tmp_p
     _restarts_under_load(fresh_postgres_server, tmp_path, workers=4, iterations=200, restarts=2)
 
 
-@pytest.mark.soak
+@pytest.mark.coordlock_soak
 @pytest.mark.fault
 def test_server_restarts_soak(fresh_postgres_server: PostgresServer, tmp_path: Path) -> None:
     _restarts_under_load(fresh_postgres_server, tmp_path, workers=8, iterations=1000, restarts=8)
@@ -337,7 +337,7 @@ def test_loss_detection_delay(
     _loss_delays(coordinator, fresh_postgres_server, 30)
 
 
-@pytest.mark.soak
+@pytest.mark.coordlock_soak
 @pytest.mark.fault
 def test_loss_detection_delay_soak(
     coordinator: PostgresCoordinator, fresh_postgres_server: PostgresServer

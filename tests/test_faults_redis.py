@@ -10,8 +10,8 @@ judges the outcome, and prints its counts (acquisitions, faults injected, C1–C
 * T2 Redis killed and restarted without persistence mid-run: no fence regression, recovery;
 * T6 non-owners: forged owner tokens (also another name's, another coordinator's) never win.
 
-The ``fault`` versions are bounded to keep the file well under two minutes; the ``soak``
-versions (``pytest --soak``) run the same scenarios longer.
+The ``fault`` versions are bounded to keep the file well under two minutes; the
+``coordlock_soak`` versions (``pytest --coordlock-soak``) run the same scenarios longer.
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def test_t1_paused_holder_is_fenced_off(
     judge_pauses(report, faults, history)
 
 
-@pytest.mark.soak
+@pytest.mark.coordlock_soak
 def test_t1_soak(
     fresh_redis_server: RedisServer,
     tmp_path: Path,
@@ -476,7 +476,7 @@ def test_t2_redis_restart_mid_run(
     assert report.final_value == report.writes_accepted
 
 
-@pytest.mark.soak
+@pytest.mark.coordlock_soak
 def test_t2_restart_soak(
     fresh_redis_server: RedisServer,
     tmp_path: Path,
@@ -500,7 +500,7 @@ def test_t2_restart_soak(
     assert report.c2_stale_accepted == report.c3_lost_updates == report.c4_fence_inversions == 0
 
 
-@pytest.mark.soak
+@pytest.mark.coordlock_soak
 def test_t2_kill_soak(
     fresh_redis_server: RedisServer,
     workers_cleanup: list[subprocess.Popen[str]],
@@ -572,7 +572,7 @@ def test_t6_non_owners_never_succeed(
     assert successes == 0
 
 
-@pytest.mark.soak
+@pytest.mark.coordlock_soak
 def test_t6_soak(fresh_redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
     made, successes = non_owner_scenario(fresh_redis_server, 20000)
     with capsys.disabled():

@@ -17,7 +17,7 @@
 
 Every loop has a count and a deadline; each test checks that its fault really happened before
 judging the outcome, and prints its counts (acquisitions, faults, C1-C4). Longer versions are
-marked ``soak`` (run with ``--soak``).
+marked ``coordlock_soak`` (run with ``--coordlock-soak``).
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def test_leader_kill_keeps_fencing_safe(
     _leader_kills(zookeeper_ensemble, tmp_path, workers=6, iterations=170, kills=2)
 
 
-@pytest.mark.soak
+@pytest.mark.coordlock_soak
 def test_leader_kill_soak(zookeeper_ensemble: ZooKeeperEnsemble, tmp_path: Path) -> None:
     _leader_kills(zookeeper_ensemble, tmp_path, workers=6, iterations=1000, kills=8)
 
@@ -351,7 +351,7 @@ def test_server_restart_keeps_fencing_safe(
     _server_restarts(fresh_zookeeper_server, tmp_path, iterations=150, kills=2)
 
 
-@pytest.mark.soak
+@pytest.mark.coordlock_soak
 def test_server_restart_soak(fresh_zookeeper_server: ZooKeeperServer, tmp_path: Path) -> None:
     _server_restarts(fresh_zookeeper_server, tmp_path, iterations=1000, kills=8)
 

@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 
 import coordlock
-from coordlock import BackendUnavailable, NotConfigured, RunCoordinator, Scheduler, _api
+from coordlock import (
+    BackendUnavailable,
+    ConfigurationError,
+    NotConfigured,
+    RunCoordinator,
+    Scheduler,
+    _api,
+)
 from coordlock._lease import Lease
 from coordlock._protocol import ClaimsMany, RunRecord
 from coordlock.backends.memory import MemoryCoordinator
@@ -193,9 +200,9 @@ def test_duplicate_name_raises() -> None:
     assert [j.name for j in sched.jobs()] == ["a"]
 
 
-def _async_job() -> Any:
-    async def job() -> None:
-        pass
+def _async_generator() -> Any:
+    async def job() -> Any:
+        yield 1
 
     return job
 
@@ -214,7 +221,7 @@ def _async_job() -> Any:
         ({"hold": 0}, ValueError),
         ({"backoff": -2}, ValueError),
         ({"lease_ttl": 0}, ValueError),
-        ({"bogus": 1}, TypeError),
+        ({"bogus": 1}, ConfigurationError),  # an option that does not exist (did you mean)
     ],
 )
 def test_bad_job_options_raise_at_registration(
@@ -238,8 +245,8 @@ def test_bad_arguments() -> None:
         sched.cron("* * * * *", timezone="Mars/Olympus_Mons")
     with pytest.raises(TypeError):
         sched.add(42, 10, name="n")  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        sched.add(_async_job(), 10, name="a")
+    with pytest.raises(TypeError, match="generator"):
+        sched.add(_async_generator(), 10, name="a")
     with pytest.raises(TypeError, match="picklable"):
         sched.add(lambda: None, 10, name="p", isolation="process")
     with pytest.raises(TypeError):

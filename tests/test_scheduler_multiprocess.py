@@ -38,7 +38,7 @@ import pytest
 from coordlock import BackendUnavailable, connect
 from coordlock._lease import Lease
 from coordlock.backends.memory import MemoryCoordinator
-from coordlock.scheduler import Event, Scheduler
+from coordlock.scheduler import Event, OffsetClock, Scheduler
 from coordlock.scheduler._worker import append_line, event_logger, record_run
 
 TICKS = int(os.environ.get("COORDLOCK_SCHED_TICKS", "30"))
@@ -529,3 +529,105 @@ def _eventually(predicate: Callable[[], bool], within: float) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+# -- a tick claimed by an instance killed before running it is reported missed ------------------
+
+
+class FreezeOnJobLease(MemoryCoordinator):
+    """memory:// variant of ``_worker --die-on-lease`` (a thread cannot be SIGKILLed): at a
+    job's lease the instance goes silent – renewals stop, so its liveness lease runs out – and
+    the worker thread hangs until the test ends."""
+
+    def __init__(self, name: str, release: threading.Event) -> None:
+        super().__init__(name)
+        self._release = release
+
+    def acquire(
+        self, name: str, ttl: float, *, wait: float | None = None, renew: bool = True
+    ) -> Lease | None:
+        if name.startswith("coordlock:job:"):
+            self.close()
+            self._release.wait(120)
+        return super().acquire(name, ttl, wait=wait, renew=renew)
+
+
+def test_a_tick_claimed_by_an_instance_killed_before_running_it_is_missed(
+    backend_name: str, backend_url: str, tmp_path: Path
+) -> None:
+    """The victim (clock 1 s ahead: it wins the next tick) records its claim and dies before
+    the run; the survivor's watchdog reports that tick ``missed`` once, and runs the next ones."""
+    runs, log = tmp_path / "runs.jsonl", tmp_path / "victim.log"
+    coordinator = connect(backend_url)
+    survivor = Scheduler(
+        coordinator, instance_id="survivor", watchdog_interval=0.5, shutdown_grace=5
+    )
+    events: list[Event] = []
+    lock = threading.Lock()
+
+    def on_event(event: Event) -> None:
+        with lock:
+            events.append(event)
+
+    def of(kind: str, reason: str | None = None) -> list[Event]:
+        with lock:
+            return [e for e in events if e.kind == kind and (reason in (None, e.reason))]
+
+    survivor.on("*", on_event)
+    survivor.add(record_run, 1, name="interval", args=(str(runs), 0.0))
+    release = threading.Event()
+    victim: subprocess.Popen[bytes] | Scheduler
+    survivor.start()
+    try:
+        if backend_name == "memory":
+            victim = Scheduler(
+                FreezeOnJobLease(backend_url.split("://", 1)[1], release),
+                instance_id="victim",
+                clock=OffsetClock(1.0),
+                heartbeat_ttl=1.5,
+            )
+            victim.add(record_run, 1, name="interval", args=(str(runs), 0.0))
+            victim.start()
+        else:
+            victim = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "coordlock.scheduler._worker",
+                    *("--url", backend_url, "--instance", "victim", "--offset=1"),
+                    *("--runs", str(runs), "--log", str(log), "--interval", "1"),
+                    *("--heartbeat-ttl", "1.5", "--die-on-lease", "--duration", "60"),
+                ],
+                stdin=subprocess.DEVNULL,
+            )
+        assert _eventually(lambda: bool(of("missed", "instance-vanished")), 45), (
+            "no missed event for the tick the victim claimed"
+        )
+        finished_before = len(of("finished"))
+        assert _eventually(lambda: len(of("finished")) > finished_before, 15)
+        if isinstance(victim, subprocess.Popen):
+            assert victim.wait(10) == -signal.SIGKILL
+        rows = {r.run_id: r for r in coordinator.history("interval", 200)}  # before release
+    finally:
+        release.set()
+        survivor.stop(wait=True, timeout=10)
+        if isinstance(victim, Scheduler):
+            victim.stop(wait=False)
+        elif victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
+    (missed,) = of("missed", "instance-vanished")
+    coordinator.close()
+    victims = [r for r in rows.values() if r.instance == "victim"]
+    print(
+        f"[{backend_name}] instances 2, victim rows {[(r.tick, r.status) for r in victims]}, "
+        f"survivor runs {len(of('finished'))}, missed {missed.key}"
+    )
+    assert [r.status for r in victims] == ["missed"]  # its one claim, reported
+    assert missed.key == f"interval@{victims[0].tick}" and missed.run_id == victims[0].run_id
+    assert "vanished before starting it" in (missed.error or "")
+    assert missed.key not in {
+        f"interval@{r.tick}" for r in rows.values() if r.status == "finished"
+    }  # at most once: nobody ran that tick
+    if log.exists():
+        assert f"won claim {missed.key}" in log.read_text()

@@ -35,10 +35,10 @@ from coordlock.testing.servers import (
     ServerUnavailable,
     ZooKeeperEnsemble,
     ZooKeeperServer,
-    _process_state,
     free_port,
     port_is_open,
 )
+from coordlock.testing.servers._common import _process_state
 
 pytest_plugins = ["pytester"]
 
@@ -503,9 +503,9 @@ def test_command_line_prints_url_and_stops_on_sigint() -> None:
 def test_missing_binaries_raise_server_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COORDLOCK_PG_BINDIR", "/nonexistent")
     monkeypatch.setenv("COORDLOCK_NO_INSTALL", "1")
-    import coordlock.testing.servers as servers
+    from coordlock.testing.servers import _install
 
-    monkeypatch.setattr(servers, "_install_failures", {})
+    monkeypatch.setattr(_install, "_install_failures", {})
     server = PostgresServer()
     try:
         with pytest.raises(ServerUnavailable, match="apt-get install -y redis-server postgresql"):
@@ -520,11 +520,8 @@ def test_missing_binaries_raise_server_unavailable(monkeypatch: pytest.MonkeyPat
 
 
 def _plugin_args() -> list[str]:
-    from importlib.metadata import entry_points
-
-    registered = any(ep.name == "coordlock" for ep in entry_points(group="pytest11"))
-    base = ["-p", "no:cacheprovider", "-p", "no:xdist"]
-    return base if registered else [*base, "-p", "coordlock.testing.plugin"]
+    # The plugin is opt-in: a pytest run outside this project loads it only when asked.
+    return ["-p", "no:cacheprovider", "-p", "no:xdist", "-p", "coordlock.testing.plugin"]
 
 
 PLUGIN_PROBE = """
@@ -541,7 +538,7 @@ def test_url(backend_name, backend_url):
     }
     assert re.fullmatch(patterns[backend_name], backend_url), backend_url
 
-@pytest.mark.soak
+@pytest.mark.coordlock_soak
 def test_soak():
     pass
 """
@@ -554,12 +551,15 @@ def test_plugin_parametrizes_backend_urls(
     monkeypatch.delenv("CI", raising=False)
     pytester.makepyfile(test_probe=PLUGIN_PROBE)
     result = pytester.runpytest_subprocess(
-        *_plugin_args(), "-rs", "--backends=memory,sqlite,redis,postgres,zookeeper", timeout=240
+        *_plugin_args(),
+        "-rs",
+        "--coordlock-backends=memory,sqlite,redis,postgres,zookeeper",
+        timeout=240,
     )
     result.assert_outcomes(passed=5, skipped=1)
-    result.stdout.fnmatch_lines(["*soak test: opt in with --soak*"])
+    result.stdout.fnmatch_lines(["*soak test: opt in with --coordlock-soak*"])
     verbose = pytester.runpytest_subprocess(
-        *_plugin_args(), "-v", "--soak", "--backends=memory,sqlite", timeout=120
+        *_plugin_args(), "-v", "--coordlock-soak", "--coordlock-backends=memory,sqlite", timeout=120
     )
     verbose.assert_outcomes(passed=3)
     verbose.stdout.fnmatch_lines(["*test_url?memory? PASSED*", "*test_url?sqlite? PASSED*"])
@@ -570,7 +570,9 @@ def test_plugin_env_overrides_option(
 ) -> None:
     monkeypatch.setenv("COORDLOCK_TEST_BACKENDS", "memory")
     pytester.makepyfile(test_probe=PLUGIN_PROBE)
-    result = pytester.runpytest_subprocess(*_plugin_args(), "--backends=sqlite", timeout=120)
+    result = pytester.runpytest_subprocess(
+        *_plugin_args(), "--coordlock-backends=sqlite", timeout=120
+    )
     result.assert_outcomes(passed=1, skipped=1)
 
 
@@ -583,7 +585,9 @@ def test_plugin_missing_server_skips_or_fails_in_ci(
     monkeypatch.setenv("COORDLOCK_NO_INSTALL", "1")
     monkeypatch.setenv("CI", ci)
     pytester.makepyfile(test_probe=PLUGIN_PROBE)
-    result = pytester.runpytest_subprocess(*_plugin_args(), "--backends=postgres", timeout=120)
+    result = pytester.runpytest_subprocess(
+        *_plugin_args(), "--coordlock-backends=postgres", timeout=120
+    )
     if ci:
         result.assert_outcomes(errors=1, skipped=1)
         result.stdout.fnmatch_lines(["*a missing server is a failure*"])

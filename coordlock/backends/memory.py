@@ -1,12 +1,14 @@
 """``memory://name`` – locks shared by the threads of one process (tests, single-process apps).
 
 Every coordinator connected to the same ``memory://name`` in a process shares one lock table,
-so a test can play several instances. Nothing survives the process. Waiters are woken by a
-condition variable on release (no polling).
+so a test can play several instances. Nothing survives the process. Waiters are woken on
+release (no polling): threads by a condition variable, asyncio tasks by a future of their loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from .._attempt import Attempt
 from .._base import BaseCoordinator
 from .._errors import ConfigurationError
 from .._protocol import LockInfo, RunRecord
@@ -36,6 +39,22 @@ class _Table:
     claims: dict[str, float] = field(default_factory=dict)
     claims_live: int = 0  # claim count after the last prune of expired claims
     runs: dict[str, RunRecord] = field(default_factory=dict)
+    # asyncio waiters by lock name: (their loop, a future to resolve on release)
+    async_waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = (
+        field(default_factory=dict)
+    )
+
+    def wake(self, name: str) -> None:
+        """Wake every waiter of ``name`` (call with ``cond`` held)."""
+        self.cond.notify_all()
+        for loop, future in self.async_waiters.pop(name, ()):
+            with contextlib.suppress(RuntimeError):  # a closed loop
+                loop.call_soon_threadsafe(_resolve, future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 _tables: dict[str, _Table] = {}
@@ -48,8 +67,12 @@ def _table(name: str) -> _Table:
 
 
 class MemoryCoordinator(BaseCoordinator):
-    """In-process coordinator. ``clock`` (seconds, default ``time.monotonic``) can be injected
-    to test clock jumps; expiry is judged by that clock."""
+    """In-process coordinator. Its hooks never block on I/O, so the async API calls them
+    directly on the event loop (no worker threads). ``clock`` (seconds, default
+    ``time.monotonic``) can be injected to test clock jumps; expiry is judged by that clock."""
+
+    backend_name = "memory"
+    wakes_waiters = True
 
     def __init__(self, name: str = "default", *, clock: Clock = time.monotonic, **kw: Any):
         super().__init__(**kw)
@@ -69,20 +92,22 @@ class MemoryCoordinator(BaseCoordinator):
         held = self._t.locks.get(name)
         if held is not None and held.expires <= now:
             del self._t.locks[name]
-            self._t.cond.notify_all()
+            self._t.wake(name)
             return None
         return held
 
-    def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
+    def _try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
         with self._t.cond:
             now = self._clock()
             held = self._live(name, now)
             if held is not None:
-                return held.fence if held.owner == owner else None
+                if held.owner == owner:
+                    return Attempt.granted(held.fence)
+                return Attempt.busy(retry_in=held.expires - now)
             fence = self._t.fences.get(name, 0) + 1
             self._t.fences[name] = fence
             self._t.locks[name] = _Held(owner, fence, now + ttl)
-            return fence
+            return Attempt.granted(fence)
 
     def _release(self, name: str, owner: str) -> bool:
         with self._t.cond:
@@ -90,7 +115,7 @@ class MemoryCoordinator(BaseCoordinator):
             if held is None or held.owner != owner:
                 return False
             del self._t.locks[name]
-            self._t.cond.notify_all()
+            self._t.wake(name)
             return True
 
     def _extend(self, name: str, owner: str, ttl: float) -> bool:
@@ -102,27 +127,60 @@ class MemoryCoordinator(BaseCoordinator):
             held.expires = now + ttl
             return True
 
-    def _wait_for_release(self, name: str, timeout: float) -> None:
+    def _force_release(self, name: str) -> bool:
         with self._t.cond:
             held = self._live(name, self._clock())
             if held is None:
-                return
-            # Wake on release, or when the holder's ttl runs out (whichever is first).
-            self._t.cond.wait(min(timeout, max(held.expires - self._clock(), 0.0)))
+                return False
+            del self._t.locks[name]
+            self._t.wake(name)
+            return True
 
-    def _acquire_waiting(
-        self, name: str, owner: str, ttl: float, deadline: float
-    ) -> tuple[int, float] | None:
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
+    def _wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
+        with self._t.cond:
+            held = self._live(name, self._clock())
+            if held is not None:
+                # Wake on release, or when the holder's ttl runs out (whichever is first).
+                self._t.cond.wait(min(timeout, max(held.expires - self._clock(), 0.0)))
+        return None
+
+    async def _async_wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._t.cond:
+            held = self._live(name, self._clock())
+            if held is None:
                 return None
-            self._wait_for_release(name, deadline - now)
-            self._check_open()
-            started = time.monotonic()
-            fence = self._try_acquire(name, owner, ttl)
-            if fence is not None:
-                return fence, started
+            timeout = min(timeout, max(held.expires - self._clock(), 0.0))
+            self._t.async_waiters.setdefault(name, []).append((loop, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            with self._t.cond:
+                waiters = self._t.async_waiters.get(name, [])
+                with contextlib.suppress(ValueError):
+                    waiters.remove((loop, future))
+        return None
+
+    # The hooks below only take an in-process lock: run them on the loop itself.
+
+    async def _async_try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
+        return self._try_acquire(name, owner, ttl, ticket)
+
+    async def _async_release(self, name: str, owner: str) -> bool:
+        return self._release(name, owner)
+
+    async def _async_extend(self, name: str, owner: str, ttl: float) -> bool:
+        return self._extend(name, owner, ttl)
+
+    async def _async_claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
+        return self._claim_many(keys, hold)
+
+    async def _async_release_later(self, name: str, owner: str, linger: float) -> bool:
+        return self._release_later(name, owner, linger)
+
+    async def _async_force_release(self, name: str) -> bool:
+        return self._force_release(name)
 
     def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
         with self._t.cond:

@@ -6,13 +6,15 @@ loss (fences never regress). Expiry is judged with the host's ``CLOCK_MONOTONIC`
 all processes of a boot) tagged with the kernel's boot id, so wall-clock jumps neither expire
 nor stretch a lease; after a reboot every lease is free (its holders are gone) and claims fall
 back to wall-clock expiry. Waiters poll with plain reads (0.5 ms growing to 4 ms; WAL reads never
-block writers): SQLite cannot wake them. Where the kernel has no boot id (not Linux), expiry
-falls back to the wall clock, and a wall-clock jump there can expire or stretch leases.
+block writers) and only try a write when the lock looks free: SQLite cannot wake them. Where
+the kernel has no boot id (not Linux), expiry falls back to the wall clock, and a wall-clock
+jump there can expire or stretch leases.
 Not for network filesystems (NFS, SMB): their file locking breaks SQLite.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import threading
@@ -23,6 +25,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
+
+from .._attempt import Attempt
 from .._base import BaseCoordinator
 from .._errors import BackendUnavailable, ConfigurationError
 from .._protocol import LockInfo, RunRecord
@@ -80,8 +85,8 @@ class SQLiteCoordinator(BaseCoordinator):
     write lock, default 30), ``synchronous`` (``"full"`` default, or ``"normal"``: faster, but a
     power loss may roll back the last fences), ``retry_deadline``."""
 
+    backend_name = "sqlite"
     transient_errors = ()
-    wakes_waiters = True  # waiters poll with cheap WAL reads, not write transactions
 
     #: Bounds of the read-only poll of a waiter (seconds).
     POLL_MIN = 0.0005
@@ -150,9 +155,23 @@ class SQLiteCoordinator(BaseCoordinator):
         conn = sqlite3.connect(
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
         )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        conn.executescript(_SCHEMA)
+        try:
+            # Concurrent first opens of a fresh file: SQLite may answer the switch to WAL (and
+            # the schema creation) with "database is locked" at once, without its busy
+            # timeout. Retry those within the same ``timeout``.
+            for attempt in Retrying(
+                stop=stop_after_delay(self.timeout),
+                wait=wait_exponential(multiplier=0.005, max=0.2) + wait_random(0, 0.01),
+                retry=retry_if_exception(_is_busy),
+                reraise=True,
+            ):
+                with attempt:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute(f"PRAGMA synchronous={self._synchronous}")
+                    conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     @contextmanager
@@ -176,7 +195,9 @@ class SQLiteCoordinator(BaseCoordinator):
                 text = str(exc)
                 if "locked" in text or "busy" in text:
                     raise BackendUnavailable(
-                        f"SQLite file {self.path} stayed locked for {self.timeout:g}s: {exc}"
+                        f"SQLite file {self.path} stayed locked by another process for "
+                        f"{self.timeout:g}s ({exc}); is a process stuck holding a write "
+                        "transaction (paused, or a long-running writer)?"
                     ) from exc
                 raise ConfigurationError(f"SQLite file {self.path}: {exc}") from exc
             except sqlite3.DatabaseError as exc:
@@ -200,14 +221,16 @@ class SQLiteCoordinator(BaseCoordinator):
     def _live(self, expires: float, boot: str, now: float) -> bool:
         return boot == self._boot and expires > now
 
-    def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
+    def _try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
         with self._tx() as db:
             now = self._clock()
             row = db.execute(
                 "SELECT owner, fence, expires, boot FROM coordlock_locks WHERE name = ?", (name,)
             ).fetchone()
             if row is not None and self._live(row[2], row[3], now):
-                return int(row[1]) if row[0] == owner else None
+                if row[0] == owner:
+                    return Attempt.granted(int(row[1]))
+                return Attempt.busy(retry_in=row[2] - now)
             (fence,) = db.execute(
                 "INSERT INTO coordlock_fences VALUES (?, 1) ON CONFLICT (name) "
                 "DO UPDATE SET fence = fence + 1 RETURNING fence",
@@ -217,7 +240,7 @@ class SQLiteCoordinator(BaseCoordinator):
                 "INSERT OR REPLACE INTO coordlock_locks VALUES (?, ?, ?, ?, ?, ?)",
                 (name, owner, fence, now + ttl, time.time() + ttl, self._boot),
             )
-            return int(fence)
+            return Attempt.granted(int(fence))
 
     def _release(self, name: str, owner: str) -> bool:
         with self._tx() as db:
@@ -237,28 +260,38 @@ class SQLiteCoordinator(BaseCoordinator):
             )
             return cur.rowcount == 1
 
-    def _wait_for_release(self, name: str, timeout: float) -> None:
-        """Poll with plain reads (they never block writers under WAL) until ``name`` looks free
-        or ``timeout`` seconds pass; the caller then tries a real acquire."""
-        stop = time.monotonic() + timeout
-        interval = self.POLL_MIN
-        while True:
-            with self._guard:
-                if self._conn is None or self._pid != os.getpid():
-                    return  # let the next acquire (re)connect and report errors
-                try:
-                    row = self._conn.execute(
-                        "SELECT expires, boot FROM coordlock_locks WHERE name = ?", (name,)
-                    ).fetchone()
-                except sqlite3.Error:
-                    return
-            if row is None or not self._live(row[0], row[1], self._clock()):
-                return
-            left = stop - time.monotonic()
-            if left <= 0:
-                return
-            time.sleep(min(interval, left))
-            interval = min(interval * 2, self.POLL_MAX)
+    def _force_release(self, name: str) -> bool:
+        with self._tx() as db:
+            row = db.execute(
+                "DELETE FROM coordlock_locks WHERE name = ? RETURNING expires, boot", (name,)
+            ).fetchone()
+            return row is not None and self._live(row[0], row[1], self._clock())
+
+    def _peek(self, name: str, ticket: Any) -> Attempt | None:
+        """A plain read (never blocks writers under WAL): a busy :class:`Attempt` while the
+        lock is live, ``None`` when it looks free (the base then tries a real acquire)."""
+        with self._guard:
+            if self._conn is None or self._pid != os.getpid():
+                return None  # let the next acquire (re)connect and report errors
+            try:
+                row = self._conn.execute(
+                    "SELECT expires, boot FROM coordlock_locks WHERE name = ?", (name,)
+                ).fetchone()
+            except sqlite3.Error:
+                return None
+        now = self._clock()
+        if row is None or not self._live(row[0], row[1], now):
+            return None
+        return Attempt.busy(retry_in=row[0] - now, ticket=ticket)
+
+    def _wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
+        if timeout > 0:
+            time.sleep(timeout)
+        return self._peek(name, ticket)
+
+    async def _async_wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
+        await asyncio.sleep(max(timeout, 0.0))
+        return await self._in_thread(self._peek, name, ticket)
 
     def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
         won: set[str] = set()
@@ -319,3 +352,9 @@ class SQLiteCoordinator(BaseCoordinator):
         with self._tx() as db:
             rows = db.execute(query, (*args, int(limit))).fetchall()
         return [RunRecord(*row) for row in rows]
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
+    )

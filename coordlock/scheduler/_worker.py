@@ -3,12 +3,14 @@
     python -m coordlock.scheduler._worker --url URL --instance NAME [--offset S] [--speed X]
         --runs RUNS.jsonl [--events EVENTS.jsonl] [--log LOG.txt]
         [--interval S] [--cron EXPR] [--job-seconds S] [--duration S] [--import MODULE]
+        [--heartbeat-ttl S] [--watchdog-interval S] [--die-on-lease]
 
 Each run of a job appends ``{"job", "key", "instance", "pid", "phase": "begin"|"end", "t"}``
 to ``--runs`` (one ``write`` with ``O_APPEND`` per line, so lines of concurrent processes never
 interleave); ``--events`` gets every scheduler event plus a ``ready`` line; ``--log`` gets the
 ``coordlock`` logger at DEBUG (claim wins included). The process stops cleanly on SIGTERM, after
-``--duration`` seconds, or when its parent goes away.
+``--duration`` seconds, or when its parent goes away. ``--die-on-lease`` plays the crash between
+a won claim and the run: the process SIGKILLs itself when it asks for a job's no-overlap lease.
 """
 
 from __future__ import annotations
@@ -24,11 +26,33 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._lease import Lease
+from .._protocol import RunCoordinator
 from .._registry import connect
 from ._clock import OffsetClock
+from .claims import JOB_LEASE_PREFIX
 from .events import Event
 from .job import current_run
 from .loop import Scheduler
+
+
+class DieOnJobLease:
+    """Delegates to a coordinator, but SIGKILLs this process when a job's no-overlap lease is
+    asked for: the instance dies after winning a tick's claim (and recording it), before the
+    run."""
+
+    def __init__(self, inner: RunCoordinator) -> None:
+        self._inner = inner
+
+    def acquire(
+        self, name: str, ttl: float, *, wait: float | None = None, renew: bool = True
+    ) -> Lease | None:
+        if name.startswith(JOB_LEASE_PREFIX):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self._inner.acquire(name, ttl, wait=wait, renew=renew)
+
+    def __getattr__(self, name: str) -> Any:  # release, extend, claim(_many), history…
+        return getattr(self._inner, name)
 
 
 def append_line(path: str, record: dict[str, Any]) -> None:
@@ -87,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--job-seconds", type=float, default=0.0, help="how long a run lasts")
     parser.add_argument("--duration", type=float, default=600.0, help="exit after this long")
     parser.add_argument("--import", dest="imports", action="append", default=[])
+    parser.add_argument("--heartbeat-ttl", type=float, default=30.0)
+    parser.add_argument("--watchdog-interval", type=float, default=30.0)
+    parser.add_argument("--die-on-lease", action="store_true", help="SIGKILL at a job lease")
     return parser.parse_args(argv)
 
 
@@ -102,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.setLevel(logging.DEBUG)
     coordinator = connect(args.url)
     sched = Scheduler(
-        coordinator,
+        DieOnJobLease(coordinator) if args.die_on_lease else coordinator,
         instance_id=args.instance,
         clock=OffsetClock(args.offset, args.speed),
         shutdown_grace=5.0,
+        heartbeat_ttl=args.heartbeat_ttl,
+        watchdog_interval=args.watchdog_interval,
     )
     if args.interval > 0:
         sched.add(
@@ -119,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     events_path = args.events
 
     if events_path:
-
         sched.on("*", event_logger(events_path))
 
     stop = threading.Event()

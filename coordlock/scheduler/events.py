@@ -27,6 +27,12 @@ COORDINATOR_ERROR = "coordinator-error"  # the coordinator could not be asked: f
 STOPPING = "stopping"  # won, but the scheduler was stopped before the run could start
 REASONS = (CLAIMED_ELSEWHERE, RUNNING, COORDINATOR_ERROR, STOPPING)
 
+#: Why a tick was missed, a run failed or was reported stuck.
+LATE = "late"  # missed: this instance reached the tick past its grace (down, paused, starved)
+INSTANCE_VANISHED = "instance-vanished"  # missed/stuck: the instance that held it is gone
+TIMEOUT = "timeout"  # failed/stuck: the run passed its timeout
+LEASE_LOST = "lease-lost"  # failed: the no-overlap lease was lost during the run
+
 _LEVELS = {
     STARTED: logging.INFO,
     FINISHED: logging.INFO,
@@ -51,7 +57,10 @@ class Event:
       claim key ``f"{job}@{tick_utc_iso}"``.
     * ``instance`` – the scheduler instance that saw it.
     * ``reason`` – for ``skipped``: ``claimed-elsewhere``, ``running``, ``coordinator-error``
-      or ``stopping``; for ``stuck``: ``timeout`` or ``instance-vanished``.
+      or ``stopping``; for ``missed``: ``late`` (this instance reached it past its grace) or
+      ``instance-vanished`` (the instance that won its claim vanished before starting it);
+      for ``failed``: ``timeout``, ``lease-lost`` or ``None`` (the job raised); for ``stuck``:
+      ``timeout`` or ``instance-vanished``.
     * ``error`` – the exception text for ``failed``/``coordinator-error``; ``exception`` the
       exception object where there is one (``None`` for a child process).
     * ``run_id``, ``duration`` (real seconds), ``attempts`` – for runs.

@@ -6,12 +6,13 @@ import inspect
 import pickle
 import threading
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, tzinfo
 from typing import Any, Literal
 
-from .._validate import check_name, check_seconds, check_ttl
-from .triggers import Trigger
+from .._validate import MAX_NAME_LENGTH, check_name, check_seconds, check_ttl, unknown_options
+from .triggers import UTC, CronTrigger, Trigger
 
 Misfire = Literal["skip", "run_once"]
 Isolation = Literal["thread", "process"]
@@ -23,6 +24,10 @@ LEASE_TTL_MIN = 2.0
 LEASE_TTL_MAX = 30.0
 #: Longest a won tick waits for a run that is just ending to release the no-overlap lease.
 LEASE_WAIT_MAX = 5.0
+#: Longest tick name in a claim key: ``YYYY-MM-DDTHH:MM:SS.ffffffZ``.
+TICK_NAME_MAX = 27
+#: Longest job name: its claim key ``f"{name}@{tick}"`` must fit the coordinator's name limit.
+MAX_JOB_NAME = MAX_NAME_LENGTH - 1 - TICK_NAME_MAX
 
 
 @dataclass(frozen=True)
@@ -42,17 +47,19 @@ class RunContext:
     fence: int | None
 
 
-_current = threading.local()
+# A context variable, not a thread-local: coroutine jobs share the event loop's thread, and
+# each asyncio task sees its own copy of the context.
+_current: ContextVar[RunContext | None] = ContextVar("coordlock_current_run", default=None)
 
 
 def current_run() -> RunContext | None:
-    """The :class:`RunContext` of the job running in this thread (or child process), else None."""
-    ctx = getattr(_current, "ctx", None)
-    return ctx if isinstance(ctx, RunContext) else None
+    """The :class:`RunContext` of the job running in this thread, task or child process, else
+    ``None``."""
+    return _current.get()
 
 
 def _set_current(ctx: RunContext | None) -> None:
-    _current.ctx = ctx
+    _current.set(ctx)
 
 
 @dataclass
@@ -83,8 +90,13 @@ def build_options(
     backoff_max: object = 60.0,
     hold: object = None,
     lease_ttl: object = None,
+    **unknown: object,
 ) -> JobOptions:
-    """Check every option; raise ``TypeError``/``ValueError`` naming the bad one."""
+    """Check every option; raise ``TypeError``/``ValueError`` naming the bad one, and
+    ``ConfigurationError`` (with "did you mean") for an option that does not exist."""
+    if unknown:
+        known = [p for p in inspect.signature(build_options).parameters if p != "unknown"]
+        raise unknown_options("a scheduled job", unknown, known)
     if not isinstance(overlap, bool):
         raise TypeError(f"overlap must be a bool, not {type(overlap).__name__}")
     if misfire not in ("skip", "run_once"):
@@ -109,12 +121,47 @@ def build_options(
     )
 
 
+def check_job_name(name: object) -> str:
+    """A job name whose claim key ``f"{name}@{tick}"`` every backend can store.
+
+    ``ValueError`` for a name longer than :data:`MAX_JOB_NAME` characters (its claim key would
+    pass the 512-character limit of coordinator names) and for one that is not valid Unicode
+    text (a lone surrogate cannot be encoded as UTF-8, which every server backend stores).
+    """
+    if isinstance(name, str) and len(name) > MAX_JOB_NAME:
+        raise ValueError(
+            f"job name is {len(name)} characters long: its claim key '<name>@<tick>' must fit "
+            f"in {MAX_NAME_LENGTH} characters, so a job name may have at most {MAX_JOB_NAME}"
+        )
+    checked = check_name(name, "job name")
+    try:
+        checked.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"job name {checked!r} is not valid Unicode text: lone surrogate at position "
+            f"{exc.start} (claim keys are stored as UTF-8)"
+        ) from None
+    return checked
+
+
+def is_coroutine_job(func: Callable[..., Any]) -> bool:
+    """``True`` for an ``async def`` function (or a partial/callable object wrapping one)."""
+    if inspect.iscoroutinefunction(func):
+        return True
+    if inspect.isfunction(func) or inspect.ismethod(func):
+        return False
+    return inspect.iscoroutinefunction(type(func).__call__)
+
+
 def check_callable(func: object, isolation: str) -> Callable[..., Any]:
-    """A job function must be a plain (sync) callable; a process job must be picklable."""
+    """A job is a callable or an ``async def`` function (not an async generator); a process
+    job must be picklable."""
     if not callable(func):
         raise TypeError(f"a job must be callable, not {type(func).__name__}")
-    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
-        raise TypeError("async job functions are not supported yet; wrap them in asyncio.run")
+    if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
+        raise TypeError(
+            "a job must be a function or an async def coroutine function, not a generator"
+        )
     if isolation == "process":
         if inspect.isfunction(func):
             # Pickled by reference (module + qualname). Not pickle.dumps() here: under a
@@ -150,6 +197,8 @@ class Job:
     options: JobOptions
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: an ``async def`` job: runs on an event loop (see :mod:`.aio`)
+    is_async: bool = False
     #: next tick this instance has not yet dealt with (epoch seconds; None = never again)
     next_fire: float | None = None
     #: heap entries carry this; a stale entry (older version) is ignored
@@ -164,7 +213,11 @@ class Job:
     last_finished: float | None = None
 
     def __post_init__(self) -> None:
-        check_name(self.name, "job name")
+        check_job_name(self.name)
+
+    def note(self, tick: float, status: str, error: str | None = None) -> None:
+        """Remember the outcome of ``tick`` for :meth:`Scheduler.jobs` (caller holds the lock)."""
+        self.last_tick, self.last_status, self.last_error = tick, status, error
 
     def grace_for(self, tick: float, following: float | None) -> float:
         """How late ``tick`` may still start (never beyond the next tick: no catch-up bursts)."""
@@ -199,6 +252,34 @@ class Job:
         return min(max(2.0 * self.trigger.nominal_period(), LEASE_TTL_MIN), LEASE_TTL_MAX)
 
 
+#: How a run executes: in a worker thread, on an event loop, or in a child process.
+THREAD, ASYNC, PROCESS = "thread", "async", "process"
+
+
+@dataclass(eq=False)
+class Run:
+    """One won tick of one job on this instance, from the claim to the outcome."""
+
+    job: Job
+    tick: float
+    following: float | None
+    key: str
+    run_id: str
+    claimed_at: float  # scheduler clock
+    kind: str  # THREAD, ASYNC or PROCESS
+    #: set to stop retrying (lease lost, scheduler stopping); ``why`` says which
+    abort: threading.Event = field(default_factory=threading.Event)
+    why: str = ""
+    started_wall: float | None = None  # None while queued
+    started_mono: float = 0.0
+    stuck: bool = False
+
+    def stop_retrying(self, why: str) -> None:
+        if not self.abort.is_set():
+            self.why = why
+            self.abort.set()
+
+
 @dataclass(frozen=True)
 class JobInfo:
     """A job as shown by :meth:`Scheduler.jobs`. Times are aware datetimes in the job's zone
@@ -218,5 +299,24 @@ class JobInfo:
     timeout: float | None
 
 
-def as_seconds(value: float | timedelta) -> float:
-    return check_seconds(value, "seconds")
+def job_info(job: Job, next_fire: float | None) -> JobInfo:
+    """The :class:`JobInfo` of ``job`` (times in the job's cron zone, else UTC)."""
+    zone: tzinfo = job.trigger.zone if isinstance(job.trigger, CronTrigger) else UTC
+
+    def when(ts: float | None) -> datetime | None:
+        return None if ts is None else datetime.fromtimestamp(ts, zone)
+
+    return JobInfo(
+        name=job.name,
+        trigger=job.trigger.describe(),
+        next_run=when(next_fire),
+        last_tick=when(job.last_tick),
+        last_status=job.last_status,
+        last_error=job.last_error,
+        last_finished=when(job.last_finished),
+        running=job.running,
+        overlap=job.options.overlap,
+        misfire=job.options.misfire,
+        isolation=job.options.isolation,
+        timeout=job.options.timeout,
+    )

@@ -3,16 +3,22 @@ per tick across every instance that registers it.
 
 One tick of one job, on every instance:
 
-1. The loop wakes at the tick (by this instance's clock) and collects every job due now.
+1. The loop wakes at the tick (by this instance's clock) and collects every job due now
+   (:mod:`.planner`).
 2. It claims ``f"{job}@{tick_utc_iso}"`` for all of them in one ``claim_many`` call (one
-   ``claim`` per job where the coordinator has no ``claim_many``). The claim is held for the
-   job's period plus the skew tolerance, so an instance whose clock is late asks after the
-   winner and still loses. Claims are per tick: a long hold never blocks the next tick.
-3. Losers report ``skipped(claimed-elsewhere)``. The winner, for an ``overlap=False`` job, only
-   now takes the name-level lease ``coordlock:job:{name}`` (renewed while the run goes); if a
-   previous run still holds it anywhere the tick is ``skipped(running)``.
-4. The run goes to a bounded pool of worker threads (or a child process), with retries and a
-   timeout; ``started``/``finished``/``failed`` are emitted, logged and written to run history.
+   ``claim`` per job where the coordinator has no ``claim_many``; :mod:`.claims`). The claim is
+   held for the job's period plus the skew tolerance, so an instance whose clock is late asks
+   after the winner and still loses. Claims are per tick: a long hold never blocks the next tick.
+3. Losers report ``skipped(claimed-elsewhere)`` (:mod:`.dispatch`). The winner records the
+   claim in run history and hands the tick to :mod:`.runner`: for an ``overlap=False`` job it
+   only now takes the name-level lease ``coordlock:job:{name}`` (renewed while the run goes);
+   if a previous run still holds it anywhere the tick is ``skipped(running)``.
+4. The run goes to a bounded pool of worker threads (a coroutine job runs on an event loop,
+   :mod:`.aio`; a process job in a child, :mod:`.isolation`), with retries and a timeout
+   (:mod:`.attempts`); ``started``/``finished``/``failed`` are emitted, logged and written to
+   run history (:mod:`.report`).
+5. The :mod:`.watchdog` reports runs past their timeout, runs of vanished instances and ticks
+   claimed by an instance that vanished before starting them.
 
 When the coordinator cannot be asked the tick does not run (fail closed):
 ``skipped(coordinator-error)``, and the loop carries on with the next tick.
@@ -20,129 +26,54 @@ When the coordinator cannot be asked the tick does not run (fail closed):
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-import math
 import os
-import queue
 import signal
 import socket
+import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, tzinfo
+from datetime import timedelta, tzinfo
 from types import FrameType
 from typing import Any, TypeVar, overload
 
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
-
 from .._api import get_coordinator
-from .._lease import Lease
-from .._protocol import ClaimsMany, KeepsHistory, RunCoordinator, RunRecord
+from .._protocol import KeepsHistory, RunCoordinator
 from .._registry import connect
 from .._validate import check_name, check_seconds
 from . import events as ev
 from ._clock import Clock, SystemClock
-from .events import Callback, Event, EventBus, utc
-from .isolation import ChildFailed, ChildRegistry, JobTimeout, make_context, run_in_process
+from .aio import LoopHost
+from .claims import check_instance_id
+from .dispatch import claim_and_dispatch
+from .events import Callback, EventBus
+from .isolation import make_context
 from .job import (
-    DEFAULT_SKIP_GRACE,
     Job,
     JobInfo,
-    RunContext,
-    _set_current,
     build_options,
     check_callable,
+    check_job_name,
     default_name,
+    is_coroutine_job,
+    job_info,
 )
-from .triggers import (
-    CronTrigger,
-    IntervalTrigger,
-    Trigger,
-    resolve_timezone,
-    tick_datetime,
-    tick_key,
-)
+from .planner import Planner
+from .report import Reporter
+from .runner import Pool, Runner
+from .triggers import CronTrigger, IntervalTrigger, Trigger, resolve_timezone
+from .watchdog import Liveness, Watchdog
 
 log = logging.getLogger("coordlock")
 
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=Callback)
 
-#: Lease name prefixes used by the scheduler (visible in ``coordlock locks``).
-JOB_LEASE_PREFIX = "coordlock:job:"
-INSTANCE_LEASE_PREFIX = "coordlock:instance:"
-
-#: Upper bound on ticks counted one by one when an instance wakes far behind.
-_MAX_COUNT = 10_000
-
 
 def default_instance_id() -> str:
     """``host:pid:random`` – unique per scheduler object."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-@dataclass
-class _Run:
-    job: Job
-    tick: float
-    key: str
-    run_id: str
-    started_wall: float
-    started_mono: float
-    isolation: str
-    stuck: bool = False
-
-
-class _Pool:
-    """A bounded pool of daemon worker threads (a stuck job never blocks interpreter exit)."""
-
-    def __init__(self, size: int, name: str) -> None:
-        self._size = size
-        self._name = name
-        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._outstanding = 0
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[[], object]) -> None:
-        with self._lock:
-            self._outstanding += 1
-            if self._outstanding > len(self._threads) and len(self._threads) < self._size:
-                thread = threading.Thread(
-                    target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
-                )
-                self._threads.append(thread)
-                thread.start()
-        self._queue.put(fn)
-
-    def _work(self) -> None:
-        while True:
-            fn = self._queue.get()
-            if fn is None:
-                return
-            try:
-                fn()
-            except BaseException:  # pragma: no cover - _execute catches everything
-                log.exception("scheduler worker crashed")
-            finally:
-                with self._lock:
-                    self._outstanding -= 1
-
-    def shutdown(self) -> None:
-        with self._lock:
-            threads = list(self._threads)
-        for _ in threads:
-            self._queue.put(None)
 
 
 class Scheduler:
@@ -159,11 +90,13 @@ class Scheduler:
       inject :class:`OffsetClock` or :class:`ManualClock`).
     * ``skew_tolerance`` – how far apart (seconds) instance clocks may be; added to every
       claim's hold (default 60).
-    * ``max_workers`` – size of the thread pool that runs jobs (default 10).
+    * ``max_workers`` – size of the thread pool that runs jobs (default 10); a coroutine job
+      occupies a worker thread while it runs on its event loop.
     * ``shutdown_grace`` – how long :meth:`stop`/:meth:`run_forever` let running jobs finish
-      (default 30 s); process-isolated jobs still running then are killed.
-    * ``watchdog_interval`` – how often (real seconds) run history is scanned for runs of
-      vanished instances, where the coordinator keeps history (default 30).
+      (default 30 s); process-isolated jobs still running then are killed, coroutine jobs
+      cancelled.
+    * ``watchdog_interval`` – how often (real seconds) run history is scanned for runs and
+      claimed ticks of vanished instances, where the coordinator keeps history (default 30).
     * ``heartbeat_ttl`` – TTL of this instance's liveness lease (default 30 s).
     * ``mp_context`` – multiprocessing start method for ``isolation="process"`` (``spawn``).
     """
@@ -190,8 +123,8 @@ class Scheduler:
         if isinstance(coordinator, str):
             check_name(coordinator, "coordinator URL")
         self._coordinator_arg = coordinator
-        self.instance_id = check_name(
-            instance_id if instance_id is not None else default_instance_id(), "instance_id"
+        self.instance_id = check_instance_id(
+            instance_id if instance_id is not None else default_instance_id()
         )
         self.timezone = resolve_timezone(timezone)
         if clock is None:
@@ -208,32 +141,45 @@ class Scheduler:
         self.shutdown_grace = check_seconds(shutdown_grace, "shutdown_grace", allow_zero=True)
         self.watchdog_interval = check_seconds(watchdog_interval, "watchdog_interval")
         self.heartbeat_ttl = check_seconds(heartbeat_ttl, "heartbeat_ttl")
-        self._mp = make_context(mp_context)
 
-        self._events = EventBus()
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
-        self._heap: list[tuple[float, int, int, Job]] = []
-        self._seq = itertools.count()
-        self._active = False  # next_fire of jobs computed (started or run_pending called)
         self._coordinator: RunCoordinator | None = None
         self._owns_coordinator = False
-        self._history: KeepsHistory | None = None
-
-        self._runs: dict[str, _Run] = {}
-        self._runs_cond = threading.Condition(self._lock)
-        self._children = ChildRegistry()
-        self._pool: _Pool | None = None
-        self._inline: list[Callable[[], bool]] | None = None
-
         self._state = "new"  # new → running → stopped
         self._stopping = threading.Event()
-        self._wake = threading.Event()
-        self._watch_wake = threading.Event()  # a run with a timeout started, or stopping
-        self._thread: threading.Thread | None = None
-        self._watchdog: threading.Thread | None = None
-        self._heartbeat: Lease | None = None
         self._stop_requested = threading.Event()
+        self._wake = threading.Event()
+        self._watch_wake = threading.Event()  # a run with a timeout started, a lease lost…
+        self._thread: threading.Thread | None = None
+        self._watch_thread: threading.Thread | None = None
+
+        self._events = EventBus()
+        self._report = Reporter(self.instance_id, self._events, self._lock)
+        self._planner = Planner(self._lock)
+        self._host = LoopHost(f"coordlock-{self.instance_id}")
+        self._runner = Runner(
+            instance=self.instance_id,
+            clock=self.clock,
+            report=self._report,
+            lock=self._lock,
+            stopping=self._stopping,
+            host=self._host,
+            mp=make_context(mp_context),
+            watch_wake=self._watch_wake,
+        )
+        self._liveness = Liveness(self.instance_id, self.heartbeat_ttl, self._watch_wake)
+        self._watchdog = Watchdog(
+            instance=self.instance_id,
+            clock=self.clock,
+            report=self._report,
+            runner=self._runner,
+            liveness=self._liveness,
+            interval=self.watchdog_interval,
+            find_job=self._jobs.get,
+            wake=self._watch_wake,
+            stopping=self._stopping,
+        )
 
     # -- registration ------------------------------------------------------------------------
 
@@ -252,6 +198,8 @@ class Scheduler:
         """
         trigger = CronTrigger(expr, self.timezone if timezone is None else timezone)
         build_options(**options)  # fail at the decorator line, before the function exists
+        if name is not None:
+            check_job_name(name)
 
         def decorate(func: F) -> F:
             self.add(func, trigger, name=name, **options)
@@ -271,6 +219,8 @@ class Scheduler:
         to the Unix epoch (``offset`` shifts them), so every instance computes the same ticks."""
         trigger = IntervalTrigger(seconds, offset=offset)
         build_options(**options)
+        if name is not None:
+            check_job_name(name)
 
         def decorate(func: F) -> F:
             self.add(func, trigger, name=name, **options)
@@ -290,19 +240,24 @@ class Scheduler:
     ) -> str:
         """Register ``func`` under ``name`` (default ``module.qualname``); returns the name.
 
-        ``trigger``: a :class:`Trigger`, a cron string (in the scheduler's timezone) or an
-        interval in seconds/timedelta. Options:
+        ``func`` is a function or an ``async def`` coroutine function (run on the event loop
+        of :meth:`astart`, else on the scheduler's own). ``trigger``: a :class:`Trigger`, a
+        cron string (in the scheduler's timezone) or an interval in seconds/timedelta. The name
+        must leave its claim key ``name@<tick>`` within 512 characters (at most 484) and be
+        valid Unicode text: ``ValueError`` here otherwise. Options:
 
         * ``overlap=False`` – a run still going when the next tick comes makes that tick
           ``skipped(running)`` on every instance (a name-level lease held during the run).
         * ``misfire="skip"`` – a tick this instance reaches later than ``grace`` (default 1 s)
           is ``missed``; ``"run_once"`` runs the newest missed tick once, late, if no instance
           ran it (``grace`` defaults to "until the next tick"). Never a burst of catch-up runs.
-        * ``timeout=`` – seconds; a thread job past it is reported ``stuck``; a process job is
-          killed and ``failed``.
-        * ``isolation="thread"`` | ``"process"`` – run in the worker thread or a child process.
+        * ``timeout=`` – seconds; a thread job past it is reported ``stuck``; a coroutine job
+          is cancelled and a process job killed, both ``failed``.
+        * ``isolation="thread"`` | ``"process"`` – run in a worker thread (a coroutine job: on
+          the event loop) or a child process (a coroutine job: under ``asyncio.run``).
         * ``retries=0``, ``backoff=1.0``, ``backoff_max=60`` – retry a failing run with
-          exponential backoff (tenacity) within the same tick.
+          exponential backoff (tenacity) within the same tick; never once the run's
+          no-overlap lease is lost.
         * ``hold=`` – claim hold in seconds (default: the period plus ``skew_tolerance``).
         * ``lease_ttl=`` – TTL of the no-overlap lease (default 2× period, 2–30 s).
         """
@@ -313,14 +268,14 @@ class Scheduler:
         opts = build_options(**options)
         func = check_callable(func, opts.isolation)
         trig = self._make_trigger(trigger)
-        job_name = check_name(name if name is not None else default_name(func), "job name")
-        job = Job(job_name, func, trig, opts, args, dict(kwargs or {}))
+        job_name = check_job_name(name if name is not None else default_name(func))
+        job = Job(job_name, func, trig, opts, args, dict(kwargs or {}), is_coroutine_job(func))
         with self._lock:
             if job_name in self._jobs:
                 raise ValueError(f"a job named {job_name!r} is already registered")
             self._jobs[job_name] = job
-            if self._active:
-                self._activate(job, self.clock.time())
+            if self._planner.active:
+                self._planner.activate(job, self.clock.time())
         self._wake.set()
         return job_name
 
@@ -357,7 +312,8 @@ class Scheduler:
 
         Kinds: ``started``, ``finished``, ``failed``, ``skipped``, ``missed``, ``stuck``.
         Without ``callback`` it works as a decorator. Callbacks run in the scheduler's
-        threads: keep them short; their exceptions are logged, not raised.
+        threads (never on the application's event loop): keep them short; their exceptions
+        are logged, not raised.
         """
         if callback is None:
             if event not in (*ev.KINDS, "*"):  # fail at the decorator line
@@ -374,34 +330,13 @@ class Scheduler:
     def jobs(self) -> list[JobInfo]:
         """Each job with its next run and its last result, sorted by name."""
         with self._lock:
-            jobs = sorted(self._jobs.values(), key=lambda j: j.name)
-            return [self._info(job) for job in jobs]
-
-    def _info(self, job: Job) -> JobInfo:
-        zone = job.trigger.zone if isinstance(job.trigger, CronTrigger) else None
-
-        def when(ts: float | None) -> datetime | None:
-            if ts is None:
-                return None
-            return utc(ts) if zone is None else datetime.fromtimestamp(ts, zone)
-
-        next_fire = job.next_fire
-        if not self._active:
-            next_fire = job.trigger.next_after(self.clock.time())
-        return JobInfo(
-            name=job.name,
-            trigger=job.trigger.describe(),
-            next_run=when(next_fire),
-            last_tick=when(job.last_tick),
-            last_status=job.last_status,
-            last_error=job.last_error,
-            last_finished=when(job.last_finished),
-            running=job.running,
-            overlap=job.options.overlap,
-            misfire=job.options.misfire,
-            isolation=job.options.isolation,
-            timeout=job.options.timeout,
-        )
+            now = self.clock.time()
+            return [
+                job_info(
+                    job, job.next_fire if self._planner.active else job.trigger.next_after(now)
+                )
+                for job in sorted(self._jobs.values(), key=lambda j: j.name)
+            ]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -417,85 +352,125 @@ class Scheduler:
 
     def start(self) -> None:
         """Start the scheduler on a daemon thread. Resolves the coordinator now (raises
-        ``NotConfigured`` if there is none)."""
+        ``NotConfigured`` if there is none). Coroutine jobs run on a loop the scheduler owns;
+        in an asyncio application use :meth:`astart` to run them on the application's loop."""
         with self._lock:
             if self._state == "running":
                 raise RuntimeError("the scheduler is already running")
             if self._state == "stopped":
                 raise RuntimeError("a stopped scheduler cannot be restarted; create a new one")
-            self._resolve()
+            coordinator = self._resolve()
             self._state = "running"
             self._stopping.clear()
-            self._pool = _Pool(self.max_workers, f"coordlock-job-{self.instance_id}")
-            self._activate_all()
-        self._start_heartbeat()
+            self._runner.pool = Pool(self.max_workers, f"coordlock-job-{self.instance_id}")
+            self._planner.activate_all(self._jobs.values(), self.clock.time())
+            has_async = any(job.is_async for job in self._jobs.values())
+        if has_async and self._host.bound is None and _in_event_loop():
+            log.warning(
+                "scheduler %s: start() called inside a running event loop; its coroutine jobs "
+                "run on the scheduler's own loop, not this one (use `await sched.astart()`)",
+                self.instance_id,
+            )
+        if self._report.history is not None:
+            self._liveness.take(coordinator, wait=5.0)
         self._thread = threading.Thread(
             target=self._loop, name=f"coordlock-scheduler-{self.instance_id}", daemon=True
         )
         self._thread.start()
-        self._watchdog = threading.Thread(
-            target=self._watch, name=f"coordlock-watchdog-{self.instance_id}", daemon=True
+        self._watch_thread = threading.Thread(
+            target=self._watchdog.serve, name=f"coordlock-watchdog-{self.instance_id}", daemon=True
         )
-        self._watchdog.start()
+        self._watch_thread.start()
         log.info(
             "scheduler %s started with %d job(s) on %s",
             self.instance_id,
             len(self._jobs),
-            type(self._coordinator).__name__,
+            type(coordinator).__name__,
         )
+
+    async def astart(self) -> None:
+        """Start from inside a running event loop (a FastAPI/Starlette lifespan, an aiohttp
+        startup hook): coroutine jobs then run on *this* loop. The blocking part of starting
+        (connecting, taking the liveness lease) runs in a thread, and so does every later
+        coordinator call: the loop is never blocked by the scheduler. Stop with
+        :meth:`astop`."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(f"astart() on a scheduler that is {self._state}")
+            self._host.bind(loop)
+        try:
+            await asyncio.to_thread(self.start)
+        except BaseException:
+            self._host.close()
+            raise
 
     def stop(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop scheduling. With ``wait``, let running jobs finish for up to ``timeout`` seconds
-        (default ``shutdown_grace``); process jobs still running then are killed. Won ticks not
-        yet started are reported ``skipped(stopping)``. Idempotent."""
+        (default ``shutdown_grace``); process jobs still running then are killed and coroutine
+        jobs cancelled. Won ticks not yet started are reported ``skipped(stopping)``.
+        Idempotent. From the event loop given to :meth:`astart`, use :meth:`astop`."""
+        if wait and self.running and self._host.in_bound_loop():
+            raise RuntimeError(
+                "stop() would block the event loop its coroutine jobs run on while waiting for "
+                "them: use `await sched.astop()`"
+            )
         with self._lock:
             if self._state != "running":
                 self._state = "stopped" if self._state == "new" else self._state
+                if self._runner.idle():
+                    self._host.close()  # run_pending() may have started the own loop
                 return
             self._state = "stopped"
         self._stopping.set()
         self._stop_requested.set()
+        self._runner.stop_retrying("scheduler stopping")
         self._wake.set()
         self._watch_wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        if self._pool is not None:
-            self._pool.shutdown()
+        if self._runner.pool is not None:
+            self._runner.pool.shutdown()
         if wait:
             grace = (
                 self.shutdown_grace
                 if timeout is None
                 else check_seconds(timeout, "timeout", allow_zero=True)
             )
-            if not self.wait_idle(grace):
-                with self._lock:
-                    left = [r.key for r in self._runs.values()]
-                killed = self._children.kill_all()
+            if not self._runner.wait_idle(grace):
+                left = [run.key for run in self._runner.runs()]
+                killed = self._runner.kill_stragglers()
                 log.warning(
                     "scheduler %s stopped with %d run(s) still going after %.1fs: %s%s",
                     self.instance_id,
                     len(left),
                     grace,
                     ", ".join(left),
-                    f" ({killed} child process(es) killed)" if killed else "",
+                    f" ({killed} child process(es) killed or task(s) cancelled)" if killed else "",
                 )
-        if self._watchdog is not None and self._watchdog is not threading.current_thread():
-            self._watchdog.join(5)
-        self._stop_heartbeat()
-        if self._owns_coordinator and self._coordinator is not None and (wait or not self._runs):
+                self._runner.wait_idle(5.0)
+        if self._watch_thread is not None and self._watch_thread is not threading.current_thread():
+            self._watch_thread.join(5)
+        self._liveness.release()
+        idle = self._runner.idle()
+        if idle:
+            self._host.close()
+        if self._owns_coordinator and self._coordinator is not None and (wait or idle):
             self._coordinator.close()
         log.info("scheduler %s stopped", self.instance_id)
 
+    async def astop(self, wait: bool = True, timeout: float | None = None) -> None:
+        """:meth:`stop` for an asyncio application: waits in a thread, so coroutine jobs still
+        going on this loop can finish meanwhile."""
+        import asyncio
+
+        await asyncio.to_thread(self.stop, wait, timeout)
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no run is going or queued (``True``) or ``timeout`` real seconds pass."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._runs_cond:
-            while self._runs or any(j.pending for j in self._jobs.values()):
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._runs_cond.wait(0.1 if remaining is None else min(remaining, 0.1))
-        return True
+        return self._runner.wait_idle(timeout)
 
     def run_forever(self) -> None:
         """Start and block until SIGTERM/SIGINT (or :meth:`stop`), then stop cleanly, letting
@@ -533,14 +508,24 @@ class Scheduler:
             if self._state == "running":
                 raise RuntimeError("run_pending() drives a scheduler that is not started")
             self._resolve()
-            self._activate_all()
-            self._inline = []
+            self._planner.activate_all(self._jobs.values(), self.clock.time())
+            self._runner.inline = []
         try:
             self._step(self.clock.time())
-            inline, self._inline = self._inline, None
+            inline, self._runner.inline = self._runner.inline, None
             return sum(1 for fn in inline or [] if fn())
         finally:
-            self._inline = None
+            self._runner.inline = None
+
+    def scan_history(self) -> int:
+        """Report runs and claimed ticks of vanished instances; returns how many rows it marked.
+
+        ``running`` rows become ``stuck`` and ``claimed`` rows past their grace ``missed``
+        (event, history, log) when their instance's liveness lease
+        (``coordlock:instance:<id>``) can be taken. Runs by itself every ``watchdog_interval``
+        where history is kept.
+        """
+        return self._watchdog.scan()
 
     def __enter__(self) -> Scheduler:
         self.start()
@@ -560,449 +545,12 @@ class Scheduler:
             else:
                 self._coordinator = arg
             coord = self._coordinator
-            self._history = coord if isinstance(coord, KeepsHistory) else None
+            self._report.history = coord if isinstance(coord, KeepsHistory) else None
+            self._runner.coordinator = coord
+            self._watchdog.since = self.clock.time()
         return self._coordinator
 
-    # -- planning ticks ----------------------------------------------------------------------
-
-    def _activate_all(self) -> None:
-        if self._active:
-            return
-        self._active = True
-        now = self.clock.time()
-        for job in self._jobs.values():
-            self._activate(job, now)
-
-    def _activate(self, job: Job, now: float) -> None:
-        """Set the first tick to consider: the last one if it is still within its grace
-        (a restart just after a tick still runs it, if nobody did), else the next one."""
-        trigger = job.trigger
-        grace = job.options.grace
-        if grace is None and job.options.misfire == "skip":
-            grace = DEFAULT_SKIP_GRACE
-        first: float | None
-        if grace is not None and not math.isinf(grace):
-            # cheap: the first tick inside [now - grace, ...); _plan sorts out the rest
-            first = trigger.next_after(now - grace - 1e-6)
-        else:
-            first = None
-            prev = trigger.previous(now)
-            if prev is not None:
-                following = trigger.next_after(prev)
-                if now - prev <= job.grace_for(prev, following):
-                    first = prev
-            if first is None:
-                first = trigger.next_after(now)
-        job.activated_at = now if first is not None and first <= now else None
-        self._schedule(job, first)
-
-    def _schedule(self, job: Job, fire: float | None) -> None:
-        job.next_fire = fire
-        job.version += 1
-        if fire is not None:
-            heapq.heappush(self._heap, (fire, next(self._seq), job.version, job))
-
-    def _next_wake(self) -> float | None:
-        with self._lock:
-            while self._heap:
-                fire, _, version, job = self._heap[0]
-                if version == job.version and self._jobs.get(job.name) is job:
-                    return fire
-                heapq.heappop(self._heap)
-        return None
-
-    def _step(self, now: float) -> None:
-        """Deal with every job due at ``now``: plan, claim, dispatch."""
-        due: list[tuple[Job, float, float | None]] = []
-        missed: list[tuple[Job, float, int]] = []
-        with self._lock:
-            while self._heap and self._heap[0][0] <= now:
-                _, _, version, job = heapq.heappop(self._heap)
-                if version != job.version or self._jobs.get(job.name) is not job:
-                    continue
-                self._plan(job, now, due, missed)
-        for job, tick, count in missed:
-            with self._lock:
-                job.last_tick, job.last_status, job.last_error = tick, "missed", None
-            self._emit(ev.MISSED, job, tick, count=count)
-        if due:
-            self._claim_and_dispatch(due)
-
-    def _plan(
-        self,
-        job: Job,
-        now: float,
-        due: list[tuple[Job, float, float | None]],
-        missed: list[tuple[Job, float, int]],
-    ) -> None:
-        trigger = job.trigger
-        tick = job.next_fire
-        assert tick is not None
-        following = trigger.next_after(tick)
-        skipped_over = 0
-        newest_skipped = tick
-        if following is not None and following <= now:
-            # This instance fell behind (paused, suspended, overloaded): never catch up with a
-            # burst; only the newest due tick may still run.
-            latest = trigger.previous(now) or following
-            latest = max(latest, following)
-            skipped_over = self._count(trigger, tick, latest)
-            newest_skipped = trigger.previous(math.nextafter(latest, -math.inf)) or tick
-            tick = latest
-            following = trigger.next_after(tick)
-        # A tick that was within its grace when the job was activated (start(), add()) is
-        # judged at that moment: a slow start must not turn it into a miss.
-        reference = now
-        if job.activated_at is not None:
-            if not skipped_over and tick <= job.activated_at:
-                reference = job.activated_at
-            job.activated_at = None
-        if reference - tick <= job.grace_for(tick, following):
-            if skipped_over:
-                missed.append((job, newest_skipped, skipped_over))
-            due.append((job, tick, following))
-        else:
-            missed.append((job, tick, skipped_over + 1))
-        self._schedule(job, following)
-
-    @staticmethod
-    def _count(trigger: Trigger, first: float, latest: float) -> int:
-        """Ticks in ``[first, latest)``."""
-        if isinstance(trigger, IntervalTrigger):
-            return max(1, round((latest - first) / trigger.seconds))
-        count = 0
-        tick: float | None = first
-        while tick is not None and tick < latest and count < _MAX_COUNT:
-            count += 1
-            tick = trigger.next_after(tick)
-        return count
-
-    # -- claiming ----------------------------------------------------------------------------
-
-    def _claim_and_dispatch(self, due: list[tuple[Job, float, float | None]]) -> None:
-        coordinator = self._coordinator
-        assert coordinator is not None
-        by_key: dict[str, tuple[Job, float, float | None]] = {}
-        by_hold: dict[float, list[str]] = {}
-        for job, tick, following in due:
-            key = f"{job.name}@{tick_key(tick)}"
-            with self._lock:
-                busy_here = job.pending > 0 or (not job.options.overlap and job.running > 0)
-            if busy_here:
-                # A run of this job is still going (or queued) here: for overlap=False the
-                # lease would refuse anyway; don't burn the tick's claim — another instance may
-                # still run it if the run ends in time.
-                self._emit(ev.SKIPPED, job, tick, reason=ev.RUNNING)
-                continue
-            by_key[key] = (job, tick, following)
-            by_hold.setdefault(job.hold_for(tick, following, self.skew_tolerance), []).append(key)
-        won: set[str] = set()
-        errors: dict[str, BaseException] = {}
-        for hold, keys in by_hold.items():
-            got, failed = self._claim(coordinator, keys, hold)
-            won |= got
-            errors.update(failed)
-        for key, (job, tick, following) in by_key.items():
-            if key in errors:
-                exc = errors[key]
-                with self._lock:
-                    job.last_tick, job.last_status = tick, f"skipped:{ev.COORDINATOR_ERROR}"
-                    job.last_error = f"{type(exc).__name__}: {exc}"
-                self._emit(
-                    ev.SKIPPED,
-                    job,
-                    tick,
-                    reason=ev.COORDINATOR_ERROR,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-            elif key not in won:
-                with self._lock:
-                    job.last_tick, job.last_status = tick, f"skipped:{ev.CLAIMED_ELSEWHERE}"
-                    job.last_error = None
-                self._emit(ev.SKIPPED, job, tick, reason=ev.CLAIMED_ELSEWHERE)
-            else:
-                log.debug("scheduler %s won claim %s", self.instance_id, key)
-                self._dispatch(job, tick, following, key)
-
-    def _claim(
-        self, coordinator: RunCoordinator, keys: list[str], hold: float
-    ) -> tuple[set[str], dict[str, BaseException]]:
-        """Claim ``keys``; returns (won, {key: error}). One round trip with ``claim_many``."""
-        if isinstance(coordinator, ClaimsMany):
-            try:
-                return set(coordinator.claim_many(keys, hold)), {}
-            except Exception as exc:
-                log.warning(
-                    "scheduler %s: claiming %d tick(s) failed: %s: %s",
-                    self.instance_id,
-                    len(keys),
-                    type(exc).__name__,
-                    exc,
-                )
-                return set(), dict.fromkeys(keys, exc)
-        won: set[str] = set()
-        errors: dict[str, BaseException] = {}
-        for key in keys:
-            try:
-                if coordinator.claim(key, hold):
-                    won.add(key)
-            except Exception as exc:
-                log.warning("scheduler %s: claim %s failed: %s", self.instance_id, key, exc)
-                errors[key] = exc
-        return won, errors
-
-    # -- running -----------------------------------------------------------------------------
-
-    def _dispatch(self, job: Job, tick: float, following: float | None, key: str) -> None:
-        with self._lock:
-            job.pending += 1
-
-        def task() -> bool:
-            return self._execute(job, tick, following, key)
-
-        if self._inline is not None:
-            self._inline.append(task)
-        elif self._pool is not None:
-            self._pool.submit(task)
-        else:  # pragma: no cover - dispatch only happens while running or in run_pending
-            task()
-
-    def _execute(self, job: Job, tick: float, following: float | None, key: str) -> bool:
-        """Take the lease (overlap=False) and run; ``True`` if the job was started."""
-        coordinator = self._coordinator
-        assert coordinator is not None
-        try:
-            if self._stopping.is_set():
-                self._skip_pending(job, tick, ev.STOPPING)
-                return False
-            lease: Lease | None = None
-            if not job.options.overlap:
-                try:
-                    # Wait a little (within the tick's grace) for a run that is just ending: with
-                    # skewed clocks, two instances can win *different* ticks at the same real
-                    # instant; only a run that is really still going should block this tick.
-                    wait = job.lease_wait(tick, following, self.clock.time())
-                    lease = coordinator.acquire(
-                        JOB_LEASE_PREFIX + job.name, job.lease_ttl(), wait=wait or None
-                    )
-                except Exception as exc:
-                    self._skip_pending(job, tick, ev.COORDINATOR_ERROR, exc)
-                    return False
-                if lease is None:
-                    self._skip_pending(job, tick, ev.RUNNING)
-                    return False
-            self._run(job, tick, key, lease)
-            return True
-        except BaseException:  # pragma: no cover - defensive: a worker must never die
-            log.exception("scheduler %s: internal error running %s", self.instance_id, key)
-            return False
-
-    def _skip_pending(
-        self, job: Job, tick: float, reason: str, exc: BaseException | None = None
-    ) -> None:
-        """A won tick that will not run: report it, then let wait_idle() see it gone."""
-        error = None if exc is None else f"{type(exc).__name__}: {exc}"
-        with self._lock:
-            job.last_tick, job.last_status, job.last_error = tick, f"skipped:{reason}", error
-        self._emit(ev.SKIPPED, job, tick, reason=reason, error=error)
-        with self._runs_cond:
-            job.pending -= 1
-            self._runs_cond.notify_all()
-
-    def _run(self, job: Job, tick: float, key: str, lease: Lease | None) -> None:
-        run = _Run(
-            job=job,
-            tick=tick,
-            key=key,
-            run_id=uuid.uuid4().hex,
-            started_wall=self.clock.time(),
-            started_mono=time.monotonic(),
-            isolation=job.options.isolation,
-        )
-        with self._runs_cond:
-            job.pending -= 1
-            job.running += 1
-            self._runs[run.run_id] = run
-        record = RunRecord(
-            run_id=run.run_id,
-            job=job.name,
-            tick=tick_key(tick),
-            instance=self.instance_id,
-            started=run.started_wall,
-        )
-        if job.options.timeout is not None:
-            self._watch_wake.set()
-        self._record(record)
-        self._emit(ev.STARTED, job, tick, run_id=run.run_id)
-        fence = lease.fence if lease is not None else None
-        attempts = [0]
-        error: BaseException | None = None
-        try:
-            self._invoke(job, tick, key, run.run_id, fence, attempts)
-        except BaseException as exc:
-            error = exc
-        finally:
-            lease_note = None
-            if lease is not None:
-                if lease.lost:
-                    lease_note = f"no-overlap lease lost during the run: {lease.lost_reason}"
-                try:
-                    lease.release()
-                except Exception as exc:
-                    log.warning(
-                        "scheduler %s: releasing %s failed: %s", self.instance_id, lease.name, exc
-                    )
-        duration = time.monotonic() - run.started_mono
-        finished = self.clock.time()
-        if error is None:
-            status, text = "finished", lease_note
-        else:
-            status, text = "failed", _describe(error)
-        if run.stuck and error is None:
-            text = f"finished after its timeout ({duration:.1f}s)"
-        if self._history is not None:
-            self._record(
-                RunRecord(
-                    run_id=record.run_id,
-                    job=record.job,
-                    tick=record.tick,
-                    instance=record.instance,
-                    started=record.started,
-                    finished=finished,
-                    status=status,
-                    error=text,
-                )
-            )
-        with self._lock:
-            job.last_tick, job.last_status, job.last_error = tick, status, text
-            job.last_finished = finished
-        self._emit(
-            ev.FINISHED if error is None else ev.FAILED,
-            job,
-            tick,
-            run_id=run.run_id,
-            duration=duration,
-            attempts=attempts[0],
-            error=None if error is None else text,
-            exception=error
-            if isinstance(error, Exception) and not isinstance(error, ChildFailed)
-            else None,
-        )
-        with self._runs_cond:
-            job.running -= 1
-            self._runs.pop(run.run_id, None)
-            self._runs_cond.notify_all()
-
-    def _invoke(
-        self, job: Job, tick: float, key: str, run_id: str, fence: int | None, attempts: list[int]
-    ) -> None:
-        """Run the job (with retries), counting attempts in ``attempts[0]``."""
-        opts = job.options
-
-        def once() -> None:
-            attempts[0] += 1
-            ctx = RunContext(
-                job=job.name,
-                tick=tick_datetime(tick),
-                key=key,
-                instance=self.instance_id,
-                run_id=run_id,
-                attempt=attempts[0],
-                fence=fence,
-            )
-            if opts.isolation == "process":
-                run_in_process(
-                    job.func,
-                    job.args,
-                    job.kwargs,
-                    ctx,
-                    timeout=opts.timeout,
-                    context=self._mp,
-                    registry=self._children,
-                )
-                return
-            _set_current(ctx)
-            try:
-                job.func(*job.args, **job.kwargs)
-            finally:
-                _set_current(None)
-
-        if opts.retries == 0:
-            once()
-            return
-
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            log.warning(
-                "job %s attempt %d failed (%s); retrying",
-                key,
-                state.attempt_number,
-                _describe(exc) if exc else "?",
-            )
-
-        retrying = Retrying(
-            stop=stop_after_attempt(opts.retries + 1),
-            wait=wait_exponential(multiplier=opts.backoff, max=opts.backoff_max),
-            retry=retry_if_exception_type(Exception),
-            sleep=self._sleep,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        retrying(once)
-
-    def _sleep(self, seconds: float) -> None:
-        """Backoff sleep on the scheduler's clock; cut short by stop()."""
-        if seconds > 0 and self._stopping.is_set():
-            raise JobTimeout("scheduler stopping; retries abandoned")
-        if seconds > 0:
-            self.clock.wait(seconds, self._stopping)
-
-    def _record(self, record: RunRecord) -> None:
-        if self._history is None:
-            return
-        try:
-            self._history.record_run(record)
-        except Exception as exc:
-            log.warning(
-                "scheduler %s: recording run %s (%s) failed: %s",
-                self.instance_id,
-                record.run_id,
-                record.status,
-                exc,
-            )
-
-    def _emit(
-        self,
-        kind: str,
-        job: Job,
-        tick: float,
-        *,
-        reason: str | None = None,
-        error: str | None = None,
-        exception: BaseException | None = None,
-        run_id: str | None = None,
-        duration: float | None = None,
-        attempts: int = 0,
-        count: int = 1,
-    ) -> None:
-        self._events.emit(
-            Event(
-                kind=kind,
-                job=job.name,
-                tick=tick_datetime(tick),
-                key=f"{job.name}@{tick_key(tick)}",
-                instance=self.instance_id,
-                reason=reason,
-                error=error,
-                exception=exception,
-                run_id=run_id,
-                duration=duration,
-                attempts=attempts,
-                count=count,
-            )
-        )
-
-    # -- the threads -------------------------------------------------------------------------
+    # -- the loop thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -1014,126 +562,23 @@ class Scheduler:
             self._wake.clear()
             if self._stopping.is_set():  # stop() may have set _wake just before the clear
                 break
-            wake = self._next_wake()
+            wake = self._planner.next_wake(self._jobs)
             timeout = 3600.0 if wake is None else wake - self.clock.time()
             if timeout > 0:
                 self.clock.wait(timeout, self._wake)
 
-    def _watch(self) -> None:
-        """Watchdog: mark local runs past their timeout, and runs of vanished instances, stuck."""
-        next_scan = time.monotonic() + min(self.watchdog_interval, 5.0)
-        while not self._stopping.is_set():
-            now = time.monotonic()
-            soonest = next_scan
-            with self._lock:
-                runs = list(self._runs.values())
-            for run in runs:
-                timeout = run.job.options.timeout
-                if timeout is None or run.stuck or run.isolation == "process":
-                    continue
-                deadline = run.started_mono + timeout
-                if now >= deadline:
-                    self._mark_stuck(run)
-                else:
-                    soonest = min(soonest, deadline)
-            if now >= next_scan:
-                next_scan = now + self.watchdog_interval
-                soonest = min(soonest, next_scan)
-                if self._history is not None:
-                    try:
-                        self.scan_history()
-                    except Exception as exc:
-                        log.warning("scheduler %s: watchdog scan failed: %s", self.instance_id, exc)
-            self._watch_wake.wait(max(0.01, min(soonest - time.monotonic(), 1.0)))
-            self._watch_wake.clear()
-
-    def _mark_stuck(self, run: _Run) -> None:
-        run.stuck = True
-        elapsed = time.monotonic() - run.started_mono
-        text = f"still running after {elapsed:.1f}s (timeout {run.job.options.timeout:g}s)"
-        with self._lock:
-            run.job.last_status, run.job.last_error = "stuck", text
-        self._record(
-            RunRecord(
-                run_id=run.run_id,
-                job=run.job.name,
-                tick=tick_key(run.tick),
-                instance=self.instance_id,
-                started=run.started_wall,
-                status="stuck",
-                error=text,
+    def _step(self, now: float) -> None:
+        """Deal with every job due at ``now``: plan, claim, hand the won ticks to the runner."""
+        due, missed = self._planner.take_due(now, self._jobs)
+        for miss in missed:
+            self._report.note(miss.job, miss.tick, "missed")
+            self._report.event(ev.MISSED, miss.job, miss.tick, reason=ev.LATE, count=miss.count)
+        if due:
+            coordinator = self._coordinator
+            assert coordinator is not None
+            claim_and_dispatch(
+                due, coordinator, self.skew_tolerance, self._lock, self._report, self._runner
             )
-        )
-        self._emit(ev.STUCK, run.job, run.tick, reason="timeout", run_id=run.run_id, error=text)
-
-    def scan_history(self) -> int:
-        """Mark ``running`` records of vanished instances ``stuck``; returns how many.
-
-        An instance is vanished when its liveness lease (``coordlock:instance:<id>``) can be
-        taken. Runs automatically every ``watchdog_interval`` where history is kept.
-        """
-        history, coordinator = self._history, self._coordinator
-        if history is None or coordinator is None:
-            return 0
-        records = [
-            r
-            for r in history.history(None, 500)
-            if r.status == "running" and r.instance != self.instance_id
-        ]
-        alive: dict[str, bool] = {}
-        marked = 0
-        for record in records:
-            if record.instance not in alive:
-                probe = coordinator.acquire(INSTANCE_LEASE_PREFIX + record.instance, 1.0)
-                alive[record.instance] = probe is None
-                if probe is not None:
-                    probe.release()
-            if alive[record.instance]:
-                continue
-            text = f"instance {record.instance} vanished during the run"
-            history.record_run(replace(record, status="stuck", error=text))
-            marked += 1
-            with self._lock:
-                job = self._jobs.get(record.job)
-            event = Event(
-                kind=ev.STUCK,
-                job=record.job,
-                tick=None,
-                key=f"{record.job}@{record.tick}",
-                instance=self.instance_id,
-                reason="instance-vanished",
-                error=text,
-                run_id=record.run_id,
-            )
-            if job is not None:
-                with self._lock:
-                    job.last_status, job.last_error = "stuck", text
-            self._events.emit(event)
-        return marked
-
-    def _start_heartbeat(self) -> None:
-        if self._history is None or self._coordinator is None:
-            return
-        try:
-            self._heartbeat = self._coordinator.acquire(
-                INSTANCE_LEASE_PREFIX + self.instance_id, self.heartbeat_ttl, wait=5.0
-            )
-        except Exception as exc:
-            log.warning("scheduler %s: liveness lease not taken: %s", self.instance_id, exc)
-            return
-        if self._heartbeat is None:
-            log.warning(
-                "scheduler %s: liveness lease is held by someone else (duplicate instance_id?)",
-                self.instance_id,
-            )
-
-    def _stop_heartbeat(self) -> None:
-        lease, self._heartbeat = self._heartbeat, None
-        if lease is not None:
-            try:
-                lease.release()
-            except Exception as exc:
-                log.debug("releasing liveness lease failed: %s", exc)
 
     def __repr__(self) -> str:
         return (
@@ -1142,8 +587,12 @@ class Scheduler:
         )
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, (ChildFailed, JobTimeout)):
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def _in_event_loop() -> bool:
+    asyncio = sys.modules.get("asyncio")  # not imported: no loop can be running
+    if asyncio is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

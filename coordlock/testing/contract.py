@@ -21,14 +21,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .. import LockLost, LockNotAcquired, connect
-from .._base import BaseCoordinator
-from .._lease import Lease
-from .._protocol import KeepsHistory, ListsLocks, RunCoordinator, RunRecord
+from .._lease import BaseLease, Lease
+from .._protocol import KeepsHistory, ListsLocks, RunRecord
 from .fenced import run_fenced
+from .modes import MODES, AsyncLeaseView, AsyncRunner, Mode, forge, view
 
 #: Upper bound for polling loops in this suite (seconds). Bounds, never assertions on time.
 PATIENCE = 15.0
@@ -44,7 +45,7 @@ def eventually(predicate: Callable[[], bool], within: float = PATIENCE, step: fl
     return predicate()
 
 
-def acquire_eventually(coordinator: RunCoordinator, name: str, ttl: float = 10) -> Lease:
+def acquire_eventually(coordinator: Any, name: str, ttl: float = 10) -> Any:
     """Try to take ``name`` until it works (bounded by :data:`PATIENCE`); fail the test if not."""
     stop = time.monotonic() + PATIENCE
     while time.monotonic() < stop:
@@ -53,11 +54,6 @@ def acquire_eventually(coordinator: RunCoordinator, name: str, ttl: float = 10) 
             return lease
         time.sleep(0.02)
     pytest.fail(f"lock {name!r} never became free within {PATIENCE}s")
-
-
-def _forge(lease: Lease, coordinator: BaseCoordinator) -> Lease:
-    """A lease object naming ``lease``'s lock but with another owner token."""
-    return Lease(coordinator, lease.name, "f" * 32, lease.fence, lease.ttl, time.monotonic())
 
 
 CLAIM_SCRIPT = """
@@ -73,26 +69,63 @@ finally:
 
 
 class CoordinatorContract:
-    """Behaviours every backend promises. Units are seconds throughout."""
+    """Behaviours every backend promises, each run through the sync API and the async API
+    (``mode``). Units are seconds throughout.
+
+    Test bodies are written once against the sync surface; in ``async`` mode the
+    ``coordinator`` and ``other`` fixtures are
+    :class:`~coordlock.testing.modes.AsyncCoordinatorView` objects whose every call goes
+    through ``aacquire``/``arelease``/``async with`` on a real event loop.
+    """
+
+    #: Set to True for a backend that only works inside one process (like ``memory://``): the
+    #: multi-process behaviours then run with threads.
+    single_process: bool = False
+
+    def _in_process(self, url: str) -> bool:
+        return self.single_process or url.startswith("memory://")
+
+    @pytest.fixture(params=MODES)
+    def mode(self, request: pytest.FixtureRequest) -> Mode:
+        mode: Mode = request.param
+        return mode
 
     @pytest.fixture
-    def coordinator(self, backend_url: str) -> Iterator[RunCoordinator]:
-        c = connect(backend_url)
+    def runner(self, mode: Mode) -> Iterator[AsyncRunner | None]:
+        if mode == "sync":
+            yield None
+            return
+        runner = AsyncRunner()
+        yield runner
+        runner.close()
+
+    def _open(self, url: str, mode: Mode, runner: AsyncRunner | None) -> Any:
+        c = connect(url)
+        if mode == "async" and getattr(c, "_legacy", False):
+            c.close()
+            pytest.xfail(f"{type(c).__name__} is not ported to the async core yet")
+        return view(c, mode, runner)
+
+    @pytest.fixture
+    def coordinator(
+        self, backend_url: str, mode: Mode, runner: AsyncRunner | None
+    ) -> Iterator[Any]:
+        c = self._open(backend_url, mode, runner)
         yield c
         c.close()
 
     @pytest.fixture
-    def other(self, backend_url: str) -> Iterator[RunCoordinator]:
+    def other(self, backend_url: str, mode: Mode, runner: AsyncRunner | None) -> Iterator[Any]:
         """A second coordinator on the same backend: plays another instance."""
-        c = connect(backend_url)
+        c = self._open(backend_url, mode, runner)
         yield c
         c.close()
 
     # -- basics ------------------------------------------------------------------------------
 
-    def test_acquire_release_roundtrip(self, coordinator: RunCoordinator) -> None:
+    def test_acquire_release_roundtrip(self, coordinator: Any, mode: Mode) -> None:
         lease = coordinator.acquire("basic", 10)
-        assert isinstance(lease, Lease)
+        assert isinstance(lease, Lease if mode == "sync" else AsyncLeaseView)
         assert lease.name == "basic" and isinstance(lease.fence, int) and lease.fence > 0
         assert not lease.lost and lease.expires_at > time.time()
         assert coordinator.acquire("basic", 10) is None
@@ -103,7 +136,7 @@ class CoordinatorContract:
         assert again.owner != lease.owner
         again.release()
 
-    def test_names_are_independent(self, coordinator: RunCoordinator) -> None:
+    def test_names_are_independent(self, coordinator: Any) -> None:
         first = coordinator.acquire("one", 10)
         second = coordinator.acquire("two", 10)
         assert first is not None and second is not None
@@ -113,13 +146,13 @@ class CoordinatorContract:
     @pytest.mark.parametrize(
         "name", ["with/slash", "colon:and {braces}", "ünïcødé ☃", "x" * 512, " lead", "a\\b"]
     )
-    def test_awkward_names(self, coordinator: RunCoordinator, name: str) -> None:
+    def test_awkward_names(self, coordinator: Any, name: str) -> None:
         lease = coordinator.acquire(name, 10)
         assert lease is not None and lease.name == name
         assert coordinator.acquire(name, 10) is None
         assert lease.release()
 
-    def test_owner_is_unique_per_acquisition(self, coordinator: RunCoordinator) -> None:
+    def test_owner_is_unique_per_acquisition(self, coordinator: Any) -> None:
         owners = set()
         for _ in range(5):
             lease = coordinator.acquire("owners", 10)
@@ -128,10 +161,12 @@ class CoordinatorContract:
             lease.release()
         assert len(owners) == 5
 
-    def test_fence_increases_across_coordinators(self, backend_url: str) -> None:
+    def test_fence_increases_across_coordinators(
+        self, backend_url: str, mode: Mode, runner: AsyncRunner | None
+    ) -> None:
         fences = []
         for _ in range(3):  # a client restart is a new coordinator
-            c = connect(backend_url)
+            c = self._open(backend_url, mode, runner)
             try:
                 lease = c.acquire("restarts", 10)
                 assert lease is not None
@@ -141,11 +176,11 @@ class CoordinatorContract:
                 c.close()
         assert fences == sorted(fences) and len(set(fences)) == 3
 
-    def test_bad_input_raises_at_the_call(self, coordinator: RunCoordinator) -> None:
+    def test_bad_input_raises_at_the_call(self, coordinator: Any) -> None:
         with pytest.raises(ValueError):
             coordinator.acquire("", 10)
         with pytest.raises(TypeError):
-            coordinator.acquire(42, 10)  # type: ignore[arg-type]
+            coordinator.acquire(42, 10)
         with pytest.raises(ValueError):
             coordinator.acquire("x", 0)
         with pytest.raises(ValueError):
@@ -160,23 +195,20 @@ class CoordinatorContract:
 
     # -- ownership ---------------------------------------------------------------------------
 
-    def test_non_owner_release_and_extend_do_nothing(
-        self, coordinator: BaseCoordinator, other: BaseCoordinator
-    ) -> None:
+    def test_non_owner_release_and_extend_do_nothing(self, coordinator: Any, other: Any) -> None:
         lease = coordinator.acquire("owned", 10)
         assert lease is not None
         for who in (coordinator, other):
-            forged = _forge(lease, who)
-            assert who.release(forged) is False
-            assert who.extend(_forge(lease, who), 10) is False
+            assert who.release(forge(who, lease, "f" * 32)) is False
+            assert who.extend(forge(who, lease, "f" * 32), 10) is False
         assert other.acquire("owned", 10) is None  # still held by the real owner
         assert not lease.lost
         assert lease.release() is True
 
     def test_release_after_takeover_returns_false(
-        self, coordinator: RunCoordinator, other: RunCoordinator
+        self, coordinator: Any, other: Any
     ) -> None:
-        stale = coordinator.acquire("takeover", 0.3, renew=False)  # type: ignore[call-arg]
+        stale = coordinator.acquire("takeover", 0.3, renew=False)
         assert stale is not None
         fresh = None
 
@@ -196,10 +228,10 @@ class CoordinatorContract:
     # -- ttl, renewal, loss ------------------------------------------------------------------
 
     def test_ttl_expiry_lets_another_owner_in(
-        self, coordinator: RunCoordinator, other: RunCoordinator
+        self, coordinator: Any, other: Any
     ) -> None:
         lost = threading.Event()
-        lease = coordinator.acquire("expiring", 0.5, renew=False)  # type: ignore[call-arg]
+        lease = coordinator.acquire("expiring", 0.5, renew=False)
         assert lease is not None
         lease.on_lost(lambda _: lost.set())
         assert other.acquire("expiring", 10) is None
@@ -208,7 +240,7 @@ class CoordinatorContract:
         assert acquire_eventually(other, "expiring").fence > lease.fence
 
     def test_renewal_keeps_lock_past_ttl(
-        self, coordinator: RunCoordinator, other: RunCoordinator
+        self, coordinator: Any, other: Any
     ) -> None:
         lease = coordinator.acquire("renewed", 1.2)  # renewed every 0.4 s: slack for load
         assert lease is not None
@@ -220,11 +252,11 @@ class CoordinatorContract:
         assert lease.release() is True
 
     def test_holder_that_stops_renewing_loses_the_lock(
-        self, coordinator: RunCoordinator, other: RunCoordinator
+        self, coordinator: Any, other: Any
     ) -> None:
         lease = coordinator.acquire("stops", 0.6)
         assert lease is not None
-        seen: list[Lease] = []
+        seen: list[BaseLease] = []
         lease.on_lost(seen.append)
         lease.renew = False  # the holder stops renewing (as a hung holder would)
         assert eventually(lambda: lease.lost), "lease never turned lost"
@@ -232,8 +264,8 @@ class CoordinatorContract:
         assert acquire_eventually(other, "stops").fence > lease.fence
         assert lease.extend() is False
 
-    def test_extend_moves_expiry(self, coordinator: RunCoordinator) -> None:
-        lease = coordinator.acquire("extend", 1, renew=False)  # type: ignore[call-arg]
+    def test_extend_moves_expiry(self, coordinator: Any) -> None:
+        lease = coordinator.acquire("extend", 1, renew=False)
         assert lease is not None
         before = lease.expires_at
         assert lease.extend(30) is True
@@ -244,30 +276,30 @@ class CoordinatorContract:
         assert coordinator.acquire("extend", 1) is None
         assert lease.release() is True
 
-    def test_on_lost_after_loss_fires_at_once(self, coordinator: RunCoordinator) -> None:
-        lease = coordinator.acquire("late-callback", 0.2, renew=False)  # type: ignore[call-arg]
+    def test_on_lost_after_loss_fires_at_once(self, coordinator: Any) -> None:
+        lease = coordinator.acquire("late-callback", 0.2, renew=False)
         assert lease is not None
         assert eventually(lambda: lease._lost)
-        seen: list[Lease] = []
+        seen: list[BaseLease] = []
         lease.on_lost(seen.append)
-        assert seen == [lease]
+        assert eventually(lambda: seen == [lease]), "a callback added after the loss never ran"
 
     # -- waiting -----------------------------------------------------------------------------
 
-    def test_wait_times_out(self, coordinator: RunCoordinator, other: RunCoordinator) -> None:
+    def test_wait_times_out(self, coordinator: Any, other: Any) -> None:
         lease = coordinator.acquire("busy", 30)
         assert lease is not None
         assert other.acquire("busy", 10, wait=0.3) is None
         with pytest.raises(LockNotAcquired):
-            with other.lock("busy", 10, wait=0.3):  # type: ignore[attr-defined]
+            with other.lock("busy", 10, wait=0.3):
                 pass
         with pytest.raises(LockNotAcquired):
-            with other.lock("busy", 10):  # type: ignore[attr-defined]
+            with other.lock("busy", 10):
                 pass
         assert lease.release()
 
     def test_waiter_gets_lock_when_released(
-        self, coordinator: RunCoordinator, other: RunCoordinator
+        self, coordinator: Any, other: Any
     ) -> None:
         lease = coordinator.acquire("handoff", 30)
         assert lease is not None
@@ -281,15 +313,15 @@ class CoordinatorContract:
         waited.release()
 
     def test_waiter_gets_lock_when_holder_expires(
-        self, coordinator: RunCoordinator, other: RunCoordinator
+        self, coordinator: Any, other: Any
     ) -> None:
-        lease = coordinator.acquire("dead-holder", 0.5, renew=False)  # type: ignore[call-arg]
+        lease = coordinator.acquire("dead-holder", 0.5, renew=False)
         assert lease is not None
         waited = other.acquire("dead-holder", 10, wait=PATIENCE)
         assert waited is not None and waited.fence > lease.fence
         waited.release()
 
-    def test_wait_forever(self, coordinator: RunCoordinator, other: RunCoordinator) -> None:
+    def test_wait_forever(self, coordinator: Any, other: Any) -> None:
         lease = coordinator.acquire("forever", 30)
         assert lease is not None
         threading.Timer(0.2, lease.release).start()
@@ -299,7 +331,7 @@ class CoordinatorContract:
 
     # -- the context manager -----------------------------------------------------------------
 
-    def test_lock_context_releases(self, coordinator: BaseCoordinator) -> None:
+    def test_lock_context_releases(self, coordinator: Any) -> None:
         with coordinator.lock("ctx", 10) as lease:
             assert coordinator.acquire("ctx", 10) is None
         assert lease.released
@@ -308,13 +340,13 @@ class CoordinatorContract:
         again.release()
 
     def test_lock_context_raises_lock_lost(
-        self, coordinator: BaseCoordinator, other: BaseCoordinator
+        self, coordinator: Any, other: Any
     ) -> None:
         with pytest.raises(LockLost):
             with coordinator.lock("lost-ctx", 0.3, renew=False):
                 assert eventually(lambda: other.acquire("lost-ctx", 10) is not None)
 
-    def test_lock_context_keeps_user_exception(self, coordinator: BaseCoordinator) -> None:
+    def test_lock_context_keeps_user_exception(self, coordinator: Any) -> None:
         with pytest.raises(KeyError):
             with coordinator.lock("boom", 10):
                 raise KeyError("mine")
@@ -322,20 +354,75 @@ class CoordinatorContract:
         assert lease is not None  # released despite the error
         lease.release()
 
+    # -- minimum hold (ShedLock's lockAtLeastFor) and force-unlock ---------------------------
+
+    @staticmethod
+    def _needs_port(coordinator: Any) -> None:
+        if getattr(getattr(coordinator, "coordinator", coordinator), "_legacy", False):
+            pytest.xfail("hold_at_least and force_release land with the port to the new hooks")
+
+    def test_hold_at_least_keeps_the_name_taken_after_release(
+        self, coordinator: Any, other: Any
+    ) -> None:
+        self._needs_port(coordinator)
+        hold = 1.0
+        started = time.monotonic()
+        lease = coordinator.acquire("held-min", 30, hold_at_least=hold)
+        assert lease is not None
+        assert lease.release() is True
+        assert other.acquire("held-min", 10) is None  # released, but the hold is not over
+        later = other.acquire("held-min", 10, wait=PATIENCE)  # PATIENCE < ttl: freed by the hold
+        assert later is not None and later.fence > lease.fence
+        assert time.monotonic() - started >= hold * 0.9  # never before the hold (clock slack)
+        assert later.release() is True
+
+    def test_hold_at_least_already_over_frees_at_once(self, coordinator: Any, other: Any) -> None:
+        self._needs_port(coordinator)
+        lease = coordinator.acquire("held-over", 30, hold_at_least=0.2)
+        assert lease is not None
+        time.sleep(0.4)
+        assert lease.release() is True
+        again = other.acquire("held-over", 10)
+        assert again is not None
+        again.release()
+
+    def test_hold_at_least_bad_values(self, coordinator: Any) -> None:
+        self._needs_port(coordinator)
+        with pytest.raises(ValueError):
+            coordinator.acquire("held-bad", 10, hold_at_least=-1)
+        with pytest.raises(TypeError):
+            coordinator.acquire("held-bad", 10, hold_at_least="5")
+
+    def test_force_release_frees_a_held_lock(self, coordinator: Any, other: Any) -> None:
+        self._needs_port(coordinator)
+        real = getattr(coordinator, "coordinator", coordinator)
+        if not getattr(real, "can_force_release", False):
+            pytest.skip("this backend cannot force-unlock")  # declared, not hidden
+        lease = coordinator.acquire("forced", 30)
+        assert lease is not None
+        assert other.force_release("forced") is True
+        assert other.force_release("forced") is False  # nothing left
+        taken = other.acquire("forced", 10)
+        assert taken is not None and taken.fence > lease.fence
+        assert lease.extend() is False and lease.lost  # the old holder finds out
+        assert lease.release() is False
+        assert other.acquire("forced", 10) is None  # the old holder deleted nothing
+        assert taken.release() is True
+
     # -- claims ------------------------------------------------------------------------------
 
-    def test_claim_is_once_only(self, coordinator: RunCoordinator, other: RunCoordinator) -> None:
+    def test_claim_is_once_only(self, coordinator: Any, other: Any) -> None:
         assert coordinator.claim("job@2026-01-01T00:00:00Z", 30) is True
         assert coordinator.claim("job@2026-01-01T00:00:00Z", 30) is False
         assert other.claim("job@2026-01-01T00:00:00Z", 30) is False
         assert other.claim("job@2026-01-01T00:01:00Z", 30) is True
 
-    def test_claim_expires_after_hold(self, coordinator: RunCoordinator) -> None:
+    def test_claim_expires_after_hold(self, coordinator: Any) -> None:
         assert coordinator.claim("short", 0.3) is True
         assert coordinator.claim("short", 0.3) is False
         assert eventually(lambda: coordinator.claim("short", 30))
 
-    def test_claim_many(self, coordinator: BaseCoordinator, other: BaseCoordinator) -> None:
+    def test_claim_many(self, coordinator: Any, other: Any) -> None:
         keys = [f"tick-job{i}@2026-01-01T00:00:00Z" for i in range(50)]
         assert coordinator.claim("tick-job3@2026-01-01T00:00:00Z", 30)
         won = coordinator.claim_many(keys, 30)
@@ -346,10 +433,10 @@ class CoordinatorContract:
             coordinator.claim_many("a-string", 30)
 
     def test_claim_once_across_concurrent_processes(
-        self, backend_url: str, coordinator: RunCoordinator
+        self, backend_url: str, coordinator: Any
     ) -> None:
         key = "race@2026-01-01T00:00:00Z"
-        if backend_url.startswith("memory://"):
+        if self._in_process(backend_url):
             results: list[bool] = []
             barrier = threading.Barrier(8)
 
@@ -387,9 +474,16 @@ class CoordinatorContract:
 
     # -- mutual exclusion under load ---------------------------------------------------------
 
-    def test_mutual_exclusion_fenced_register(self, backend_url: str, tmp_path: Path) -> None:
-        report = run_fenced(backend_url, tmp_path, workers=8, iterations=500, ttl=10, wait=60)
-        print(f"\n[{backend_url.split(':')[0]}] fenced register: {report.summary()}")
+    def test_mutual_exclusion_fenced_register(
+        self, backend_url: str, tmp_path: Path, mode: Mode
+    ) -> None:
+        if mode == "async" and getattr(connect(backend_url), "_legacy", False):
+            pytest.xfail("this backend is not ported to the async core yet")
+        report = run_fenced(
+            backend_url, tmp_path, workers=8, iterations=500, ttl=10, wait=60, mode=mode,
+            threads=self._in_process(backend_url),
+        )
+        print(f"\n[{backend_url.split(':')[0]} {mode}] fenced register: {report.summary()}")
         assert report.acquisitions == 8 * 500
         assert report.writes_accepted == 8 * 500 and report.writes_rejected == 0
         assert report.final_value == 8 * 500
@@ -400,8 +494,8 @@ class CoordinatorContract:
 
     # -- optional capabilities ---------------------------------------------------------------
 
-    def test_locks_listing(self, coordinator: RunCoordinator) -> None:
-        if not isinstance(coordinator, ListsLocks):
+    def test_locks_listing(self, coordinator: Any) -> None:
+        if not isinstance(getattr(coordinator, "coordinator", coordinator), ListsLocks):
             pytest.skip("this backend cannot list held locks")  # declared, not hidden
         lease = coordinator.acquire("listed", 10)
         assert lease is not None
@@ -411,8 +505,8 @@ class CoordinatorContract:
         lease.release()
         assert "listed" not in {info.name for info in coordinator.locks()}
 
-    def test_run_history(self, coordinator: RunCoordinator) -> None:
-        if not isinstance(coordinator, KeepsHistory):
+    def test_run_history(self, coordinator: Any) -> None:
+        if not isinstance(getattr(coordinator, "coordinator", coordinator), KeepsHistory):
             pytest.skip("this backend keeps no run history")  # declared, not hidden
         base = time.time()
         for i in range(3):

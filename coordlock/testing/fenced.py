@@ -31,6 +31,7 @@ from typing import Any
 
 from .._errors import CoordlockError, LockLost
 from .._protocol import RunCoordinator
+from .modes import MODES, AsyncRunner, Mode, view
 
 
 class FencedRegister:
@@ -207,6 +208,21 @@ def check(history: HistoryLog, register: FencedRegister) -> Report:
     )
 
 
+@contextmanager
+def _coordinator(url: str, mode: Mode) -> Iterator[Any]:
+    """A coordinator for ``url`` seen through ``mode`` (see :mod:`coordlock.testing.modes`)."""
+    from .._registry import connect
+
+    runner = AsyncRunner() if mode == "async" else None
+    coordinator = view(connect(url), mode, runner)
+    try:
+        yield coordinator
+    finally:
+        coordinator.close()
+        if runner is not None:
+            runner.close()
+
+
 def run_worker(
     coordinator: RunCoordinator,
     register: FencedRegister,
@@ -266,35 +282,32 @@ def worker_command(url: str, register: Path, log: Path, worker: str, **options: 
 
 def run_fenced(
     url: str, directory: Path, *, workers: int, iterations: int, timeout: float = 300.0,
-    **options: Any,
+    mode: Mode = "sync", threads: bool | None = None, **options: Any,
 ) -> Report:
     """Run ``workers`` fenced workers against ``url`` and return the checked :class:`Report`.
 
-    Workers are processes, except for ``memory://`` URLs (one process only), where they are
-    threads sharing one coordinator per worker. Raises ``AssertionError`` if a worker fails.
+    Workers are processes, except for ``memory://`` URLs (one process only) or with
+    ``threads=True``, where they are threads with one coordinator per worker.
+    ``mode="async"`` makes every worker use the async API on an event loop of its own.
+    Raises ``AssertionError`` if a worker fails.
     """
     import subprocess
 
-    from .._registry import connect
-
     register = FencedRegister(directory / "register.json")
     history = HistoryLog(directory / "history.jsonl")
-    if url.startswith("memory://"):
+    if threads or (threads is None and url.startswith("memory://")):
         results: dict[str, int] = {}
 
         def body(worker: str) -> None:
-            coordinator = connect(url)
-            try:
+            with _coordinator(url, mode) as coordinator:
                 results[worker] = run_worker(
                     coordinator, register, history, worker, iterations=iterations, **options
                 )
-            finally:
-                coordinator.close()
 
-        threads = [threading.Thread(target=body, args=(f"w{i}",)) for i in range(workers)]
-        for thread in threads:
+        pool = [threading.Thread(target=body, args=(f"w{i}",)) for i in range(workers)]
+        for thread in pool:
             thread.start()
-        for thread in threads:
+        for thread in pool:
             thread.join(timeout)
         short = {w: n for w, n in results.items() if n != iterations}
         assert len(results) == workers and not short, f"workers fell short: {results}"
@@ -302,7 +315,7 @@ def run_fenced(
         procs = [
             subprocess.Popen(
                 worker_command(url, register.path, history.path, f"w{i}",
-                               iterations=iterations, **options),
+                               iterations=iterations, mode=mode, **options),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )
             for i in range(workers)
@@ -322,8 +335,6 @@ def run_fenced(
 
 def main(argv: list[str] | None = None) -> int:
     """Worker process entry point (see module docstring)."""
-    from .._registry import connect
-
     parser = argparse.ArgumentParser(description="fenced-register worker")
     parser.add_argument("url")
     parser.add_argument("register")
@@ -335,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=30.0)
     parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--deadline", type=float, default=120.0)
+    parser.add_argument("--mode", choices=MODES, default="sync")
     args = parser.parse_args(argv)
-    coordinator = connect(args.url)
-    try:
+    with _coordinator(args.url, args.mode) as coordinator:
         done = run_worker(
             coordinator,
             FencedRegister(args.register),
@@ -350,8 +361,6 @@ def main(argv: list[str] | None = None) -> int:
             hold=args.hold,
             deadline=args.deadline,
         )
-    finally:
-        coordinator.close()
     print(f"worker {args.worker}: {done} rounds", flush=True)
     return 0 if done == args.iterations else 1
 

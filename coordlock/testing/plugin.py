@@ -1,13 +1,24 @@
-"""pytest plugin: throwaway real servers and per-test isolated backend URLs.
+"""pytest plugin: throwaway real servers, fault proxies and per-test isolated backend URLs.
 
-Loaded automatically through the ``pytest11`` entry point ``coordlock`` (disable with
-``-p no:coordlock``).
+Opt-in: installing coordlock does not load it into anybody's test run. A project that wants it
+names it, either on the command line (``pytest -p coordlock.testing.plugin``) or in its
+top-level ``conftest.py``::
+
+    pytest_plugins = ["coordlock.testing.plugin"]
+
+(coordlock's own ``tests/conftest.py`` does exactly that). Everything it adds that could clash
+with a project's own names carries a ``coordlock`` prefix; its fixtures are overridden by a
+project's fixtures of the same name, as any plugin fixture is.
 
 Options
-    ``--backends=memory,sqlite,redis,postgres,zookeeper`` (the default; ``all`` means every
-    one): which backends tests that use ``backend_url`` run against. The environment variable
-    ``COORDLOCK_TEST_BACKENDS`` overrides the option.
-    ``--soak``: run tests marked ``soak``; without it they are skipped (the only planned skip).
+    ``--coordlock-backends=memory,sqlite,redis,postgres,zookeeper`` (the default; ``all`` means
+    every one): which backends tests that use ``backend_url`` run against. The environment
+    variable ``COORDLOCK_TEST_BACKENDS`` overrides the option.
+    ``--coordlock-soak``: run tests marked ``coordlock_soak``; without it they are skipped (the
+    only planned skip).
+
+Markers
+    ``coordlock_soak``: a long fault soak, skipped unless ``--coordlock-soak`` is given.
 
 Fixtures (servers are started lazily, on first use, per pytest-xdist worker)
     ``redis_server``, ``postgres_server`` (``fast=True``), ``zookeeper_server`` — session scope,
@@ -17,6 +28,10 @@ Fixtures (servers are started lazily, on first use, per pytest-xdist worker)
     ``redis_sentinel`` — function scope, a :class:`SentinelServer` whose ``.master`` is a fresh
     :class:`RedisServer`; ``fresh_redis_server``, ``fresh_postgres_server``,
     ``fresh_zookeeper_server`` — function scope, yours to kill, pause and restart.
+    ``fault_proxy`` — function scope, a factory: ``fault_proxy(port, host="127.0.0.1",
+    **options)`` starts a :class:`~coordlock.testing.faultproxy.FaultProxy` in front of that
+    server port (``proxy.via(server.url)`` is the URL to give the client; ``freeze()``,
+    ``drop()``, ``delay(ms)``, ``heal()``); every proxy it made is stopped at teardown.
     ``backend_name`` / ``backend_url`` — tests requesting either are parametrized over the
     selected backends (ids ``memory``, ``sqlite``, ``redis``, ``postgres``, ``zookeeper``) and
     get a fresh isolated URL: ``memory://t-<hex>``, ``sqlite:////<tmp_path>/locks.db``,
@@ -35,11 +50,13 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
+from .faultproxy import FaultProxy
 from .servers import (
+    HOST,
     ManagedServer,
     PostgresServer,
     RedisServer,
@@ -52,8 +69,12 @@ from .servers import (
 __all__ = [
     "ALL_BACKENDS",
     "ENV_BACKENDS",
+    "OPTION_BACKENDS",
+    "OPTION_SOAK",
+    "SOAK_MARKER",
     "backend_name",
     "backend_url",
+    "fault_proxy",
     "fresh_postgres_server",
     "fresh_redis_server",
     "fresh_zookeeper_server",
@@ -67,10 +88,19 @@ __all__ = [
 ]
 
 ALL_BACKENDS: tuple[str, ...] = ("memory", "sqlite", "redis", "postgres", "zookeeper")
-"""Backend ids known to ``--backends``, in the default order."""
+"""Backend ids known to ``--coordlock-backends``, in the default order."""
+
+OPTION_BACKENDS = "--coordlock-backends"
+"""Command-line option choosing the backends of ``backend_url`` tests."""
+
+OPTION_SOAK = "--coordlock-soak"
+"""Command-line flag that runs the tests marked :data:`SOAK_MARKER`."""
+
+SOAK_MARKER = "coordlock_soak"
+"""Marker of the long fault soaks, skipped unless :data:`OPTION_SOAK` is given."""
 
 ENV_BACKENDS = "COORDLOCK_TEST_BACKENDS"
-"""Environment variable that overrides ``--backends``."""
+"""Environment variable that overrides ``--coordlock-backends``."""
 
 _SELECTED = pytest.StashKey[list[str]]()
 _M = TypeVar("_M", bound=ManagedServer)
@@ -84,7 +114,8 @@ _M = TypeVar("_M", bound=ManagedServer)
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("coordlock", "coordlock backends and throwaway servers")
     group.addoption(
-        "--backends",
+        OPTION_BACKENDS,
+        dest="coordlock_backends",
         default=None,
         metavar="LIST",
         help=(
@@ -94,10 +125,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ),
     )
     group.addoption(
-        "--soak",
+        OPTION_SOAK,
+        dest="coordlock_soak",
         action="store_true",
         default=False,
-        help="run the long fault soaks (tests marked 'soak'); skipped otherwise",
+        help=f"run the long fault soaks (tests marked '{SOAK_MARKER}'); skipped otherwise",
     )
 
 
@@ -111,7 +143,7 @@ def _parse_backends(raw: str) -> list[str]:
         for backend in expanded:
             if backend not in ALL_BACKENDS:
                 raise pytest.UsageError(
-                    f"unknown backend {backend!r} in --backends/${ENV_BACKENDS}; "
+                    f"unknown backend {backend!r} in {OPTION_BACKENDS}/${ENV_BACKENDS}; "
                     f"known: {', '.join(ALL_BACKENDS)}"
                 )
             if backend not in names:
@@ -120,11 +152,12 @@ def _parse_backends(raw: str) -> list[str]:
 
 
 def selected_backends(config: pytest.Config) -> list[str]:
-    """The backends chosen by ``$COORDLOCK_TEST_BACKENDS``, else ``--backends``, else all."""
+    """The backends chosen by ``$COORDLOCK_TEST_BACKENDS``, else ``--coordlock-backends``, else
+    all of them."""
     if _SELECTED in config.stash:
         cached: list[str] = config.stash[_SELECTED]
         return list(cached)
-    raw = os.environ.get(ENV_BACKENDS, "").strip() or config.getoption("--backends") or ""
+    raw = os.environ.get(ENV_BACKENDS, "").strip() or config.getoption("coordlock_backends") or ""
     names = _parse_backends(raw) or list(ALL_BACKENDS)
     config.stash[_SELECTED] = names
     return list(names)
@@ -132,10 +165,9 @@ def selected_backends(config: pytest.Config) -> list[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "fault: injects a real fault (kill, pause, restart) into a server or a holder"
+        "markers", f"{SOAK_MARKER}: long fault soak; skipped unless {OPTION_SOAK} is given"
     )
-    config.addinivalue_line("markers", "soak: long fault soak; opt in with --soak")
-    selected_backends(config)  # reject a bad --backends before collection
+    selected_backends(config)  # reject a bad --coordlock-backends before collection
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -143,11 +175,11 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--soak"):
+    if config.getoption("coordlock_soak"):
         return
-    skip_soak = pytest.mark.skip(reason="soak test: opt in with --soak")
+    skip_soak = pytest.mark.skip(reason=f"soak test: opt in with {OPTION_SOAK}")
     for item in items:
-        if item.get_closest_marker("soak") is not None:
+        if item.get_closest_marker(SOAK_MARKER) is not None:
             item.add_marker(skip_soak)
 
 
@@ -300,6 +332,25 @@ def fresh_zookeeper_server() -> Iterator[ZooKeeperServer]:
     yield from _served(lambda: ZooKeeperServer(fast=True))
 
 
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[..., FaultProxy]]:
+    """Factory ``fault_proxy(port, host="127.0.0.1", **options) -> FaultProxy``: a started
+    fault proxy in front of ``host:port`` (options as :class:`FaultProxy`). Every proxy made
+    by the factory is stopped (its connections reset) when the test ends."""
+    made: list[FaultProxy] = []
+
+    def make(port: int, host: str = HOST, **options: Any) -> FaultProxy:
+        proxy = FaultProxy(host, port, **options)
+        made.append(proxy)
+        return proxy.start()
+
+    try:
+        yield make
+    finally:
+        for proxy in reversed(made):
+            proxy.stop()
+
+
 # --------------------------------------------------------------------------------------------
 # backend selection
 # --------------------------------------------------------------------------------------------
@@ -308,7 +359,7 @@ def fresh_zookeeper_server() -> Iterator[ZooKeeperServer]:
 @pytest.fixture
 def backend_name(request: pytest.FixtureRequest) -> str:
     """The backend id of this test run (``memory``, ``sqlite``, ``redis``, ``postgres``,
-    ``zookeeper``); tests using it are parametrized over ``--backends``."""
+    ``zookeeper``); tests using it are parametrized over ``--coordlock-backends``."""
     name = getattr(request, "param", None)
     if not isinstance(name, str) or name not in ALL_BACKENDS:
         raise pytest.UsageError(f"backend_name must be one of {ALL_BACKENDS}, got {name!r}")

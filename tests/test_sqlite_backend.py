@@ -1,0 +1,66 @@
+"""SQLite backend specifics (the contract suite covers the shared behaviour)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from coordlock.backends.sqlite import SQLiteCoordinator
+
+FIRST_OPEN = textwrap.dedent(
+    """
+    import os, sys, time
+    from coordlock import connect
+    go = float(sys.argv[2])
+    while time.time() < go:  # every process opens the fresh file at the same instant
+        pass
+    c = connect(sys.argv[1])
+    lease = c.acquire("first-open", 10, wait=30)
+    assert lease is not None
+    lease.release()
+    c.close()
+    print("ok", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_concurrent_first_opens_of_a_fresh_file_all_succeed(tmp_path: Path, round_: int) -> None:
+    """Issue 10 row 15: SQLite may answer the switch to WAL with "database is locked" at once
+    (without its busy timeout) when several processes open a new file together."""
+    url = f"sqlite:///{tmp_path}/fresh-{round_}.db"
+    go = time.time() + 1.5  # after every interpreter has started
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_OPEN, url, repr(go)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(6)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    failures = [err for p, (_, err) in zip(procs, results, strict=True) if p.returncode != 0]
+    assert not failures, failures[0]
+    assert all(out.strip() == "ok" for out, _ in results)
+
+
+def test_a_file_locked_for_good_says_what_happened(tmp_path: Path) -> None:
+    import sqlite3
+
+    from coordlock import BackendUnavailable
+
+    path = tmp_path / "held.db"
+    c = SQLiteCoordinator(path, timeout=0.3, retry_deadline=0)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(BackendUnavailable, match="stayed locked by another process"):
+            c.acquire("x", 5)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        c.close()
