@@ -317,7 +317,7 @@ def _loss_delays(coordinator: PostgresCoordinator, server: PostgresServer, n: in
 
             lease.on_lost(on_lost)
             time.sleep(random.uniform(0.0, 0.1))  # hit the keeper at any point of its cycle
-            pid = coordinator._pool.held[lease.name].session.pid
+            pid = coordinator._registry.held[lease.name].session.pid
             killed = time.monotonic()
             assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
             assert fired.wait(PATIENCE), "lost did not fire"

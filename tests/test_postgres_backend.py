@@ -67,7 +67,7 @@ def admin(server: PostgresServer) -> psycopg.Connection[Any]:
 def session_of(lease: Lease) -> Session:
     coordinator = lease.coordinator
     assert isinstance(coordinator, PostgresCoordinator)
-    held = coordinator._pool.held[lease.name]
+    held = coordinator._registry.held[lease.name]
     assert held.owner == lease.owner
     return held.session
 
@@ -323,7 +323,7 @@ def test_a_blocking_wait_sleeps_on_the_server_and_wakes_on_release(
     waited = result.get("lease")
     assert isinstance(waited, Lease) and waited.fence > lease.fence
     # the connection that waited is the session that now holds the lock
-    assert session_of(waited) is not other._pool.main
+    assert session_of(waited) is not other._sync.main
     assert coordinator.acquire("wake-me", 10) is None
     assert waited.release()
     assert coordinator.acquire("wake-me", 10) is not None
@@ -344,7 +344,9 @@ def test_wait_is_cancelled_by_close(
 
     thread = threading.Thread(target=wait)
     thread.start()
-    assert eventually(lambda: any(s.mutex.locked() and not s.main for s in other._pool.sessions))
+    assert eventually(
+        lambda: any(s.mutex.locked() and not s.main for s in other._registry.sessions)
+    )
     other.close()
     thread.join(PATIENCE)
     assert not thread.is_alive()
@@ -514,14 +516,19 @@ def test_claim_retry_by_the_same_claimant_is_idempotent(
     claimant = "c" * 32
     q = coordinator._q
 
-    def claim(session: Session, who: str) -> set[str]:
-        rows = session.conn.execute(q.claim, (who, 30_000.0, keys)).fetchall()
+    coordinator.claim("warm-up@t", 1)  # connects the auxiliary session
+
+    def claim(who: str) -> set[str]:
+        session = coordinator._sync.aux
+        assert isinstance(session, Session)
+        with session.mutex:
+            rows = session.conn.execute(q.claim, (who, 30_000.0, keys)).fetchall()
         return {r[0] for r in rows}
 
-    assert coordinator._aux_call(lambda s: claim(s, claimant), "t") == set(keys)
+    assert claim(claimant) == set(keys)
     # a transport retry of the same call gets its own claims back; anybody else gets nothing
-    assert coordinator._aux_call(lambda s: claim(s, claimant), "t") == set(keys)
-    assert coordinator._aux_call(lambda s: claim(s, "d" * 32), "t") == set()
+    assert claim(claimant) == set(keys)
+    assert claim("d" * 32) == set()
     assert coordinator.claim_many(keys, 30) == set()
 
 

@@ -169,7 +169,7 @@ def test_ttl_and_wait_beyond_int_milliseconds(
         )
         thread.start()  # lock_timeout would overflow an int
         assert isinstance(b, PostgresCoordinator)
-        assert eventually(lambda: any(s.mutex.locked() for s in b._pool.sessions), PATIENCE)
+        assert eventually(lambda: any(s.mutex.locked() for s in b._registry.sessions), PATIENCE)
         time.sleep(0.1)  # (it is blocked on the server, not failing)
         assert "lease" not in got
         assert long.release()

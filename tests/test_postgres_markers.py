@@ -67,7 +67,7 @@ def test_markers_land_in_partition_zero() -> None:
     for oid in (5, 16384, 2**32 - 1):
         for _ in range(20):
             marker = choose_marker(oid)
-            assert advisory_tag_hash(oid, marker) & 0xFF == 0
+            assert advisory_tag_hash(oid, marker) & 0xF == 0
             assert advisory_partition(oid, marker) == 0
     assert len({choose_marker(5) for _ in range(50)}) == 50  # random, not derived
 
@@ -149,7 +149,7 @@ def test_every_lock_session_holds_its_marker(postgres_server: PostgresServer) ->
     try:
         lease = c.acquire("marked", 10)
         assert lease is not None
-        session = c._pool.held["marked"].session
+        session = c._registry.held["marked"].session
         assert session.marker is not None
         with psycopg.connect(postgres_server.url, autocommit=True) as admin:
             row = admin.execute(
@@ -171,7 +171,7 @@ def test_every_lock_session_holds_its_marker(postgres_server: PostgresServer) ->
     try:
         lease = session_mode.acquire("unmarked", 10)
         assert lease is not None
-        assert session_mode._pool.held["unmarked"].session.marker is None  # no rows, no marker
+        assert session_mode._registry.held["unmarked"].session.marker is None  # no rows, no marker
         assert lease.release()
     finally:
         session_mode.close()

@@ -318,7 +318,7 @@ def test_verify_full_with_a_throwaway_ca(tls_server: tuple[PostgresServer, Path]
     try:
         lease = c.acquire("over-tls", 10)
         assert lease is not None
-        session = c._pool.held["over-tls"].session
+        session = c._registry.held["over-tls"].session
         with session.mutex:
             row = session.conn.execute(
                 "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"

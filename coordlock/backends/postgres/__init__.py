@@ -1,10 +1,11 @@
 """``postgresql://`` – session advisory locks, lease rows, fences from a sequence, claims.
 
-The backend is split by job: :mod:`.coordinator` (the hooks), :mod:`.session` (connections,
-session markers, spares), :mod:`.keeper` (the background thread), :mod:`.statements` (every SQL
-statement), :mod:`.schema` (DDL, versions, grants), :mod:`.admin` (``coordlock init``),
-:mod:`.markers` (why a dying session's marker is freed first), :mod:`.options` and
-:mod:`.errors` (which failures are permanent).
+The backend is split by job: :mod:`.coordinator` (the hooks, sync and async), :mod:`.flows`
+(what each operation sends and what the answers mean, written once for both), :mod:`.session`
+(connections, spares, the registry of held locks), :mod:`.keeper` (the background thread),
+:mod:`.statements` (every SQL statement), :mod:`.schema` (DDL, versions, grants),
+:mod:`.admin` (``coordlock init``), :mod:`.markers` (why a dying session's marker is freed
+first) and :mod:`.options`.
 """
 
 from __future__ import annotations

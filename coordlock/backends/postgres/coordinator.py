@@ -20,14 +20,17 @@ How a lock works (details and exact bounds in ``docs/backends/postgres.md``):
 * **TTL with teeth**: a session holding locks has ``idle_session_timeout`` = the smallest ttl it
   holds; the keeper thread unlocks leases whose ttl passed without renewal, notices sessions the
   server ended, and cuts statements that got no answer within ``io_timeout`` (frozen links).
+
+Sync hooks run flows (``flows.py``) on ``psycopg.Connection`` sessions; async hooks run the same
+flows on ``psycopg.AsyncConnection`` sessions of the running event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -37,33 +40,60 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import psycopg
-from psycopg import errors as pg_errors
 
+from ..._attempt import Attempt
 from ..._base import BaseCoordinator
-from ..._errors import ConfigurationError, CoordlockError
-from ..._lease import Lease
-from ..._protocol import LockInfo, RunRecord
+from ..._errors import ConfigurationError
+from ..._protocol import LockInfo, RunRecord, ServerInfo
+from ..._validate import check_name
 from .._pg_keys import lock_key
-from .errors import classify
-from .keeper import TICK, Keeper
-from .options import (
-    DEFAULT_IO_TIMEOUT,
-    PGBOUNCER_ADVICE,
-    PgOptions,
-    build_options,
-    split_url,
+from .flows import (
+    Flow,
+    Ticket,
+    adrive,
+    drive,
+    extend_flow,
+    force_flow,
+    linger_flow,
+    mark_rows_flow,
+    one,
+    release_flow,
+    retire_flow,
+    service_flow,
+    setup_flow,
+    try_flow,
+    wait_flow,
 )
-from .session import MAX_MS, Held, Session, SessionPool, ms
+from .keeper import Keeper
+from .options import DEFAULT_IO_TIMEOUT, PgOptions, build_options, split_url
+from .session import (
+    AsyncSession,
+    BaseSession,
+    Held,
+    Pool,
+    Registry,
+    Session,
+    Step,
+    configure,
+)
 from .statements import Statements, statements
 
 log = logging.getLogger("coordlock")
 T = TypeVar("T")
 
-#: The server's and this host's clocks may run at rates this far apart (ratio): the lease
-#: clock of a granted wait starts that much earlier than the measured wait says.
-CLOCK_RATE_SLACK = 1e-3
-
 _live: weakref.WeakSet[PostgresCoordinator] = weakref.WeakSet()
+
+#: The key of this backend's per-event-loop state (see ``BaseCoordinator._loop_local``).
+LOOP_KEY = "postgres"
+
+
+class LoopPool(Pool):
+    """The async sessions of one event loop, and the locks that serialize connecting them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main_lock = asyncio.Lock()
+        self.aux_lock = asyncio.Lock()
 
 
 class PostgresCoordinator(BaseCoordinator):
@@ -89,7 +119,8 @@ class PostgresCoordinator(BaseCoordinator):
       get their wait on top, renewals at most the lease's remaining time.
     """
 
-    transient_errors: ClassVar[tuple[type[BaseException], ...]] = (psycopg.OperationalError,)
+    backend_name: ClassVar[str] = "postgres"
+    wakes_waiters: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -119,9 +150,13 @@ class PostgresCoordinator(BaseCoordinator):
         self._io = opts.io_timeout
         self._q: Statements = statements(opts.schema)
         self._keys: dict[str, int] = {}  # name -> advisory key (a bounded cache)
-        self._pool = SessionPool(opts, self._q, self._start_keeper)
-        self._keeper = Keeper(self._pool, self._q, self._report_lost_held, self._retire)
+        self._registry = Registry()
+        self._sync = Pool()
+        self._main_lock = threading.Lock()  # serializes connecting the sync main session
+        self._aux_lock = threading.Lock()  # serializes use of the sync auxiliary session
+        self._keeper = Keeper(self._registry, self._visit)
         self._closing = threading.Event()
+        self._schema_ready = False
         self._last_cleanup = 0.0
         _live.add(self)
 
@@ -156,352 +191,279 @@ class PostgresCoordinator(BaseCoordinator):
             key = self._keys[name] = lock_key(name, self._opts.namespace)
         return key
 
-    # -- loss reporting (phase 1: through the Lease) ------------------------------------------
-
-    def acquire(
-        self, name: str, ttl: float, *, wait: float | None = None, renew: bool = True
-    ) -> Lease | None:
-        """See :meth:`BaseCoordinator.acquire`; the lease is also tied to its server session."""
-        self._check_fork()
-        lease = super().acquire(name, ttl, wait=wait, renew=renew)
-        if lease is not None:
-            held = self._pool.held.get(name)
-            if held is not None and held.owner == lease.owner:
-                held.lease = lease
-            else:
-                lease._mark_lost("its PostgreSQL session ended right after the acquisition")
-        return lease
-
-    def _report_lost_held(self, entries: list[Held], reason: str) -> None:
+    def _report_held(self, entries: list[Held], reason: str) -> None:
         for held in entries:
-            if held.lease is not None:
-                held.lease._mark_lost(reason)
+            self._report_lost(held.owner, reason)
 
-    # -- helpers -----------------------------------------------------------------------------
+    # -- sync sessions -----------------------------------------------------------------------
 
-    def _start_keeper(self) -> None:
+    def _enlist(self, s: BaseSession, pool: Pool, *, main: bool = False) -> None:
+        s.pool = pool
+        s.main = main
+        s.conn.add_notify_handler(  # type: ignore[attr-defined]
+            lambda n: s.on_notify(n.payload, self._keeper.wake)
+        )
+        if not self._registry.register(s):
+            s.close()
+            raise ConfigurationError(f"{type(self).__name__} is closed")
         self._keeper.start()
 
-    def _check_fork(self) -> None:
-        if self._pool.pid != os.getpid():
-            self._after_fork()
+    def _open(self, pool: Pool, *, marker: bool = True, main: bool = False) -> Session:
+        if self._registry.closed:
+            raise ConfigurationError(f"{type(self).__name__} is closed")
+        conn = psycopg.connect(self._opts.conninfo, autocommit=True, prepare_threshold=0)
+        configure(conn)
+        s = Session(conn, 0, None)
+        try:
+            with s.mutex:
+                drive(s, setup_flow(self, s, marker=marker and self._leases))
+        except BaseException:
+            s.close()
+            raise
+        self._enlist(s, pool, main=main)
+        return s
 
-    def _after_fork(self) -> None:
-        """In a forked child: drop the parent's sessions without ending them; reconnect
-        lazily. The parent's locks stay the parent's (the child does not hold them)."""
-        self._pool.after_fork()
-        self._keeper.after_fork()
-        self._closing = threading.Event()
+    def _main_session(self) -> Session:
+        s = self._sync.main
+        if s is not None and not s.dead:
+            return s  # type: ignore[return-value]
+        with self._main_lock:
+            s = self._sync.main
+            if s is None or s.dead:
+                s = self._sync.main = self._open(self._sync, main=True)
+            return s  # type: ignore[return-value]
 
-    def _fail(self, session: Session, exc: psycopg.Error, key: int | None) -> BaseException:
-        """After a failed statement: clean up, report lost locks, and return what to raise.
+    def _aux_session(self) -> Session:
+        """The sync auxiliary session (the caller holds ``_aux_lock``)."""
+        s = self._sync.aux
+        if s is None or s.dead:
+            s = self._sync.aux = self._open(self._sync, marker=False)
+        return s  # type: ignore[return-value]
 
-        A session-level advisory lock taken by a statement that then failed survives the
-        rollback, so on a live session the key is unlocked again (it was not held before).
-        """
-        lost: list[Held] = []
-        if session.broken:
-            lost = self._pool.drop(session, f"{type(exc).__name__}: {exc}")
-        elif key is not None:
-            try:
-                session.run(self._q.unlock, (key,), time.monotonic() + self._io)
-            except psycopg.Error as again:
-                lost = self._pool.drop(session, f"{type(again).__name__}: {again}")
-        self._report_lost_held(lost, "its PostgreSQL session ended")
-        return self._translate(exc)
+    def _on(self, s: BaseSession, make: Callable[[Any], Flow[T]]) -> T:
+        """Run ``make(s)``'s flow on ``s`` from sync code, whatever kind ``s`` is."""
+        if isinstance(s, Session):
+            with s.mutex:
+                return drive(s, make(s))
+        assert isinstance(s, AsyncSession)
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is s.loop:
+                raise ConfigurationError("an AsyncLease must be released or renewed with await")
+        future = asyncio.run_coroutine_threadsafe(self._alocked(s, make), s.loop)
+        return future.result(self._io + 5)
 
-    def _translate(self, exc: psycopg.Error) -> BaseException:
-        verdict = classify(exc)
-        if verdict == "permanent":
-            if isinstance(exc, pg_errors.InsufficientPrivilege):
-                return ConfigurationError(
-                    f"PostgreSQL refused a coordlock statement: {exc}. Grant the role the "
-                    "privileges listed in docs/backends/postgres.md (or run `coordlock init`)"
-                )
-            return ConfigurationError(f"PostgreSQL: {exc}")
-        if verdict == "transient" or isinstance(exc, psycopg.OperationalError):
-            return exc  # retried
-        return CoordlockError(f"PostgreSQL error: {type(exc).__name__}: {exc}")
+    def _aux(self, make: Callable[[Session], Flow[T]]) -> T:
+        with self._aux_lock:
+            s = self._aux_session()
+            with s.mutex:
+                return drive(s, make(s))
 
-    def _raise(self, exc: BaseException, cause: psycopg.Error) -> None:
-        if exc is cause:
-            raise cause
-        raise exc from cause
+    # -- async sessions ----------------------------------------------------------------------
 
-    def _pooled(self, session: Session, pid: int) -> ConfigurationError:
-        """The session answered with another backend pid: a transaction-pooling proxy."""
-        lost = self._pool.drop(session, "a pooling proxy moved it to another server session")
-        self._report_lost_held(lost, "session moved by a pooling proxy (PgBouncer transaction?)")
-        return ConfigurationError(
-            f"the server session changed under coordlock (pid {session.pid} became {pid}): "
-            f"a transaction-pooling proxy such as PgBouncer is in the way. {PGBOUNCER_ADVICE}"
+    def _loop_pool(self) -> LoopPool:
+        return self._loop_local(LOOP_KEY, LoopPool)
+
+    async def _aopen(self, pool: Pool, *, marker: bool = True, main: bool = False) -> AsyncSession:
+        if self._registry.closed:
+            raise ConfigurationError(f"{type(self).__name__} is closed")
+        conn = await psycopg.AsyncConnection.connect(
+            self._opts.conninfo, autocommit=True, prepare_threshold=0
         )
+        configure(conn)
+        s = AsyncSession(conn, 0, None, asyncio.get_running_loop())
+        try:
+            async with s.lock:
+                await adrive(s, setup_flow(self, s, marker=marker and self._leases))
+        except BaseException:
+            s.close()
+            raise
+        self._enlist(s, pool, main=main)
+        return s
 
-    def _retire(self, session: Session) -> None:
-        """Close a session that holds nothing (its mutex held): its unexpired lease rows are
-        marked released first, or they would look orphaned once its marker is gone."""
-        if self._leases and not session.dead and not session.broken:
-            keys = session.row_keys(time.monotonic())
-            if keys:
-                with contextlib.suppress(psycopg.Error):
-                    session.execute(
-                        self._q.release_rows,
-                        {"keys": keys, "m": session.marker},
-                        time.monotonic() + self._io,
-                    )
-        self._report_lost_held(self._pool.drop(session, "closing"), "its session was closed")
+    async def _amain_session(self) -> AsyncSession:
+        lp = self._loop_pool()
+        s = lp.main
+        if s is not None and not s.dead:
+            return s  # type: ignore[return-value]
+        async with lp.main_lock:
+            s = lp.main
+            if s is None or s.dead:
+                s = lp.main = await self._aopen(lp, main=True)
+            return s  # type: ignore[return-value]
 
-    def _recycle(self, session: Session) -> None:
-        if not self._pool.recycle(session):
-            self._retire(session)
+    async def _alocked(self, s: AsyncSession, make: Callable[[Any], Flow[T]]) -> T:
+        async with s.lock:
+            return await adrive(s, make(s))
 
-    # -- hooks: acquire ----------------------------------------------------------------------
+    async def _aon(self, s: BaseSession, make: Callable[[Any], Flow[T]]) -> T:
+        """Run ``make(s)``'s flow on ``s`` from the running event loop, whatever ``s`` is."""
+        if isinstance(s, AsyncSession):
+            if s.loop is asyncio.get_running_loop():
+                return await self._alocked(s, make)
+            future = asyncio.run_coroutine_threadsafe(self._alocked(s, make), s.loop)
+            return await asyncio.wrap_future(future)
+        return await self._in_thread(self._on, s, make)
 
-    def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
-        key = self.key(name)
-        try:  # the fast path skips building a tenacity retrier
-            return self._try_once(name, owner, ttl, key)
-        except psycopg.OperationalError:
-            pass  # retried (with backoff, up to retry_deadline) below: _try_once is idempotent
-        return self._retry(lambda: self._try_once(name, owner, ttl, key), f"acquire {name!r}")
+    async def _aaux(self, make: Callable[[AsyncSession], Flow[T]]) -> T:
+        lp = self._loop_pool()
+        async with lp.aux_lock:
+            s = lp.aux
+            if s is None or s.dead:
+                s = lp.aux = await self._aopen(lp, marker=False)
+            return await self._alocked(s, make)  # type: ignore[arg-type]
 
-    def _try_once(self, name: str, owner: str, ttl: float, key: int) -> int | None:
-        session = self._pool.main_session()
-        q = self._q
-        with session.mutex:
-            if session.dead:
+    # -- hooks: acquire and wait -------------------------------------------------------------
+
+    def _try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
+        s = self._main_session()
+        with s.mutex:
+            if s.dead:
                 raise psycopg.OperationalError("the lock session ended; reconnecting")
-            held = self._pool.held.get(name)
-            if held is not None:  # held in this process: same owner = a retried call
-                return held.fence if held.owner == owner else None
-            want = ms(ttl)
-            lower = session.timeout_ms == 0 or want < session.timeout_ms
-            params: dict[str, Any] = {"k": key, "owner": owner, "ttl": ttl * 1000.0}
-            if lower:
-                params["it"] = str(want)
-            sent = time.monotonic()
-            bound = sent + self._io
-            try:
-                if self._leases:
-                    params["m"] = session.marker
-                    row = session.run(q.try_lease_idle if lower else q.try_lease, params, bound)
-                    if row is None:  # pragma: no cover - the statement always returns a row
-                        raise psycopg.OperationalError("no answer to the acquire statement")
-                    fence, got, pid = row[0], row[1], row[2]
-                    if fence is None and got:  # locked, nothing written: first use, or orphan
-                        params["name"] = name
-                        row = session.run(q.take_row_idle if lower else q.take_row, params, bound)
-                        if row is None:  # pragma: no cover
-                            raise psycopg.OperationalError("no answer to the acquire statement")
-                        fence, pid = row[0], row[1]
-                        if fence is None:
-                            log_orphan(name, row[3])
-                else:
-                    row = session.run(q.try_session_idle if lower else q.try_session, params, bound)
-                    if row is None:  # pragma: no cover
-                        raise psycopg.OperationalError("no answer to the acquire statement")
-                    fence, pid = row[0], row[2]
-            except psycopg.Error as exc:
-                self._raise(self._fail(session, exc, key), exc)
-            session.last_used = time.monotonic()
-            if pid != session.pid:
-                raise self._pooled(session, pid)
-            if fence is None:
-                return None
-            if lower:
-                session.timeout_ms = want
-            held = Held(name, owner, key, fence, ttl, sent, session)
-            self._pool.add(held)
-        self._keeper.schedule(min(held.deadline, session.last_used + TICK))
-        return int(fence)
+            return drive(s, try_flow(self, s, name, owner, ttl, self.key(name)))
 
-    # -- hooks: release, extend --------------------------------------------------------------
+    async def _async_try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
+        s = await self._amain_session()
+        async with s.lock:
+            if s.dead:
+                raise psycopg.OperationalError("the lock session ended; reconnecting")
+            return await adrive(s, try_flow(self, s, name, owner, ttl, self.key(name)))
+
+    def _wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
+        assert isinstance(ticket, Ticket)
+        pause = min(ticket.orphan_until - time.monotonic(), timeout)
+        if pause > 0:  # a dead holder's lease: nothing to wake us before it ends
+            self._closing.wait(pause)
+            return None
+        s = self._sync.take_spare(self._registry) or self._open(self._sync)
+        return self._on(s, lambda s: wait_flow(self, s, name, ticket, timeout))
+
+    async def _async_wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
+        assert isinstance(ticket, Ticket)
+        pause = min(ticket.orphan_until - time.monotonic(), timeout)
+        if pause > 0:
+            await asyncio.sleep(pause)
+            return None
+        lp = self._loop_pool()
+        s = lp.take_spare(self._registry) or await self._aopen(lp)
+        return await self._aon(s, lambda s: wait_flow(self, s, name, ticket, timeout))
+
+    # -- hooks: release, extend, hold --------------------------------------------------------
+
+    def _mine(self, name: str, owner: str) -> Held | None:
+        held = self._registry.held.get(name)
+        return held if held is not None and held.owner == owner and not held.linger else None
 
     def _release(self, name: str, owner: str) -> bool:
-        held = self._pool.held.get(name)
-        if held is None or held.owner != owner:
+        held = self._mine(name, owner)
+        return held is not None and self._on(held.session, lambda s: release_flow(self, s, held))
+
+    async def _async_release(self, name: str, owner: str) -> bool:
+        held = self._mine(name, owner)
+        if held is None:
             return False
-        session = held.session
-        lost: list[Held] = []
-        try:
-            with session.mutex:
-                if session.dead or self._pool.held.get(name) is not held:
-                    return False  # reaped at its ttl, or its session ended: not ours any more
-                try:
-                    row = session.run(self._q.unlock, (held.key,), time.monotonic() + self._io)
-                except psycopg.Error as exc:
-                    # Unknown whether the unlock happened: end the session, which surely does.
-                    lost = self._pool.drop(session, f"release failed: {type(exc).__name__}: {exc}")
-                    return False
-                session.last_used = time.monotonic()
-                if self._leases:
-                    session.recent[held.key] = held.deadline + 1.0
-                self._pool.forget(held)
-                if not session.main:
-                    self._recycle(session)
-            unlocked = bool(row and row[0])
-            if not unlocked:  # pragma: no cover - the session held it; only a bug gets here
-                log.error("coordlock: %r was not locked by its session at release", name)
-            return unlocked
-        finally:
-            others = [h for h in lost if h is not held]
-            self._report_lost_held(others, "its PostgreSQL session ended")
+        return await self._aon(held.session, lambda s: release_flow(self, s, held))
 
     def _extend(self, name: str, owner: str, ttl: float) -> bool:
-        held = self._pool.held.get(name)
-        if held is None or held.owner != owner:
+        held = self._mine(name, owner)
+        return held is not None and self._on(
+            held.session, lambda s: extend_flow(self, s, held, ttl)
+        )
+
+    async def _async_extend(self, name: str, owner: str, ttl: float) -> bool:
+        held = self._mine(name, owner)
+        if held is None:
             return False
-        session = held.session
-        lost: list[Held] = []
-        try:
-            with session.mutex:
-                if session.dead or self._pool.held.get(name) is not held:
-                    return False
-                ttls = [ms(h.ttl) for h in session.held.values() if h is not held]
-                desired = min([ms(ttl), *ttls])
-                sent = time.monotonic()
-                # beyond the lease's own deadline an answer is useless: it is lost by then
-                bound = min(sent + self._io, max(held.deadline, sent + 0.001))
-                self._keeper.schedule(bound)
-                params = {"ttl": ttl * 1000.0, "k": held.key, "m": session.marker,
-                          "it": str(desired)}  # fmt: skip
-                try:
-                    row = session.run(
-                        self._q.extend_lease if self._leases else self._q.extend_session,
-                        params,
-                        bound,
-                    )
-                except psycopg.Error as exc:
-                    lost = self._pool.drop(session, f"renewal failed: {type(exc).__name__}: {exc}")
-                    return False
-                session.last_used = time.monotonic()
-                if row is None or row[0] != session.pid:
-                    raise self._pooled(session, row[0] if row else -1)
-                session.timeout_ms = desired
-                held.ttl = ttl
-                held.deadline = sent + ttl
-            self._keeper.schedule(held.deadline)
-            return True
-        finally:
-            others = [h for h in lost if h is not held]
-            self._report_lost_held(others, "its PostgreSQL session ended")
+        return await self._aon(held.session, lambda s: extend_flow(self, s, held, ttl))
 
-    # -- hooks: waiting ----------------------------------------------------------------------
+    def _release_later(self, name: str, owner: str, linger: float) -> bool:
+        held = self._mine(name, owner)
+        if held is None:
+            return False
+        return self._on(held.session, lambda s: linger_flow(self, s, held, linger))
 
-    def _acquire_waiting(
-        self, name: str, owner: str, ttl: float, deadline: float
-    ) -> tuple[int, float] | None:
+    async def _async_release_later(self, name: str, owner: str, linger: float) -> bool:
+        held = self._mine(name, owner)
+        if held is None:
+            return False
+        return await self._aon(held.session, lambda s: linger_flow(self, s, held, linger))
+
+    # -- hooks: force-unlock, claims ---------------------------------------------------------
+
+    def _force_release(self, name: str) -> bool:
         key = self.key(name)
+        return self._aux(lambda s: force_flow(self, s, key))
 
-        def attempt() -> WaitOutcome:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return WaitOutcome()
-            return self._wait_once(name, owner, ttl, key, left)
+    async def _async_force_release(self, name: str) -> bool:
+        key = self.key(name)
+        return await self._aaux(lambda s: force_flow(self, s, key))
 
-        while True:
-            self._check_open()
-            if deadline <= time.monotonic():
-                return None
-            outcome = self._retry(attempt, f"wait for {name!r}")
-            if outcome.fence is not None:
-                return outcome.fence, outcome.started
-            if outcome.orphan_left is not None:  # the holder's session died: wait out its lease
-                log_orphan(name, outcome.orphan_left)
-                pause = max(0.001, min(outcome.orphan_left, deadline - time.monotonic()))
-                if self._closing.wait(pause):
-                    self._check_open()
-
-    def _wait_once(
-        self, name: str, owner: str, ttl: float, key: int, timeout: float
-    ) -> WaitOutcome:
-        """Block in ``pg_advisory_lock`` on a spare session for up to ``timeout`` s.
-
-        Granted: the spare now holds the lock (``fence``, ``started`` = send time + the wait
-        the server measured). Not granted: ``orphan_left`` s of a dead holder's lease, or a
-        timeout (both None)."""
-        session = self._pool.take_spare() or self._pool.open()
-        lock_timeout = "0" if math.isinf(timeout) else str(min(ms(timeout), MAX_MS))
-        want = ms(ttl)
-        with session.mutex:
-            params = {"k": key, "name": name, "owner": owner, "ttl": ttl * 1000.0,
-                      "m": session.marker, "lt": lock_timeout, "it": str(want)}  # fmt: skip
-            sent = time.monotonic()
-            bound = sent + (timeout if ms(timeout) < MAX_MS else math.inf) + self._io
-            try:
-                row = session.run(
-                    self._q.wait_lease if self._leases else self._q.wait_session, params, bound
-                )
-            except psycopg.Error as exc:
-                error = self._fail(session, exc, key)
-                if not session.dead:
-                    self._recycle(session)
-                self._check_open()
-                if isinstance(exc, pg_errors.LockNotAvailable):
-                    return WaitOutcome()  # lock_timeout: the caller re-checks its deadline
-                self._raise(error, exc)
-                raise  # pragma: no cover - _raise always raises
-            received = time.monotonic()
-            session.last_used = received
-            if row is None:  # pragma: no cover
-                raise psycopg.OperationalError("no answer to the wait statement")
-            fence, pid, orphan_left, waited = row[0], row[1], row[3], row[4]
-            if pid != session.pid:
-                raise self._pooled(session, pid)
-            if fence is None:
-                self._recycle(session)
-                return WaitOutcome(orphan_left=float(orphan_left or 0.0))
-            started = lease_start(sent, received, waited)
-            session.timeout_ms = want
-            held = Held(name, owner, key, fence, ttl, started, session)
-            self._pool.add(held)
-        self._keeper.schedule(min(held.deadline, received + TICK))
-        return WaitOutcome(fence=int(fence), started=started)
-
-    # -- claims, history, listing (on an auxiliary connection) -------------------------------
-
-    def _aux_call(self, fn: Callable[[Session], T], what: str) -> T:
-        def attempt() -> T:
-            with self._pool.aux_lock:
-                session = self._pool.aux_session()
-                try:
-                    with session.mutex:
-                        return fn(session)
-                except psycopg.Error as exc:
-                    self._raise(self._fail(session, exc, None), exc)
-                    raise  # pragma: no cover
-
-        self._check_fork()
-        return self._retry(attempt, what)
+    def _claim_step(self, keys: Sequence[str], hold: float) -> Step:
+        # the claimant is the same across retries: a retry gets its own claim back
+        claimant = uuid.uuid4().hex
+        params = (
+            claimant,
+            hold * 1000.0,
+            sorted(keys),
+        )  # sorted: concurrent claimers never deadlock
+        return Step(self._q.claim, params, time.monotonic() + self._io, fetch="all")
 
     def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
-        ordered = sorted(keys)
-        claimant = uuid.uuid4().hex  # the same across retries: a retry gets its own claim back
-        hold_ms = hold * 1000.0
-
-        def claim(session: Session) -> set[str]:
-            rows = session.run_all(
-                self._q.claim, (claimant, hold_ms, ordered), time.monotonic() + self._io
-            )
-            return {str(r[0]) for r in rows}
-
-        won = self._aux_call(claim, "claim")
-        now = time.monotonic()
-        if now - self._last_cleanup > 600:
-            self._last_cleanup = now
-            try:
-                self._aux_call(
-                    lambda s: s.execute(self._q.claims_cleanup, (), now + self._io),
-                    "claims cleanup",
-                )
-            except CoordlockError as exc:  # housekeeping only
-                log.info("coordlock: claims cleanup failed: %s", exc)
-            except psycopg.Error as exc:  # pragma: no cover - translated above
-                log.info("coordlock: claims cleanup failed: %s", exc)
+        step = self._claim_step(keys, hold)
+        won = {str(r[0]) for r in self._aux(lambda s: one(self, s, step))}
+        self._cleanup_claims()
         return won
 
-    def _fetch_all(self, query: str, params: Sequence[Any], what: str) -> list[tuple[Any, ...]]:
-        return self._aux_call(lambda s: s.run_all(query, params, time.monotonic() + self._io), what)
+    async def _async_claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
+        step = self._claim_step(keys, hold)
+        return {str(r[0]) for r in await self._aaux(lambda s: one(self, s, step))}
+
+    def _cleanup_claims(self) -> None:
+        now = time.monotonic()
+        if now - self._last_cleanup < 600:
+            return
+        self._last_cleanup = now
+        step = Step(self._q.claims_cleanup, (), now + self._io, fetch="none")
+        try:
+            self._aux(lambda s: one(self, s, step))
+        except psycopg.Error as exc:  # housekeeping only
+            log.info("coordlock: claims cleanup failed: %s", exc)
+
+    # -- the keeper's visits -----------------------------------------------------------------
+
+    def _visit(self, s: BaseSession) -> bool:
+        """Run the service flow on ``s`` (keeper thread); False when ``s`` is busy."""
+        if isinstance(s, Session):
+            if not s.mutex.acquire(timeout=0.02):
+                return False
+            try:
+                if not s.dead:
+                    drive(s, service_flow(self, s))
+            except Exception:  # (service_flow handles psycopg errors itself)
+                log.exception("coordlock: PostgreSQL keeper visit failed")
+            finally:
+                s.mutex.release()
+            return True
+        assert isinstance(s, AsyncSession)
+        if not s.servicing:
+            s.servicing = True
+            try:
+                asyncio.run_coroutine_threadsafe(self._aservice(s), s.loop)
+            except RuntimeError:  # its event loop is closed: the session is useless
+                s.servicing = False
+                drop_session(self, s, "its event loop closed")
+        return True
+
+    async def _aservice(self, s: AsyncSession) -> None:
+        try:
+            async with s.lock:
+                if not s.dead:
+                    await adrive(s, service_flow(self, s))
+        except Exception:
+            log.exception("coordlock: PostgreSQL keeper visit failed")
+        finally:
+            s.servicing = False
+
+    # -- listing, history, server --------------------------------------------------------------
 
     def locks(self) -> list[LockInfo]:
         """Locks held in this schema (granted advisory locks with their holder rows).
@@ -512,16 +474,18 @@ class PostgresCoordinator(BaseCoordinator):
         are never listed.
         """
         self._check_open()
-        rows = self._fetch_all(self._q.locks, (), "list locks")
+        step = Step(self._q.locks, (), time.monotonic() + self._io, fetch="all")
+        rows = self._policy.call(lambda: self._aux(lambda s: one(self, s, step)), "list locks")
         now_mono, now_wall = time.monotonic(), time.time()
-        with self._pool.state:
-            mine = [h for h in self._pool.held.values() if not h.session.dead]
+        with self._registry.state:
+            mine = [h for h in self._registry.held.values() if not h.session.dead]
         infos: dict[str, LockInfo] = {}
         for _pid, _key, name, owner, fence, expires in rows:
             infos[name] = LockInfo(name, owner, int(fence), expires)
         for held in mine:  # ours: exact, and listed with takeover=session too
-            expires_at = now_wall + (held.deadline - now_mono)
-            infos[held.name] = LockInfo(held.name, held.owner, held.fence, expires_at)
+            if not held.linger:
+                expires_at = now_wall + (held.deadline - now_mono)
+                infos[held.name] = LockInfo(held.name, held.owner, held.fence, expires_at)
         return [infos[name] for name in sorted(infos)]
 
     def record_run(self, run: RunRecord) -> None:
@@ -531,20 +495,21 @@ class PostgresCoordinator(BaseCoordinator):
         self._check_open()
         params = (run.run_id, run.job, run.tick, run.instance, run.started, run.finished,
                   run.status, run.error)  # fmt: skip
-        self._aux_call(
-            lambda s: s.execute(self._q.record_run, params, time.monotonic() + self._io),
-            "record run",
-        )
+        step = Step(self._q.record_run, params, time.monotonic() + self._io, fetch="none")
+        self._policy.call(lambda: self._aux(lambda s: one(self, s, step)), "record run")
 
     def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
         """Newest runs first, optionally of one ``job``."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be an int >= 0, got {limit!r}")
+        if job is not None:
+            job = check_name(job, "job")
         self._check_open()
-        if job is None:
-            rows = self._fetch_all(self._q.history, (limit,), "read history")
-        else:
-            rows = self._fetch_all(self._q.history_job, (job, limit), "read history")
+        query, params = (
+            (self._q.history, (limit,)) if job is None else (self._q.history_job, (job, limit))
+        )
+        step = Step(query, params, time.monotonic() + self._io, fetch="all")
+        rows = self._policy.call(lambda: self._aux(lambda s: one(self, s, step)), "read history")
         return [
             RunRecord(
                 run_id=r[0],
@@ -559,103 +524,106 @@ class PostgresCoordinator(BaseCoordinator):
             for r in rows
         ]
 
-    # -- closing -----------------------------------------------------------------------------
+    def server_info(self) -> ServerInfo:
+        """The server's version and clock (``coordlock check``)."""
+        self._check_open()
+        step = Step(self._q.server_info, (), time.monotonic() + self._io)
+
+        def ask() -> tuple[Any, float]:
+            before = time.time()
+            row = self._aux(lambda s: one(self, s, step))
+            return row, (before + time.time()) / 2
+
+        row, measured_at = self._policy.call(ask, "read server info")
+        return ServerInfo(
+            backend=self.backend_name,
+            version=f"PostgreSQL {row[0]}",
+            server_time=float(row[1]),
+            measured_at=measured_at,
+        )
+
+    # -- fork, closing, exit -----------------------------------------------------------------
+
+    def _after_fork(self) -> None:
+        """In a forked child: drop the parent's sessions without ending them; reconnect
+        lazily. The parent's locks stay the parent's (the child does not hold them)."""
+        self._registry.after_fork()
+        self._sync = Pool()
+        self._main_lock = threading.Lock()
+        self._aux_lock = threading.Lock()
+        self._keeper.after_fork()
+        self._closing = threading.Event()
 
     def _close(self) -> None:
         self._closing.set()
-        pool = self._pool
-        if pool.pid != os.getpid():  # a forked child: the sessions are the parent's
+        registry = self._registry
+        if registry.pid != os.getpid():  # a forked child: the sessions are the parent's
             self._after_fork()
-        with pool.state:
-            pool.closed = True
-            sessions = list(pool.sessions)
+        with registry.state:
+            registry.closed = True
         self._keeper.stop()
-        for session in sessions:
-            if session.mutex.locked():  # maybe blocked in pg_advisory_lock: cancel it
+        sessions = registry.live()
+        for s in sessions:
+            if isinstance(s, Session) and s.mutex.locked():  # maybe in pg_advisory_lock
                 with contextlib.suppress(Exception):  # best effort
-                    cancel_safe = getattr(session.conn, "cancel_safe", None)
-                    if cancel_safe is not None:
-                        cancel_safe(timeout=2)
-                    else:  # pragma: no cover - psycopg < 3.2
-                        session.conn.cancel()
-        lost: list[Held] = []
-        for session in sessions:
-            got = session.mutex.acquire(timeout=5)
-            try:
-                if got:
-                    self._mark_released(session)
-                lost += pool.drop(session, "coordinator closed")
-            finally:
-                if got:
-                    session.mutex.release()
+                    s.conn.cancel_safe(timeout=2)
+        reason = "the coordinator was closed (its session and locks ended)"
+        for s in sessions:
+            if isinstance(s, Session):
+                got = s.mutex.acquire(timeout=5)
+                try:
+                    if got:
+                        drive(s, retire_flow(self, s, "coordinator closed", reason))
+                    else:
+                        drop_session(self, s, "coordinator closed", reason)
+                finally:
+                    if got:
+                        s.mutex.release()
+            else:  # async sessions of loops that did not aclose(): end them from here
+                drop_session(self, s, "coordinator closed", reason)
         _live.discard(self)
-        self._report_lost_held(lost, "the coordinator was closed (its session and locks ended)")
 
-    def _mark_released(self, session: Session) -> None:
-        """Our lease rows on ``session`` stop holding others off (best effort, mutex held)."""
-        if not self._leases or session.dead or session.broken:
+    async def _async_close(self, state: dict[str, Any]) -> None:
+        """``aclose()``: retire this event loop's sessions properly (rows released first)."""
+        lp = state.get(LOOP_KEY)
+        if not isinstance(lp, LoopPool):
             return
-        keys = session.row_keys(time.monotonic())
-        if keys:
-            with contextlib.suppress(psycopg.Error):
-                session.execute(
-                    self._q.release_rows,
-                    {"keys": keys, "m": session.marker},
-                    time.monotonic() + min(self._io, 2.0),
-                )
+        reason = "the coordinator was closed (its session and locks ended)"
+        for s in lp.sessions():
+            if isinstance(s, AsyncSession) and not s.dead:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self._alocked(s, lambda s: retire_flow(self, s, "closed", reason)),
+                        self._io,
+                    )
+                if not s.dead:
+                    drop_session(self, s, "closed", reason)
 
     def _at_exit(self) -> None:
         """Interpreter exit: mark this process's lease rows released (the sessions end with
         the process), so the next process need not wait out leases that were let go."""
-        if self.closed or self._pool.pid != os.getpid():
+        if self.closed or self._registry.pid != os.getpid():
             return
-        for session in self._pool.live_sessions():
-            if session.mutex.acquire(timeout=1):
+        for s in self._registry.live():
+            if isinstance(s, Session) and s.mutex.acquire(timeout=1):
                 try:
-                    self._mark_released(session)
+                    drive(s, mark_rows_flow(self, s))
                 finally:
-                    session.mutex.release()
+                    s.mutex.release()
 
 
-class WaitOutcome:
-    """What one blocking wait gave: a fence (and lease start), or an orphan's remaining lease."""
+def drop_session(
+    c: PostgresCoordinator, s: BaseSession, reason: str, report: str | None = None
+) -> None:
+    from .flows import drop
 
-    __slots__ = ("fence", "orphan_left", "started")
-
-    def __init__(
-        self,
-        fence: int | None = None,
-        started: float = 0.0,
-        orphan_left: float | None = None,
-    ) -> None:
-        self.fence = fence
-        self.started = started
-        self.orphan_left = orphan_left
-
-
-def lease_start(sent: float, received: float, waited: float | None) -> float:
-    """A monotonic time no later than the server's start of a lease granted after a wait.
-
-    ``waited`` is the server's own measure (s) from the statement's arrival to the grant. The
-    statement arrived after ``sent``, so ``sent + waited`` is no later than the grant (in this
-    host's clock, give or take the clocks' rate difference: :data:`CLOCK_RATE_SLACK`), and never
-    later than the reply."""
-    wait = max(0.0, min(float(waited or 0.0), received - sent))
-    return sent + wait * (1.0 - CLOCK_RATE_SLACK)
-
-
-def log_orphan(name: str, remaining: float | None) -> None:
-    log.info(
-        "coordlock: %r was freed by a session that ended while holding it; its lease has "
-        "%.3fs left, so the lock stays unavailable until then",
-        name,
-        remaining or 0.0,
-    )
+    drop(c, s, reason, report=report)
 
 
 def _after_fork_in_child() -> None:
     for coordinator in list(_live):
-        coordinator._after_fork()
+        with contextlib.suppress(Exception):
+            coordinator._check_open()  # notices the new pid and drops the parent's sessions
 
 
 def _at_exit() -> None:

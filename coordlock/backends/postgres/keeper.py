@@ -1,18 +1,18 @@
 """The keeper thread of a PostgreSQL coordinator: it does no work per lock/unlock pair.
 
 It wakes every ``TICK`` s while locks are being taken (1 s when idle), and early when asked
-(:meth:`Keeper.schedule`), and per session:
+(:meth:`Keeper.schedule`), and per session (sync, or async on any event loop):
 
 * **cuts a statement that got no answer in time** (a frozen connection: a proxy or a network
   that keeps the socket open but delivers nothing): every statement carries a deadline
   (``io_timeout``; a renewal the lease's own deadline) and past it the keeper shuts the socket
   down, so the blocked call fails at once and the session's leases are reported lost;
 * **notices a session the server ended** (``pg_terminate_backend``, a restart, an idle
-  timeout): the sockets of idle lock-holding sessions are watched, and one that turns readable
-  is checked, so its leases are lost within milliseconds;
-* **unlocks expired locks** (a holder that runs but stopped renewing), rows first;
-* **keeps idle_session_timeout right** (the smallest ttl held; 0 when none) and pings idle
-  sessions that have one, so they are not ended while this process runs.
+  timeout) or a force-unlock request: the sockets of idle lock-holding sessions are watched,
+  and one that turns readable is visited;
+* **visits** a session (``flows.service_flow``, on the session's own thread or event loop) to
+  unlock expired or lingering locks, handle force-unlock requests and keep idle_session_timeout
+  right (the smallest ttl held; 0 when none).
 """
 
 from __future__ import annotations
@@ -27,11 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
-import psycopg
-
-from .options import PGBOUNCER_ADVICE
-from .session import Held, Session, SessionPool
-from .statements import Statements
+from .session import BaseSession, Registry
 
 log = logging.getLogger("coordlock")
 
@@ -43,10 +39,11 @@ LINGER = 5.0
 #: A lock-holding session idle this long has its socket watched for a server-side end.
 WATCH_AFTER = 0.01
 
-LostReporter = Callable[[list[Held], str], None]
+#: ``visit(session)``: run the service flow on it; False when it is busy (try again soon).
+Visitor = Callable[[BaseSession], bool]
 
 
-def cut(session: Session) -> None:
+def cut(session: BaseSession) -> None:
     """Shut the session's socket down (both ways) so a call blocked on it fails at once."""
     try:
         sock = socket.socket(fileno=os.dup(session.fd))
@@ -71,17 +68,9 @@ def wait_readable(fds: list[int], timeout: float) -> list[int]:
 class Keeper:
     """One daemon thread per coordinator (started with its first session)."""
 
-    def __init__(
-        self,
-        pool: SessionPool,
-        q: Statements,
-        report_lost: LostReporter,
-        retire: Callable[[Session], None],
-    ) -> None:
-        self.pool = pool
-        self.q = q
-        self.report_lost = report_lost
-        self.retire = retire  # closes a spare that holds nothing (its rows released first)
+    def __init__(self, registry: Registry, visit: Visitor) -> None:
+        self.registry = registry
+        self.visit = visit
         self._reset()
 
     def _reset(self) -> None:
@@ -121,6 +110,10 @@ class Keeper:
             with contextlib.suppress(OSError):
                 self.wake_w.send(b"x")
 
+    def wake(self) -> None:
+        """Visit sessions now (a force-unlock request arrived)."""
+        self.schedule(time.monotonic())
+
     def stop(self) -> None:
         with self.lock:
             self.stopping = True
@@ -154,23 +147,20 @@ class Keeper:
         self.sleep_until = -math.inf  # awake: schedule() need not wake it
         self.pending = math.inf
         now = time.monotonic()
-        sessions = self.pool.live_sessions()
         wake = now + (TICK if now < self.active_until else IDLE_WAKE)
-        watched: dict[int, Session] = {}
-        for session in sessions:
+        watched: dict[int, BaseSession] = {}
+        for session in self.registry.live():
             deadline = session.deadline
             if deadline <= now:
-                self._cut(session, now)
+                self._cut(session)
                 continue
-            if deadline != math.inf or session.dead:
+            if deadline != math.inf:
                 wake = min(wake, deadline)  # in flight: its answer (or its deadline) comes first
                 continue
             wake = min(wake, self._service(session, now))
-            if session.dead:
-                continue
-            # Idle for a moment (no reply can still be arriving): the server may end it; its
-            # socket turning readable tells at once. (A session in use is looked at again by
-            # the next round, at most TICK later: no wake-up per lock/unlock pair.)
+            # Idle for a moment (no reply can still be arriving): the server may end it, or ask
+            # it to let a key go; its socket turning readable tells at once. (A session in use
+            # is looked at again by the next round, at most TICK later.)
             if (session.held or session.timeout_ms) and now - session.last_used > WATCH_AFTER:
                 watched[session.fd] = session
         self.sleep_until = wake
@@ -190,8 +180,9 @@ class Keeper:
                     pass
             elif fd in watched:
                 watched[fd].poked = True
+                self.pending = time.monotonic()
 
-    def _cut(self, session: Session, now: float) -> None:
+    def _cut(self, session: BaseSession) -> None:
         if session.dead:
             return
         log.warning(
@@ -202,69 +193,18 @@ class Keeper:
         cut(session)
         session.deadline = math.inf  # cut once; the blocked call fails and drops the session
 
-    def _service(self, session: Session, now: float) -> float:
-        """Keep one session: unlock expired locks, ping; return when it is next due."""
-        with self.pool.state:
+    def _service(self, session: BaseSession, now: float) -> float:
+        """Visit one session if it needs it; return when it is next due."""
+        with self.registry.state:
             entries = list(session.held.values())
         expired = any(h.deadline <= now for h in entries)
         ping_due = session.timeout_ms > 0 and now - session.last_used >= session.timeout_ms / 3000
-        if expired or ping_due or session.poked:
-            if not session.mutex.acquire(timeout=0.02):
+        if expired or ping_due or session.poked or session.revoked:
+            if not self.visit(session):
                 return now + 0.005  # busy with a statement: try again soon
-            lost_expired: list[Held] = []
-            lost_dead: list[Held] = []
-            try:
-                if not session.dead:
-                    lost_expired, lost_dead = self._service_locked(session)
-            finally:
-                session.mutex.release()
-            self.report_lost(lost_expired, "ttl elapsed without renewal; the lock was released")
-            self.report_lost(lost_dead, "its PostgreSQL session ended")
-        with self.pool.state:
-            entries = list(session.held.values())
+            with self.registry.state:
+                entries = list(session.held.values())
         due = min((h.deadline for h in entries), default=math.inf)
         if session.timeout_ms > 0:
             due = min(due, session.last_used + session.timeout_ms / 3000)
-        return due
-
-    def _service_locked(self, session: Session) -> tuple[list[Held], list[Held]]:
-        """The keeper's statements on one session (its mutex held); returns lost locks."""
-        now = time.monotonic()
-        if session.poked:
-            session.poked = False
-            readable = wait_readable([session.fd], 0.0)
-            if not readable and session.timeout_ms == 0 and not session.held:
-                return [], []
-        with self.pool.state:
-            entries = list(session.held.values())
-        expired = [h for h in entries if h.deadline <= now]
-        lost_expired: list[Held] = []
-        bound = now + self.pool.options.io_timeout
-        try:
-            if expired:
-                keys = [h.key for h in expired]
-                session.run(self.q.release_expired, {"keys": keys, "m": session.marker}, bound)
-                for h in expired:
-                    self.pool.forget(h)
-                lost_expired = expired
-                log.warning(
-                    "coordlock: released %d lock(s) whose ttl elapsed without renewal: %s",
-                    len(expired),
-                    ", ".join(repr(h.name) for h in expired[:10]),
-                )
-            with self.pool.state:
-                desired = session.desired_timeout()
-            row = session.run(self.q.ping, (str(desired),), bound)
-        except psycopg.Error as exc:
-            lost = self.pool.drop(session, f"keeper: {type(exc).__name__}: {exc}")
-            return lost_expired, lost
-        session.last_used = time.monotonic()
-        session.timeout_ms = desired
-        session.prune_recent(session.last_used)
-        if row is None or row[0] != session.pid:
-            lost = self.pool.drop(session, "a pooling proxy moved it to another server session")
-            log.error("coordlock: %s", PGBOUNCER_ADVICE)
-            return lost_expired, lost
-        if not session.held and not session.main and not self.pool.recycle(session):
-            self.retire(session)
-        return lost_expired, []
+        return max(due, now + TICK) if session.servicing else due  # (a visit is on its way)

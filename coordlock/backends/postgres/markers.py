@@ -15,9 +15,9 @@ a waiter woken by the key must find the marker free. PostgreSQL frees a session'
 locks at exit (``LockReleaseAll``) one lock-manager partition after the other, 0 to 15, with
 everything of one partition freed under that partition's lock (so atomically for others). A
 marker in partition 0 is therefore freed first. The partition of a lock is its lock tag's hash
-(``hash_bytes`` over the 16-byte ``LOCKTAG``) modulo the number of partitions (16 since
-PostgreSQL 8.4); markers are chosen with the hash's low 8 bits zero, which keeps them in
-partition 0 even if that number grows to 256. ``tests/test_postgres_markers.py`` checks the hash
+(``hash_bytes`` over the 16-byte ``LOCKTAG``) modulo the number of partitions
+(``NUM_LOCK_PARTITIONS``, 16 since PostgreSQL 8.4, a compile-time constant); markers are
+chosen with the hash's low 4 bits zero. ``tests/test_postgres_markers.py`` checks the hash
 against the server's ``hashtext`` and the release order against a real dying session (with a
 marker outside partition 0 as the negative control).
 
@@ -40,8 +40,8 @@ LOCKTAG_ADVISORY = 10
 USER_LOCKMETHOD = 2
 #: Partitions of the lock manager (``NUM_LOCK_PARTITIONS``, 16 since 8.4).
 LOCK_PARTITIONS = 16
-#: Markers have these low hash bits zero: partition 0 for up to 256 partitions.
-MARKER_HASH_MASK = 0xFF
+#: Markers have these low hash bits zero: partition 0.
+MARKER_HASH_MASK = LOCK_PARTITIONS - 1
 
 #: Text whose ``hashtext`` the server computes at connect, to check :func:`hash_bytes`.
 PROBE_TEXT = "coordlock marker probe"
@@ -132,8 +132,8 @@ def advisory_partition(database_oid: int, key: int) -> int:
 
 
 def choose_marker(database_oid: int) -> int:
-    """A random signed 64-bit advisory key whose lock lands in partition 0 (for <= 256
-    partitions); about 256 tries, a millisecond or two."""
+    """A random signed 64-bit advisory key whose lock lands in partition 0 (about 16 tries,
+    well under a millisecond)."""
     while True:
         key = int.from_bytes(secrets.token_bytes(8), "big", signed=True)
         if advisory_tag_hash(database_oid, key) & MARKER_HASH_MASK == 0:

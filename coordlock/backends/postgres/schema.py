@@ -27,14 +27,14 @@ refuse a version-2 schema when they reconnect.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
-import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
 from ..._errors import ConfigurationError
+from .session import Step
 from .statements import check_schema_name, ddl_lock_key, render
 
 log = logging.getLogger("coordlock")
@@ -110,6 +110,8 @@ _GRANTS = [
     "GRANT EXECUTE ON FUNCTION {s}.bump_fence() TO {role}",
 ]
 
+Flow = Generator[Step, Any, Any]
+
 
 def ddl(schema: str) -> list[str]:
     """The DDL statements that create (or upgrade) ``schema``, rendered."""
@@ -135,20 +137,18 @@ def init_hint(schema: str) -> str:
     )
 
 
-def read_version(conn: psycopg.Connection[Any], schema: str) -> int | None:
-    """The schema version recorded in ``schema``; None if the schema or table is missing.
-
-    Never raises for a missing schema (so it is safe inside a transaction)."""
+def version_flow(schema: str) -> Generator[Step, Any, int | None]:
+    """The schema version recorded in ``schema``; None if the schema or table is missing
+    (never an error for a missing schema, so it is safe inside a transaction)."""
     table = sql.Identifier(schema).as_string(None) + ".meta"
     try:
-        found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,), prepare=False)
-        exists = found.fetchone()
+        exists = yield Step("SELECT to_regclass(%s) IS NOT NULL", (table,), prepare=False)
         if exists is None or not exists[0]:
             return None
-        row = conn.execute(
+        row = yield Step(
             render("SELECT value FROM {s}.meta WHERE key = 'schema_version'", schema),
             prepare=False,
-        ).fetchone()
+        )
     except pg_errors.InsufficientPrivilege as exc:
         raise ConfigurationError(
             f"this role may not read coordlock's schema {schema!r}: {exc}. Grant it USAGE on "
@@ -157,10 +157,11 @@ def read_version(conn: psycopg.Connection[Any], schema: str) -> int | None:
     return int(row[0]) if row is not None else None
 
 
-def ensure_schema(conn: psycopg.Connection[Any], schema: str, *, create: bool) -> None:
+def schema_flow(schema: str, *, create: bool) -> Generator[Step, Any, None]:
     """Make sure ``schema`` is at :data:`SCHEMA_VERSION`: create or upgrade it when ``create``
-    (serialized across processes), else raise ConfigurationError naming ``coordlock init``."""
-    version = read_version(conn, schema)
+    (in one transaction, serialized across processes), else raise ConfigurationError naming
+    ``coordlock init``."""
+    version = yield from version_flow(schema)
     if version == SCHEMA_VERSION:
         return
     if version is not None and version > SCHEMA_VERSION:
@@ -173,29 +174,29 @@ def ensure_schema(conn: psycopg.Connection[Any], schema: str, *, create: bool) -
         raise ConfigurationError(
             f"coordlock's schema {schema!r} {state} and create_schema is off: " + init_hint(schema)
         )
+    yield Step("BEGIN", fetch="none", prepare=False)
     try:
-        run_ddl(conn, schema)
-    except pg_errors.InsufficientPrivilege as exc:
-        raise ConfigurationError(
-            f"coordlock's schema {schema!r} {state} and this role may not create it ({exc}): "
-            + init_hint(schema)
-        ) from exc
-
-
-def run_ddl(conn: psycopg.Connection[Any], schema: str) -> None:
-    """Create or upgrade ``schema`` in one transaction, serialized with other processes."""
-    with conn.transaction():
-        conn.execute(f"SELECT pg_advisory_xact_lock({ddl_lock_key(schema)})", prepare=False)
-        if read_version(conn, schema) == SCHEMA_VERSION:
-            return  # another process got there first
-        for statement in ddl(schema):
-            conn.execute(statement, prepare=False)
+        yield Step(f"SELECT pg_advisory_xact_lock({ddl_lock_key(schema)})", prepare=False)
+        if (yield from version_flow(schema)) != SCHEMA_VERSION:  # another process was first?
+            for statement in ddl(schema):
+                yield Step(statement, fetch="none", prepare=False)
+        yield Step("COMMIT", fetch="none", prepare=False)
+    except BaseException as exc:
+        try:
+            yield Step("ROLLBACK", fetch="none", prepare=False)
+        except Exception:  # the session is broken: it goes anyway
+            log.debug("rollback after failed DDL failed", exc_info=True)
+        if isinstance(exc, pg_errors.InsufficientPrivilege):
+            raise ConfigurationError(
+                f"coordlock's schema {schema!r} {state} and this role may not create it "
+                f"({exc}): " + init_hint(schema)
+            ) from exc
+        raise
     log.info("coordlock: schema %r ready (version %d)", schema, SCHEMA_VERSION)
 
 
-def apply_grants(conn: psycopg.Connection[Any], schema: str, roles: Sequence[str]) -> None:
-    """Grant each role of ``roles`` the run-time privileges on ``schema`` (one transaction)."""
-    with conn.transaction():
-        for role in roles:
-            for statement in grant_statements(schema, role):
-                conn.execute(statement, prepare=False)
+def grants_flow(schema: str, roles: Sequence[str]) -> Generator[Step, Any, None]:
+    """Grant each of ``roles`` the run-time privileges on ``schema``."""
+    for role in roles:
+        for statement in grant_statements(schema, role):
+            yield Step(statement, fetch="none", prepare=False)

@@ -45,6 +45,11 @@ def fence_bump_key(schema: str) -> int:
     return lock_key(schema, "coordlock.fence")
 
 
+def channel(schema: str) -> str:
+    """The NOTIFY channel of force-unlock requests for ``schema``."""
+    return f"coordlock_{schema}"
+
+
 def render(template: str, schema: str) -> str:
     """Fill ``{s}`` (schema), ``{seq}`` (fence sequence literal), ``{bump_key}``, ``{version}``."""
     from .schema import SCHEMA_VERSION  # (a cycle: the DDL renders through this function)
@@ -172,6 +177,11 @@ class Statements:
     history: str
     history_job: str
     server_info: str
+    listen: str
+    linger: str
+    force_revoke: str
+    force_wait: str
+    force_terminate: str
 
 
 def statements(schema: str) -> Statements:
@@ -263,5 +273,45 @@ def statements(schema: str) -> Statements:
             "SELECT run_id, job, tick, instance, started, finished, status, error"
             " FROM {s}.runs WHERE job = %s ORDER BY started DESC LIMIT %s"
         ),
-        server_info="SELECT current_setting('server_version'), extract(epoch FROM now())::float8",
+        server_info=(
+            "SELECT current_setting('server_version'),"
+            " extract(epoch FROM clock_timestamp())::float8"
+        ),
+        # Force-unlock requests reach every lock session of the schema (payload "<key> <pid>").
+        listen=sql.SQL("LISTEN {}").format(sql.Identifier(channel(schema))).as_string(None),
+        # hold_at_least: the lock stays held until the hold ends (the keeper unlocks then); if
+        # this session dies first, its row still holds others off until then (an orphan).
+        linger=r(
+            "WITH u AS (UPDATE {s}.holders SET expires_at = clock_timestamp()"
+            " + %(linger)s * interval '1 millisecond'"
+            " WHERE key = %(k)s AND marker = %(m)s RETURNING 1)"
+            " SELECT pg_backend_pid(), " + _IDLE + ", EXISTS (SELECT 1 FROM u)"
+        ),
+        # Force-unlock, step 1: the lease row stops holding anyone off, and every session that
+        # holds the key is asked (NOTIFY) to let it go.
+        force_revoke=r(
+            "WITH r AS (UPDATE {s}.holders SET released = true"
+            " WHERE key = %(k)s AND NOT released AND expires_at > clock_timestamp() RETURNING 1),"
+            " h AS (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND objsubid = 1 AND ((classid::int8 << 32) | objid::int8) = %(k)s"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND pid <> pg_backend_pid()),"
+            " n AS (SELECT pg_notify(%(ch)s, %(k)s::text || ' ' || pid::text) FROM h)"
+            " SELECT (SELECT count(*) FROM r), (SELECT array_agg(pid) FROM h),"
+            " (SELECT count(*) FROM n)"
+        ),
+        # Step 2: wait (bounded) until the holders let go; the lock is passed on at once.
+        force_wait=(
+            "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', %(lt)s, true) AS v),"
+            " l AS MATERIALIZED (SELECT pg_advisory_lock(%(k)s)::text AS v FROM cfg)"
+            " SELECT pg_advisory_unlock(%(k)s) FROM l"
+        ),
+        # Fallback for a holder that did not let go in time (hung, or not coordlock).
+        force_terminate=(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_locks"
+            " WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+            " AND ((classid::int8 << 32) | objid::int8) = %(k)s"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND pid <> pg_backend_pid()"
+        ),
     )
