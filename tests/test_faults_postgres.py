@@ -286,7 +286,7 @@ def test_server_restarts_under_load(fresh_postgres_server: PostgresServer, tmp_p
 @pytest.mark.coordlock_soak
 @pytest.mark.fault
 def test_server_restarts_soak(fresh_postgres_server: PostgresServer, tmp_path: Path) -> None:
-    _restarts_under_load(fresh_postgres_server, tmp_path, workers=8, iterations=1000, restarts=8)
+    _restarts_under_load(fresh_postgres_server, tmp_path, workers=8, iterations=1250, restarts=10)
 
 
 # -- T7: loss-detection delay ---------------------------------------------------------------------

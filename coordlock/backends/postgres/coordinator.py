@@ -45,8 +45,8 @@ from ..._attempt import Attempt
 from ..._base import BaseCoordinator
 from ..._errors import ConfigurationError
 from ..._protocol import LockInfo, RunRecord, ServerInfo
-from ..._validate import check_name
 from .._pg_keys import lock_key
+from . import reports
 from .flows import (
     Flow,
     Ticket,
@@ -473,74 +473,19 @@ class PostgresCoordinator(BaseCoordinator):
         rows, so only this coordinator's locks are listed. Other applications' advisory locks
         are never listed.
         """
-        self._check_open()
-        step = Step(self._q.locks, (), time.monotonic() + self._io, fetch="all")
-        rows = self._policy.call(lambda: self._aux(lambda s: one(self, s, step)), "list locks")
-        now_mono, now_wall = time.monotonic(), time.time()
-        with self._registry.state:
-            mine = [h for h in self._registry.held.values() if not h.session.dead]
-        infos: dict[str, LockInfo] = {}
-        for _pid, _key, name, owner, fence, expires in rows:
-            infos[name] = LockInfo(name, owner, int(fence), expires)
-        for held in mine:  # ours: exact, and listed with takeover=session too
-            if not held.linger:
-                expires_at = now_wall + (held.deadline - now_mono)
-                infos[held.name] = LockInfo(held.name, held.owner, held.fence, expires_at)
-        return [infos[name] for name in sorted(infos)]
+        return reports.locks(self)
 
     def record_run(self, run: RunRecord) -> None:
         """Store or update ``run`` (keyed by ``run_id``)."""
-        if not isinstance(run, RunRecord):
-            raise TypeError(f"expected a RunRecord, not {type(run).__name__}")
-        self._check_open()
-        params = (run.run_id, run.job, run.tick, run.instance, run.started, run.finished,
-                  run.status, run.error)  # fmt: skip
-        step = Step(self._q.record_run, params, time.monotonic() + self._io, fetch="none")
-        self._policy.call(lambda: self._aux(lambda s: one(self, s, step)), "record run")
+        reports.record_run(self, run)
 
     def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
         """Newest runs first, optionally of one ``job``."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"limit must be an int >= 0, got {limit!r}")
-        if job is not None:
-            job = check_name(job, "job")
-        self._check_open()
-        query, params = (
-            (self._q.history, (limit,)) if job is None else (self._q.history_job, (job, limit))
-        )
-        step = Step(query, params, time.monotonic() + self._io, fetch="all")
-        rows = self._policy.call(lambda: self._aux(lambda s: one(self, s, step)), "read history")
-        return [
-            RunRecord(
-                run_id=r[0],
-                job=r[1],
-                tick=r[2],
-                instance=r[3],
-                started=float(r[4]),
-                finished=None if r[5] is None else float(r[5]),
-                status=r[6],
-                error=r[7],
-            )
-            for r in rows
-        ]
+        return reports.history(self, job, limit)
 
     def server_info(self) -> ServerInfo:
         """The server's version and clock (``coordlock check``)."""
-        self._check_open()
-        step = Step(self._q.server_info, (), time.monotonic() + self._io)
-
-        def ask() -> tuple[Any, float]:
-            before = time.time()
-            row = self._aux(lambda s: one(self, s, step))
-            return row, (before + time.time()) / 2
-
-        row, measured_at = self._policy.call(ask, "read server info")
-        return ServerInfo(
-            backend=self.backend_name,
-            version=f"PostgreSQL {row[0]}",
-            server_time=float(row[1]),
-            measured_at=measured_at,
-        )
+        return reports.server_info(self)
 
     # -- fork, closing, exit -----------------------------------------------------------------
 

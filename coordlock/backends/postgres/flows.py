@@ -182,6 +182,9 @@ def try_flow(
         return Attempt.busy(retry_in=orphan_left, ticket=Ticket(owner, ttl, key, now + orphan_left))
     if lower:
         s.timeout_ms = want
+    if now >= sent + ttl:  # answered after the lease would have ended: useless, let it go
+        yield from stale_grant_flow(c, s, name, key)
+        return Attempt.busy(ticket=Ticket(owner, ttl, key))
     held = Held(name, owner, key, fence, ttl, sent, s)
     c._registry.add(held)
     c._keeper.schedule(min(held.deadline, now + TICK))
@@ -228,10 +231,27 @@ def wait_flow(
         return Attempt.busy(retry_in=left, ticket=again)
     started = lease_start(sent, received, waited)
     s.timeout_ms = ms(ticket.ttl)
+    if received >= started + ticket.ttl:  # answered after the lease ended (a held-up reply)
+        yield from stale_grant_flow(c, s, name, key)
+        yield from recycle_flow(c, s)
+        return Attempt.busy(ticket=ticket)
     held = Held(name, ticket.owner, key, fence, ticket.ttl, started, s)
     c._registry.add(held)
     c._keeper.schedule(min(held.deadline, received + TICK))
     return Attempt.granted(int(fence), started=started)
+
+
+def stale_grant_flow(c: PostgresCoordinator, s: BaseSession, name: str, key: int) -> Flow[None]:
+    """The grant came back only after the lease it started would have ended (the reply was
+    held up: a partition, a stalled network): never hand out a lease that is already over.
+    The key is let go (its row says released on purpose, or its session is gone anyway)."""
+    log.warning("coordlock: the grant of %r arrived after its ttl had run out; letting it go", name)
+    try:
+        yield Step(c._q.unlock, (key,), time.monotonic() + c._io)
+    except psycopg.Error as exc:
+        drop(c, s, f"{type(exc).__name__}: {exc}")
+    if c._leases:
+        s.recent[key] = time.monotonic() + 3600.0  # (its row: marked released if we close)
 
 
 def lease_start(sent: float, received: float, waited: float | None) -> float:

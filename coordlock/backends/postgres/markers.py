@@ -51,58 +51,35 @@ def _rot(x: int, k: int) -> int:
     return ((x << k) | (x >> (32 - k))) & _M32
 
 
+#: lookup3's ``mix``: (i, j, k, r) means s[i] -= s[j]; s[i] ^= rot(s[j], r); s[j] += s[k].
+_MIX = ((0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16), (1, 0, 2, 19), (2, 1, 0, 4))
+#: lookup3's ``final``: (i, j, r) means s[i] ^= s[j]; s[i] -= rot(s[j], r).
+_FINAL = ((2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14), (2, 1, 24))
+
+
 def hash_bytes(data: bytes) -> int:
     """PostgreSQL's ``hash_bytes`` (Bob Jenkins' lookup3, little-endian): an unsigned 32-bit int."""
     n = len(data)
-    a = b = c = (0x9E3779B9 + n + 3923095) & _M32
+    state = [(0x9E3779B9 + n + 3923095) & _M32] * 3
     i = 0
     while n - i >= 12:
-        x, y, z = struct.unpack_from("<III", data, i)
-        a = (a + x) & _M32
-        b = (b + y) & _M32
-        c = (c + z) & _M32
-        a = (a - c) & _M32
-        a ^= _rot(c, 4)
-        c = (c + b) & _M32
-        b = (b - a) & _M32
-        b ^= _rot(a, 6)
-        a = (a + c) & _M32
-        c = (c - b) & _M32
-        c ^= _rot(b, 8)
-        b = (b + a) & _M32
-        a = (a - c) & _M32
-        a ^= _rot(c, 16)
-        c = (c + b) & _M32
-        b = (b - a) & _M32
-        b ^= _rot(a, 19)
-        a = (a + c) & _M32
-        c = (c - b) & _M32
-        c ^= _rot(b, 4)
-        b = (b + a) & _M32
+        for w, word in enumerate(struct.unpack_from("<III", data, i)):
+            state[w] = (state[w] + word) & _M32
+        for x, y, z, r in _MIX:
+            state[x] = ((state[x] - state[y]) & _M32) ^ _rot(state[y], r)
+            state[y] = (state[y] + state[z]) & _M32
         i += 12
     rest = n - i
-    x, y, z = struct.unpack_from("<III", data[i:] + bytes(12), 0)
-    if rest > 8:
-        c = (c + (z << 8)) & _M32  # the lowest byte of c is reserved for the length
+    tail = struct.unpack_from("<III", data[i:] + bytes(12), 0)
+    if rest > 8:  # the lowest byte of c is reserved for the length
+        state[2] = (state[2] + (tail[2] << 8)) & _M32
     if rest > 4:
-        b = (b + y) & _M32
+        state[1] = (state[1] + tail[1]) & _M32
     if rest > 0:
-        a = (a + x) & _M32
-    c ^= b
-    c = (c - _rot(b, 14)) & _M32
-    a ^= c
-    a = (a - _rot(c, 11)) & _M32
-    b ^= a
-    b = (b - _rot(a, 25)) & _M32
-    c ^= b
-    c = (c - _rot(b, 16)) & _M32
-    a ^= c
-    a = (a - _rot(c, 4)) & _M32
-    b ^= a
-    b = (b - _rot(a, 14)) & _M32
-    c ^= b
-    c = (c - _rot(b, 24)) & _M32
-    return c
+        state[0] = (state[0] + tail[0]) & _M32
+    for x, y, r in _FINAL:
+        state[x] = ((state[x] ^ state[y]) - _rot(state[y], r)) & _M32
+    return state[2]
 
 
 def hashtext_probe() -> int:
