@@ -2,7 +2,8 @@
 # Install the servers coordlock's tests and benchmarks start (Debian/Ubuntu, as root).
 # Idempotent: checks the binaries first and installs only the packages that are missing:
 #   redis-server (redis-server, also runs Sentinel), postgresql (initdb/postgres/psql/pg_isready),
-#   zookeeper (/usr/share/java/zookeeper.jar), default-jre-headless (java).
+#   zookeeper (/usr/share/java/zookeeper.jar), default-jre-headless (java),
+#   chromium (the dashboard's browser tests drive it with Playwright).
 # Nothing is started or enabled here: the tests start their own servers on free loopback ports.
 set -eu
 
@@ -20,9 +21,10 @@ command -v initdb >/dev/null 2>&1 && have_pg=yes
 
 [ -f /usr/share/java/zookeeper.jar ] || missing="$missing zookeeper"
 command -v java >/dev/null 2>&1 || missing="$missing default-jre-headless"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 
 if [ -z "$missing" ]; then
-    echo "install.sh: nothing to install (redis-server, postgresql, zookeeper, java present)"
+    echo "install.sh: nothing to install (redis-server, postgresql, zookeeper, java, chromium present)"
     exit 0
 fi
 

@@ -10,7 +10,10 @@ Prints, for the backend of the URL:
   functions of ``benchmarks/<backend>_raw.py``) and coordlock (fencing and renewal on), and
   their ratio;
 * release→waiter handoff latency, median and p99, for coordlock (and the raw client's where
-  its module provides ``raw_handoffs``).
+  its module provides ``raw_handoffs``);
+* the same through the async API (``aacquire``, ``async with``): pairs/s next to the raw async
+  client where the raw module provides ``raw_async_pairs`` (``redis.asyncio``, psycopg's
+  ``AsyncConnection``), and the async handoff (waiter and holder are tasks of one loop).
 
 Rounds alternate raw/coordlock and the median round is reported, because the machines are
 noisy. Speed targets live here, never in tests.
@@ -19,6 +22,7 @@ noisy. Speed targets live here, never in tests.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import sqlite3
 import statistics
@@ -36,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import coordlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import percentile, timed_pairs
+from _common import percentile, timed_pairs, timed_pairs_async
 
 HERE = Path(__file__).resolve().parent
 RAW_MODULES = {
@@ -104,6 +108,49 @@ def coordlock_pairs(url: str, n: int) -> float:
         coordinator.close()
 
 
+def coordlock_async_pairs(url: str, n: int) -> float:
+    """coordlock ``aacquire`` + ``release`` pairs/s on one event loop."""
+
+    async def run() -> float:
+        coordinator = await coordlock.aconnect(url)
+        try:
+            return await timed_pairs_async(coordinator, n)
+        finally:
+            await coordinator.aclose()  # type: ignore[attr-defined]
+
+    return asyncio.run(run())
+
+
+def coordlock_async_handoffs(url: str, n: int) -> list[float]:
+    """:func:`coordlock_handoffs` with the holder and the waiter as tasks of one loop."""
+
+    async def run() -> list[float]:
+        holder = await coordlock.aconnect(url)
+        waiter = await coordlock.aconnect(url)
+        samples: list[float] = []
+        try:
+            for i in range(n):
+                name = f"ahandoff-{i % 4}"
+                lease = await holder.aacquire(name, 30, wait=10)  # type: ignore[attr-defined]
+                assert lease is not None
+                task = asyncio.create_task(
+                    waiter.aacquire(name, 30, wait=30)  # type: ignore[attr-defined]
+                )
+                await asyncio.sleep(0.01)  # let the waiter block
+                released_at = time.perf_counter()
+                await lease.release()
+                waited = await task
+                samples.append(time.perf_counter() - released_at)
+                if waited is not None:
+                    await waited.release()
+        finally:
+            await holder.aclose()  # type: ignore[attr-defined]
+            await waiter.aclose()  # type: ignore[attr-defined]
+        return samples
+
+    return asyncio.run(run())
+
+
 def coordlock_handoffs(url: str, n: int) -> list[float]:
     """Seconds from a holder releasing to a blocked waiter holding the lock.
 
@@ -157,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=2000, help="acquire+release pairs a round")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median kept)")
     parser.add_argument("--handoffs", type=int, default=200, help="handoffs to time")
+    parser.add_argument("--no-async", action="store_true", help="skip the async API figures")
     args = parser.parse_args(argv)
     scheme = urlsplit(args.url).scheme
     raw_module = load_raw(scheme)
@@ -197,7 +245,38 @@ def main(argv: list[str] | None = None) -> int:
                 f"handoff {label:<9} median {statistics.median(values) * 1000:7.3f} ms   "
                 f"p99 {percentile(values, 0.99) * 1000:7.3f} ms   (n={len(values)})"
             )
+    if not args.no_async:
+        report_async(args, raw_module, statistics.median(samples))
     return 0
+
+
+def report_async(
+    args: argparse.Namespace, raw_module: ModuleType | None, sync_handoff: float
+) -> None:
+    """The async API's figures next to the raw async client's (same alternation as above)."""
+    raw_async = getattr(raw_module, "raw_async_pairs", None) if raw_module else None
+    raw_rounds: list[float] = []
+    ours_rounds: list[float] = []
+    for _ in range(args.rounds):
+        if raw_async is not None:
+            raw_rounds.append(raw_async(args.url, args.pairs))
+        ours_rounds.append(coordlock_async_pairs(args.url, args.pairs))
+    ours = statistics.median(ours_rounds)
+    if raw_rounds:
+        raw_rate = statistics.median(raw_rounds)
+        print(f"raw async client  {raw_rate:10.0f} acquire+release pairs/s")
+        print(f"coordlock async   {ours:10.0f} acquire+release pairs/s")
+        print(f"async ratio       {ours / raw_rate:10.2f} x raw async"
+              f"   {'PASS' if ours >= 0.9 * raw_rate else 'FAIL'} (goal >= 0.9x)")
+    else:
+        print(f"coordlock async   {ours:10.0f} acquire+release pairs/s (no raw async baseline)")
+    samples = coordlock_async_handoffs(args.url, args.handoffs)
+    median = statistics.median(samples)
+    print(
+        f"handoff async     median {median * 1000:7.3f} ms   "
+        f"p99 {percentile(samples, 0.99) * 1000:7.3f} ms   (n={len(samples)})   "
+        f"{'PASS' if median <= sync_handoff + 0.0002 else 'FAIL'} (goal <= sync + 0.2 ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -10,18 +10,24 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, overload
+from datetime import timedelta, tzinfo
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from ._errors import ConfigurationError, LockNotAcquired, NotConfigured
-from ._locking import LockContext
+from ._locking import CLAIMED_ELSEWHERE, OFF_TICK, LockContext, TickNotRun
 from ._protocol import RunCoordinator
 from ._registry import connect, redact
 from ._validate import check_hold_at_least, check_name, check_ttl, check_wait
+
+if TYPE_CHECKING:
+    from ._ticks import TickSpec
 
 log = logging.getLogger("coordlock")
 
 F = TypeVar("F", bound=Callable[..., Any])
 OnBusy = Literal["skip", "wait", "raise"]
+OffTick = Literal["skip", "run"]
+Seconds = float | timedelta
 ENV_URL = "COORDLOCK_URL"
 
 _global: RunCoordinator | None = None
@@ -98,6 +104,12 @@ def lock(
     coordinator: RunCoordinator | None = None,
     renew: bool = True,
     hold_at_least: float | None = None,
+    cron: str | None = None,
+    timezone: str | tzinfo | None = None,
+    every: Seconds | None = None,
+    offset: Seconds | None = None,
+    skew: Seconds | None = None,
+    off_tick: OffTick = "skip",
 ) -> LockContext:
     """Hold the lock ``name`` for a ``with`` or ``async with`` block; the block gets the lease.
 
@@ -108,10 +120,42 @@ def lock(
     sooner (a second server whose cron fires a moment later finds it taken). Leaving the block
     releases the lock and raises :class:`LockLost` if the lease was lost meanwhile. Under
     ``async with`` the event loop is never blocked and the lease is an ``AsyncLease``.
+
+    Once per scheduled tick (crontab lines, callbacks fired on several servers): with
+    ``cron=`` (a cron expression in ``timezone``, default UTC) or ``every=`` seconds (aligned to
+    the Unix epoch plus ``offset``), entering the block first names the scheduled tick nearest
+    to now — if it lies within ``skew`` seconds (default ``min(period / 2, 60)``) — and claims
+    ``name@<tick in UTC>`` (the Scheduler's claim key) for the tick's period plus ``skew``,
+    then takes the lock. A tick claimed elsewhere, or a call outside every tick's tolerance
+    (unless ``off_tick="run"``), raises :class:`LockNotAcquired` with ``reason``
+    ``"claimed-elsewhere"``/``"off-tick"``/``"running"`` and the ``tick``.
     """
+    spec = _tick_spec(name, cron, timezone, every, offset, skew, off_tick)
     return LockContext(
         name, ttl, wait, coordinator=coordinator, resolve=get_coordinator, renew=renew,
-        hold_at_least=hold_at_least,
+        hold_at_least=hold_at_least, tick=spec,
+    )  # fmt: skip
+
+
+def _tick_spec(
+    name: str,
+    cron: str | None,
+    timezone: str | tzinfo | None,
+    every: Seconds | None,
+    offset: Seconds | None,
+    skew: Seconds | None,
+    off_tick: object,
+) -> TickSpec | None:
+    """The tick spec of the options, or ``None`` for a plain lock (scheduler code not loaded)."""
+    if cron is None and every is None and timezone is None and offset is None and skew is None:
+        if off_tick != "skip":
+            raise ValueError("off_tick= only applies with cron= or every=")
+        return None
+    from ._ticks import tick_spec
+
+    return tick_spec(
+        name, cron=cron, timezone=timezone, every=every, offset=offset, skew=skew,
+        off_tick=off_tick,
     )  # fmt: skip
 
 
@@ -129,6 +173,12 @@ def locked(
     coordinator: RunCoordinator | None = None,
     renew: bool = True,
     hold_at_least: float | None = None,
+    cron: str | None = None,
+    timezone: str | tzinfo | None = None,
+    every: Seconds | None = None,
+    offset: Seconds | None = None,
+    skew: Seconds | None = None,
+    off_tick: OffTick = "skip",
 ) -> Callable[[F], F]: ...
 
 
@@ -141,6 +191,12 @@ def locked(
     coordinator: RunCoordinator | None = None,
     renew: bool = True,
     hold_at_least: float | None = None,
+    cron: str | None = None,
+    timezone: str | tzinfo | None = None,
+    every: Seconds | None = None,
+    offset: Seconds | None = None,
+    skew: Seconds | None = None,
+    off_tick: OffTick = "skip",
 ) -> Any:
     """Decorate a function (or an ``async def``) so that each call runs under the lock ``name``.
 
@@ -151,6 +207,13 @@ def locked(
     lease is lost while the function runs, :class:`LockLost` is raised after it returns. The
     coordinator is looked up at each call, so decorating before ``configure()`` is fine. A
     coroutine function is locked with the async API (the event loop is never blocked).
+
+    Once per scheduled tick across servers: ``cron=``/``timezone=`` or ``every=``/``offset=``,
+    ``skew=`` and ``off_tick=`` as for :func:`lock`. Each call claims the tick nearest to it
+    before taking the lock; when the tick was claimed elsewhere or the call is off tick,
+    ``on_busy="raise"`` raises :class:`LockNotAcquired` (with ``reason`` and ``tick``), and
+    ``"skip"`` and ``"wait"`` return ``None`` (waiting cannot change whose tick it is; ``"wait"``
+    waits only for a run still holding the lock). Off-tick calls are logged at WARNING.
     """
     if callable(name):
         return locked()(name)
@@ -165,6 +228,8 @@ def locked(
     if coordinator is not None and not isinstance(coordinator, RunCoordinator):
         raise TypeError(f"coordinator must be a RunCoordinator, not {type(coordinator).__name__}")
     hold = check_hold_at_least(hold_at_least)
+    ticks = (cron, timezone, every, offset, skew, off_tick)
+    _tick_spec(name if isinstance(name, str) else "probe", *ticks)  # bad options fail here
 
     def decorate(func: F) -> F:
         if not callable(func):
@@ -172,18 +237,22 @@ def locked(
         if inspect.isasyncgenfunction(func):
             raise TypeError("@locked does not support async generator functions")
         lock_name = name if isinstance(name, str) else f"{func.__module__}.{func.__qualname__}"
+        spec = _tick_spec(lock_name, *ticks)
 
         def context() -> LockContext:
             return LockContext(
                 lock_name, ttl, wait_seconds, coordinator=coordinator, resolve=get_coordinator,
-                renew=renew, hold_at_least=hold,
+                renew=renew, hold_at_least=hold, tick=spec,
             )  # fmt: skip
 
         def busy(exc: LockNotAcquired) -> None:
+            if isinstance(exc, TickNotRun):
+                return _tick_not_run(exc, func, on_busy)
             if on_busy != "skip":
                 raise exc
             log.info("skipped %s: lock %r is held elsewhere", func.__qualname__, lock_name,
                      extra={"lock": lock_name, "event": "skipped", "outcome": "busy"})
+            return None
 
         if inspect.iscoroutinefunction(func):
 
@@ -215,3 +284,14 @@ def locked(
         return wrapper  # type: ignore[no-any-return]
 
     return decorate
+
+
+def _tick_not_run(exc: TickNotRun, func: Callable[..., Any], on_busy: str) -> None:
+    """A tick-aware ``@locked`` call that did not run: raise or log, as ``on_busy`` says."""
+    if on_busy == "raise" or (on_busy == "wait" and exc.reason not in (CLAIMED_ELSEWHERE,
+                                                                       OFF_TICK)):
+        raise exc
+    level = logging.WARNING if exc.reason == OFF_TICK else logging.INFO
+    log.log(level, "skipped %s: %s", func.__qualname__, exc,
+            extra={"lock": exc.name, "event": "skipped", "outcome": exc.reason,
+                   "tick": exc.key})

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
+from . import _observe
 from ._errors import ConfigurationError
 from ._hooks import Hooks
 from ._io import AsyncIO, SyncIO, drive
@@ -307,11 +308,13 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
     ) -> L | None:
         self._check_open()
         owner = new_owner()
-        deadline = time.monotonic() + timeout
+        begun = time.monotonic()
+        deadline = begun + timeout
         what = f"acquire {name!r}"
         wakes = self._wakes(io)
         poll = self.POLL_MIN
         ticket: Any = None
+        busy_since: float | None = None  # the first busy answer (for the handoff wait)
         try:
             sent = time.monotonic()
             attempt = await io.call(
@@ -320,6 +323,8 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             ticket = attempt.ticket
             while attempt.fence is None:
                 now = time.monotonic()
+                if busy_since is None:
+                    busy_since = now
                 if now >= deadline:
                     break
                 budget = deadline - now
@@ -344,10 +349,15 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
                 ticket = attempt.ticket
         except BaseException as exc:
             await self._cleanup(io, name, owner, ticket, interrupted=not isinstance(exc, Exception))
+            if _observe.observers:
+                outcome = "error" if isinstance(exc, Exception) else "cancelled"
+                _observe.acquire(self.backend_name, name, outcome, time.monotonic() - begun, None)
             raise
         if attempt.fence is None:
             if ticket is not None:
                 await self._cleanup(io, name, owner, ticket, interrupted=False)
+            if _observe.observers:
+                _observe.acquire(self.backend_name, name, "busy", time.monotonic() - begun, None)
             return None
         started = sent if attempt.started is None else min(attempt.started, sent + 3600)
         lease = lease_type(
@@ -355,6 +365,11 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             renew=renew, hold_at_least=hold_at_least,
         )  # fmt: skip
         self._adopt(lease, io)
+        if _observe.observers:
+            lease._observed = _observe.observers
+            done = time.monotonic()
+            waited = None if busy_since is None else done - busy_since
+            _observe.acquire(self.backend_name, name, "acquired", done - begun, waited)
         return lease
 
     async def _cleanup(
@@ -368,7 +383,11 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             if interrupted:
                 await io.once(self._release, self._async_release, name, owner)
         except BaseException as exc:  # best effort: the lock expires after its ttl anyway
-            log.debug("cleanup after acquire %r failed: %r", name, exc)
+            log.debug(
+                "cleanup after acquire %r failed: %r", name, exc,
+                extra={"lock": name, "owner": owner, "backend": self.backend_name,
+                       "event": "cleanup", "outcome": "error", "error": repr(exc)},
+            )  # fmt: skip
 
     async def _release_flow(self, io: SyncIO | AsyncIO, lease: BaseLease) -> bool:
         # A lost lease is still released on the server (a renewal answered late may have
@@ -387,7 +406,9 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         else:
             ok = await io.call(what, self._release, self._async_release, lease.name, lease.owner)
         if not ok:
-            lease._mark_lost("the lock was no longer ours at release", even_if_released=True)
+            lease._mark_lost(
+                "the lock was no longer ours at release", even_if_released=True, kind="not-ours"
+            )
         return bool(ok) and not was_lost
 
     async def _extend_flow(
@@ -398,7 +419,7 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             return False
         sent = time.monotonic()
         if sent >= lease._deadline:
-            lease._mark_lost("ttl elapsed before the extension")
+            lease._mark_lost("ttl elapsed before the extension", kind="expired")
             return False
         ok = await io.call(
             f"extend {lease.name!r}", self._extend, self._async_extend,
@@ -406,7 +427,7 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         )  # fmt: skip
         if ok:
             return lease._renewed(sent, ttl)
-        lease._mark_lost("the lock is no longer ours (expired or taken over)")
+        lease._mark_lost("the lock is no longer ours (expired or taken over)", kind="not-ours")
         return False
 
     async def _claim_flow(self, io: SyncIO | AsyncIO, keys: list[str], hold: float) -> set[str]:

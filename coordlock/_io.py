@@ -30,8 +30,8 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("internal error: a synchronous coordlock call tried to suspend")
 
 
-class SyncIO:
-    """Blocking I/O on the calling thread."""
+class _IO:
+    """What both modes offer the core; subclasses only say how a hook is called."""
 
     asynchronous = False
 
@@ -46,12 +46,42 @@ class SyncIO:
         *args: Any,
         deadline: float | None = None,
     ) -> T:
-        """Call ``sync_fn(*args)`` with the retry policy (``deadline``: retry budget, s)."""
+        """Run the hook (``sync_fn`` or ``async_fn``, by mode) on ``args`` under the retry
+        policy; ``deadline`` caps the retry budget (seconds)."""
+        return await self._retried(what, sync_fn, async_fn, args, deadline)
+
+    async def _retried(self, what: str, sync_fn: Callable[..., T],
+                       async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
+                       deadline: float | None) -> T:
+        raise NotImplementedError
+
+    async def once(self, sync_fn: Callable[..., T], async_fn: Callable[..., Awaitable[T]],
+                   *args: Any) -> T:
+        """Run the hook once, without retries or translation (cleanup paths)."""
+        raise NotImplementedError
+
+    async def sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    async def wait(self, event: Any, timeout: float | None) -> None:
+        """Wait until ``event`` (of :meth:`new_event`) is set or ``timeout`` passes."""
+        raise NotImplementedError
+
+    @staticmethod
+    def new_event() -> Any:
+        raise NotImplementedError
+
+
+class SyncIO(_IO):
+    """Blocking I/O on the calling thread: the sync hooks, called directly."""
+
+    async def _retried(self, what: str, sync_fn: Callable[..., T],
+                       async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
+                       deadline: float | None) -> T:
         return self.policy.call(lambda: sync_fn(*args), what, deadline)
 
     async def once(self, sync_fn: Callable[..., T], async_fn: Callable[..., Awaitable[T]],
                    *args: Any) -> T:
-        """Call ``sync_fn(*args)`` once, without retries or translation (cleanup paths)."""
         return sync_fn(*args)
 
     async def sleep(self, seconds: float) -> None:
@@ -59,7 +89,6 @@ class SyncIO:
             time.sleep(seconds)
 
     async def wait(self, event: Any, timeout: float | None) -> None:
-        """Block until ``event`` (a :class:`threading.Event`) is set or ``timeout`` passes."""
         event.wait(timeout)
 
     @staticmethod
@@ -67,35 +96,24 @@ class SyncIO:
         return threading.Event()
 
 
-class AsyncIO:
-    """Non-blocking I/O on the running event loop."""
+class AsyncIO(_IO):
+    """Non-blocking I/O on the running event loop: the async hooks, awaited."""
 
     asynchronous = True
 
-    def __init__(self, policy: RetryPolicy) -> None:
-        self.policy = policy
-
-    async def call(
-        self,
-        what: str,
-        sync_fn: Callable[..., T],
-        async_fn: Callable[..., Awaitable[T]],
-        *args: Any,
-        deadline: float | None = None,
-    ) -> T:
-        """Await ``async_fn(*args)`` with the retry policy (``deadline``: retry budget, s)."""
+    async def _retried(self, what: str, sync_fn: Callable[..., T],
+                       async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
+                       deadline: float | None) -> T:
         return await self.policy.acall(lambda: async_fn(*args), what, deadline)
 
     async def once(self, sync_fn: Callable[..., T], async_fn: Callable[..., Awaitable[T]],
                    *args: Any) -> T:
-        """Await ``async_fn(*args)`` once, without retries or translation (cleanup paths)."""
         return await async_fn(*args)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(seconds, 0.0))
 
     async def wait(self, event: Any, timeout: float | None) -> None:
-        """Wait until ``event`` (an :class:`asyncio.Event`) is set or ``timeout`` passes."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import _observe
 from ._watchdog import AT_RISK_CHECK, LOST_CHECK, dispatcher, watchdog
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class BaseLease:
         "_hold_until",
         "_lost",
         "_lost_reason",
+        "_observed",
         "_released",
         "_renewer",
         "acquired_at",
@@ -102,6 +104,7 @@ class BaseLease:
         self._lost = False
         self._lost_reason = ""
         self._released = False
+        self._observed: tuple[_observe.Observer, ...] = ()  # the metrics observers that counted it
         self._renewer: _Rescheduler | None = None
         self.at_risk = False
         self._callbacks: list[StateCallback] = []
@@ -198,7 +201,9 @@ class BaseLease:
                 self.expires_at = self._deadline + time.time() - time.monotonic()
                 self._gen += 1
         if late:
-            self._mark_lost("the renewal was confirmed only after the ttl had run out")
+            self._mark_lost(
+                "the renewal was confirmed only after the ttl had run out", kind="late-renewal"
+            )
             return False
         self._watch()
         if self._renewer is not None:
@@ -218,7 +223,8 @@ class BaseLease:
                 "ttl elapsed before it could be renewed (process paused, server or network "
                 "unresponsive)"
                 if self.renew
-                else "ttl elapsed (renewal is off for this lease)"
+                else "ttl elapsed (renewal is off for this lease)",
+                kind="expired",
             )
             return
         if check == AT_RISK_CHECK:
@@ -245,19 +251,28 @@ class BaseLease:
                     extra=self._facts("at-risk", reason))
         self._notify(AT_RISK)
 
-    def _mark_lost(self, reason: str, *, even_if_released: bool = False) -> bool:
+    def _mark_lost(
+        self, reason: str, *, even_if_released: bool = False, kind: str = "backend"
+    ) -> bool:
         """Mark the lease lost; logs and runs callbacks the first time. Returns True if new.
 
         A released lease is not marked, unless ``even_if_released`` (release found that the
-        lock had already stopped being ours: the holder must still hear of it).
+        lock had already stopped being ours: the holder must still hear of it). ``kind`` is
+        the reason's class for metrics (one of :data:`coordlock._observe.LOST_REASONS`;
+        ``backend`` when a backend reports the loss).
         """
         with self._guard:
             if self._lost or (self._released and not even_if_released):
                 return False
             self._lost = True
             self._lost_reason = reason
+            ended = not self._released
         log.warning("lease %r (fence %d) lost: %s", self.name, self.fence, reason,
                     extra=self._facts("lost", reason))
+        if _observe.observers:
+            _observe.lease_lost(self._backend(), self.name, kind)
+        if ended and self._observed:
+            _observe.lease_ended(self._observed, self._backend(), self.name, "lost", self._held())
         self._notify(LOST)
         if self._renewer is not None:
             self._renewer.forget()
@@ -270,6 +285,11 @@ class BaseLease:
             if self._released:
                 return False
             self._released = True
+            ended = not self._lost
+        if ended and self._observed:
+            _observe.lease_ended(
+                self._observed, self._backend(), self.name, "released", self._held()
+            )
         if self._renewer is not None:
             self._renewer.forget()
         watchdog.forget()
@@ -284,7 +304,16 @@ class BaseLease:
             return 0.0
         return max(0.0, self._hold_until - time.monotonic())
 
-    def _facts(self, event: str, reason: str = "") -> dict[str, object]:
+    def _backend(self) -> str:
+        return getattr(self._coordinator, "backend_name", "") or type(self._coordinator).__name__
+
+    def _held(self) -> float:
+        """Seconds since the lease was granted (wall clock, never negative)."""
+        return max(0.0, time.time() - self.acquired_at)
+
+    def _facts(self, event: str, reason: str = "", **more: object) -> dict[str, object]:
+        """The ``extra=`` fields of this lease's log records (never a ``name`` key: that one
+        belongs to :class:`logging.LogRecord`)."""
         facts: dict[str, object] = {
             "lock": self.name,
             "fence": self.fence,
@@ -294,6 +323,7 @@ class BaseLease:
         }
         if reason:
             facts["reason"] = reason
+        facts.update(more)
         return facts
 
     def _notify(self, state: str) -> None:
@@ -310,7 +340,10 @@ class BaseLease:
                     if inspect.iscoroutine(result):
                         self._run_coroutine(result)
                 except Exception:
-                    log.exception("lease %r: %s callback %r failed", self.name, state, callback)
+                    log.exception(
+                        "lease %r: %s callback %r failed", self.name, state, callback,
+                        extra=self._facts("callback", outcome="error", state=state),
+                    )
 
         dispatcher.submit(run)
 
@@ -382,7 +415,10 @@ class AsyncLease(BaseLease):
             asyncio.run_coroutine_threadsafe(coro, self.loop)
         except RuntimeError:  # the loop is closed
             coro.close()
-            log.warning("lease %r: its event loop is closed; async callback not run", self.name)
+            log.warning(
+                "lease %r: its event loop is closed; async callback not run", self.name,
+                extra=self._facts("callback", outcome="loop-closed"),
+            )
 
     async def __aenter__(self) -> AsyncLease:
         return self

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +17,38 @@ from ._validate import check_hold_at_least, check_name, check_ttl, check_wait
 if TYPE_CHECKING:
     from ._lease import AsyncLease, BaseLease, Lease
     from ._protocol import RunCoordinator
+    from ._ticks import TickDecision, TickSpec
 
 log = logging.getLogger("coordlock")
+
+#: Where tick-aware locks read the time of day (epoch seconds); tests may replace it.
+wall_clock: Callable[[], float] = time.time
+
+#: Outcomes of a tick-aware call (:attr:`TickNotRun.reason`; ``won`` when it ran).
+WON = "won"  # this call won the tick's claim (and the lock)
+CLAIMED_ELSEWHERE = "claimed-elsewhere"  # another caller claimed (ran) the tick
+OFF_TICK = "off-tick"  # no scheduled tick within the skew tolerance of the call
+RUNNING = "running"  # the tick was won, but a run still holds the lock (no overlap)
+COORDINATOR_ERROR = "coordinator-error"  # the coordinator could not be asked: fail closed
+
+
+class TickNotRun(LockNotAcquired):
+    """A tick-aware lock (``cron=``/``every=``) did not let this call run.
+
+    ``reason``: ``"claimed-elsewhere"`` (the tick was claimed — run — by another caller),
+    ``"off-tick"`` (no scheduled tick within the skew tolerance of the call) or ``"running"``
+    (the tick was won, but a run still holds the lock). ``tick`` is the tick (an aware UTC
+    datetime, ``None`` off tick) and ``key`` its claim key ``name@<tick UTC>``.
+    """
+
+    def __init__(
+        self, name: str, reason: str, message: str, decision: TickDecision | None = None
+    ) -> None:
+        super().__init__(name, message)
+        self.reason = reason
+        self.detail = message if decision is None or not decision.reason else decision.reason
+        self.tick: datetime | None = None if decision is None else decision.tick_datetime
+        self.key: str | None = None if decision is None else decision.key
 
 
 class LockContext:
@@ -31,6 +63,10 @@ class LockContext:
       process-wide one), so a module can build these before ``configure()`` runs.
     * ``async with`` never blocks the event loop: it uses the coordinator's async API and the
       lease is an :class:`~coordlock.AsyncLease`. One object serves one block at a time.
+    * With a ``tick`` spec (``cron=``/``every=`` of :func:`coordlock.lock`), entering first
+      names the scheduled tick nearest to now and claims ``name@<tick UTC>`` (one round trip),
+      then takes the lock; a tick claimed elsewhere, or a call off every tick, raises
+      :class:`TickNotRun` (a :class:`LockNotAcquired`). ``tick``/``tick_key`` tell the tick.
     """
 
     def __init__(
@@ -43,6 +79,7 @@ class LockContext:
         resolve: Callable[[], RunCoordinator] | None = None,
         renew: bool = True,
         hold_at_least: float | None = None,
+        tick: TickSpec | None = None,
     ) -> None:
         self.name = check_name(name)
         self.ttl = check_ttl(ttl)
@@ -55,7 +92,19 @@ class LockContext:
         self._resolve = resolve
         self.renew = renew
         self.hold_at_least = check_hold_at_least(hold_at_least)
+        self.tick_spec = tick
+        self.decision: TickDecision | None = None
         self.lease: BaseLease | None = None
+
+    @property
+    def tick(self) -> datetime | None:
+        """The tick this block runs for (aware UTC datetime), once entered; else ``None``."""
+        return None if self.decision is None else self.decision.tick_datetime
+
+    @property
+    def tick_key(self) -> str | None:
+        """The claim key of :attr:`tick` (``name@2026-01-01T00:05:00Z``), else ``None``."""
+        return None if self.decision is None else self.decision.key
 
     def _target(self) -> Any:
         coordinator = self._coordinator
@@ -65,14 +114,54 @@ class LockContext:
         return coordinator
 
     def _options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"wait": self.wait}
+        wait = self.wait
+        decision = self.decision
+        if decision is not None and decision.tick is not None and decision.key is not None:
+            # A won tick waits a little for a run (of an earlier tick) that is just ending,
+            # as the Scheduler does: within what is left of the tick's skew, at most 5 s.
+            assert self.tick_spec is not None
+            wait = max(wait, self.tick_spec.lease_wait(decision.tick, wall_clock()))
+        options: dict[str, Any] = {"wait": wait}
         if not self.renew:
             options["renew"] = False
         if self.hold_at_least is not None:
             options["hold_at_least"] = self.hold_at_least
         return options
 
+    def _decide(self, now: float | None) -> str | None:
+        """Name the tick of a call at ``now``; the claim key to take (``None``: no claim)."""
+        spec = self.tick_spec
+        if spec is None:
+            return None
+        decision = spec.resolve(wall_clock() if now is None else now)
+        self.decision = decision
+        if decision.key is not None:
+            return decision.key
+        if spec.off_tick == "run":
+            log.info("%s; running under the lock alone (off_tick='run')", decision.reason,
+                     extra={"lock": self.name, "event": "off-tick", "outcome": "run"})
+            return None
+        raise TickNotRun(
+            self.name, OFF_TICK, f"{decision.reason} (off_tick='run' runs such calls anyway)",
+            decision,
+        )  # fmt: skip
+
+    def _claimed(self, key: str, won: bool) -> None:
+        if not won:
+            raise TickNotRun(
+                self.name, CLAIMED_ELSEWHERE,
+                f"tick {key!r} was already claimed elsewhere (it runs once across servers)",
+                self.decision,
+            )  # fmt: skip
+
     def _got(self, lease: BaseLease | None) -> None:
+        if lease is None and self.decision is not None and self.decision.key is not None:
+            raise TickNotRun(
+                self.name, RUNNING,
+                f"won tick {self.decision.key!r}, but lock {self.name!r} is still held by a "
+                "run that has not ended (no overlap)",
+                self.decision,
+            )  # fmt: skip
         if lease is None:
             if self.wait == 0:
                 raise LockNotAcquired(self.name)
@@ -82,21 +171,38 @@ class LockContext:
             )
         self.lease = lease
 
-    def acquire(self) -> Lease:
-        """Take the lock (raising :class:`LockNotAcquired` if it cannot) and return the lease."""
-        lease: Lease | None = self._target().acquire(self.name, self.ttl, **self._options())
+    def acquire(self, *, now: float | None = None) -> Lease:
+        """Take the lock (raising :class:`LockNotAcquired` if it cannot) and return the lease.
+
+        With a tick spec, first claim the tick of a call at ``now`` (epoch seconds; default:
+        the time of day now).
+        """
+        if self.tick_spec is not None and now is None:
+            now = wall_clock()  # when the call came, not when a first connection was made
+        target = self._target()
+        key = self._decide(now)
+        if key is not None:
+            assert self.decision is not None
+            self._claimed(key, bool(target.claim(key, self.decision.hold)))
+        lease: Lease | None = target.acquire(self.name, self.ttl, **self._options())
         self._got(lease)
         assert lease is not None
         return lease
 
-    async def aacquire(self) -> AsyncLease:
+    async def aacquire(self, *, now: float | None = None) -> AsyncLease:
         """:meth:`acquire` for ``async with``."""
+        if self.tick_spec is not None and now is None:
+            now = wall_clock()
         target = self._target()
         aacquire = getattr(target, "aacquire", None)
         if aacquire is None:
             raise TypeError(
                 f"{type(target).__name__} has no async API (aacquire); use `with`, not `async with`"
             )
+        key = self._decide(now)
+        if key is not None:
+            assert self.decision is not None
+            self._claimed(key, bool(await target.aclaim(key, self.decision.hold)))
         lease: AsyncLease | None = await aacquire(self.name, self.ttl, **self._options())
         self._got(lease)
         assert lease is not None
@@ -164,5 +270,8 @@ class LockContext:
 
 
 def _unreleased(lease: BaseLease, exc: BaseException) -> bool:
-    log.warning("could not release %r (it expires by itself after its ttl): %s", lease.name, exc)
+    log.warning(
+        "could not release %r (it expires by itself after its ttl): %s", lease.name, exc,
+        extra=lease._facts("release", outcome="error", error=f"{type(exc).__name__}: {exc}"),
+    )
     return True  # unknown; a loss, if any, was already reported

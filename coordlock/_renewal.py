@@ -19,6 +19,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from . import _observe
 from ._errors import CoordlockError
 from ._io import AsyncIO, SyncIO, drive
 from ._watchdog import COMPACT_AFTER
@@ -150,21 +151,36 @@ class Renewer:
             except asyncio.CancelledError:
                 raise
             except Exception:  # pragma: no cover - never expected; keep renewing
-                log.exception("coordlock renewer: unexpected error; going on")
+                log.exception(
+                    "coordlock renewer: unexpected error; going on",
+                    extra={"backend": self._coordinator.backend_name, "event": "renewer",
+                           "outcome": "error"},
+                )
 
     async def _renew(self, lease: BaseLease) -> None:
         remaining = lease._deadline - time.monotonic()
         if remaining <= 0 or not lease.renew:
             return  # the watchdog reports it lost at its deadline
+        begun = time.monotonic()
+        outcome = "error"
         try:
-            await self._coordinator._extend_flow(self._io, lease, lease.ttl, deadline=remaining)
+            ok = await self._coordinator._extend_flow(
+                self._io, lease, lease.ttl, deadline=remaining
+            )
+            outcome = "renewed" if ok else "lost"
         except CoordlockError as exc:
             lease._mark_at_risk(f"renewal failed: {exc}")
             retry_at = min(time.monotonic() + max(lease.ttl / 10, 0.01), lease._deadline)
             self._push(lease, retry_at)
         except Exception:
-            log.exception("lease %r: unexpected error while renewing", lease.name)
-            lease._mark_lost("unexpected error while renewing")
+            log.exception(
+                "lease %r: unexpected error while renewing", lease.name,
+                extra=lease._facts("renewal", outcome="error"),
+            )
+            lease._mark_lost("unexpected error while renewing", kind="error")
+        if _observe.observers:
+            backend = self._coordinator.backend_name
+            _observe.renewal(backend, lease.name, outcome, time.monotonic() - begun)
 
     def _reset_after_fork(self) -> None:
         # The parent renews its own leases; the child renews only what it acquires itself.

@@ -85,7 +85,11 @@ class RetryPolicy:
         budget = self.deadline if deadline is None else min(deadline, self.deadline)
         if self.kind(exc) != TRANSIENT or budget <= 0 or self.stopped():
             raise self._final(exc, what)
-        log.warning("%s: %s; retrying for up to %gs", what, exc, budget)
+        log.warning(
+            "%s: %s; retrying for up to %gs", what, exc, budget,
+            extra={"event": "retry", "operation": what, "outcome": "retrying",
+                   "error": f"{type(exc).__name__}: {exc}", "duration": budget},
+        )  # fmt: skip
 
     def _final(self, exc: BaseException, what: str) -> BaseException:
         err = self.translate(exc, what)
@@ -99,7 +103,11 @@ class RetryPolicy:
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            log.debug("%s: attempt %d failed (%s)", what, state.attempt_number + 1, exc)
+            log.debug(
+                "%s: attempt %d failed (%s)", what, state.attempt_number + 1, exc,
+                extra={"event": "retry", "operation": what, "outcome": "failed",
+                       "attempt": state.attempt_number + 1, "error": repr(exc)},
+            )  # fmt: skip
 
         return {
             "stop": stop_after_delay(max(budget, 0.0)) | _StopWhen(self.stopped),
@@ -128,8 +136,11 @@ class RetryPolicy:
             return await fn()
         except Exception as exc:
             self.first_failure(exc, what, deadline)
+        async def attempt() -> T:  # a coroutine function, so tenacity awaits each try
+            return await fn()
+
         try:
-            return await AsyncRetrying(**self.retrying_options(what, deadline))(fn)
+            return await AsyncRetrying(**self.retrying_options(what, deadline))(attempt)
         except Exception as exc:
             raise self._final(exc, what)  # noqa: B904 (the cause is set by _final)
 

@@ -74,7 +74,10 @@ class Dispatcher:
             try:
                 fn()
             except BaseException:  # a callback's sys.exit() must not end the thread
-                log.exception("a coordlock lease callback raised; ignored")
+                log.exception(
+                    "a coordlock lease callback raised; ignored",
+                    extra={"event": "callback", "outcome": "error"},
+                )
             finally:
                 if self._thread is me:
                     self._busy_since = None
@@ -129,7 +132,10 @@ class Watchdog:
             try:
                 self._step()
             except BaseException:  # pragma: no cover - never expected; keep watching
-                log.exception("coordlock watchdog: unexpected error; going on")
+                log.exception(
+                    "coordlock watchdog: unexpected error; going on",
+                    extra={"event": "watchdog", "outcome": "error"},
+                )
 
     def _step(self) -> None:
         with self._cond:

@@ -22,7 +22,7 @@ from .._errors import (
 )
 from .._redact import redact_url
 from .._registry import known_schemes
-from . import check, demo, history, locks, run
+from . import check, dashboard, demo, history, locks, run
 from ._common import (
     EX_CONFIG,
     EX_SOFTWARE,
@@ -61,8 +61,8 @@ Known schemes: {", ".join(s + "://" for s in known_schemes())}
 Global options (-v, --url, --retry-deadline, --json) go before or after the command.
 
 Exit statuses: 0 done (for 'run': the command's own status, 128+N if signal N killed it);
-{EX_USAGE} bad usage; {EX_UNAVAILABLE} backend unavailable; {EX_TEMPFAIL} lock busy;
-{EX_CONFIG} configuration error (bad URL, unknown scheme, missing driver);
+{EX_USAGE} bad usage; {EX_UNAVAILABLE} backend unavailable; {EX_TEMPFAIL} lock busy, or the tick ran
+elsewhere; {EX_CONFIG} configuration error (bad URL, unknown scheme, missing driver);
 130 / 143 / 129 interrupted by SIGINT (Ctrl-C) / SIGTERM / SIGHUP.
 """
 
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_parsers(sub, parents)
     check.add_parser(sub, parents)
     demo.add_parser(sub, parents)
+    dashboard.add_parser(sub, parents)
     return parser
 
 

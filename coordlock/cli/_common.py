@@ -102,7 +102,11 @@ class Context:
         if target == f"sqlite:///{default_state_file()}":
             default_state_file().parent.mkdir(parents=True, exist_ok=True)
         scheme = target.split("://", 1)[0].lower()
-        log.info("backend %s at %s (from %s)", scheme, redact_url(target), source)
+        log.info(
+            "backend %s at %s (from %s)", scheme, redact_url(target), source,
+            extra={"event": "connect", "backend": scheme, "url": redact_url(target),
+                   "source": source},
+        )  # fmt: skip
         options: dict[str, Any] = {}
         if self.retry_deadline is not None:
             options["retry_deadline"] = self.retry_deadline

@@ -1,5 +1,15 @@
 """``coordlock run``: run a command while holding a lock (a crontab line's ``flock -n``).
 
+Once per tick. With ``--every DURATION`` or ``--cron EXPR [--tz TZ]`` the same crontab line on
+every server runs ``CMD`` once per scheduled tick in total, not once per server: coordlock
+names the scheduled tick nearest to now (within ``--skew``, default ``min(period / 2, 60s)``),
+claims ``NAME@<tick UTC>`` (the Scheduler's claim key), and only the winner takes the lock and
+runs ``CMD``; the others exit 75 (0 with ``--busy-ok``). ``CMD`` gets ``COORDLOCK_TICK`` (the
+tick, ISO 8601 UTC) and ``COORDLOCK_FENCE`` (the lease's fencing token) in its environment.
+A start outside every tick's tolerance does not run ``CMD`` and always says why (exit 75,
+even with ``--busy-ok`` or ``-q``: the crontab schedule and ``--every``/``--cron`` disagree,
+or cron started it very late) unless ``--off-tick run``.
+
 Signals. ``CMD`` runs in a process group of its own, and coordlock passes each SIGINT,
 SIGTERM and SIGHUP it receives to that group exactly once. At a terminal, Ctrl-C goes to the
 terminal's foreground process group, which is coordlock's and not ``CMD``'s, so ``CMD`` hears
@@ -21,8 +31,10 @@ import threading
 from types import FrameType
 from typing import Any
 
-from .._errors import BackendUnavailable
+from .. import _locking
+from .._errors import BackendUnavailable, LockNotAcquired
 from .._lease import Lease
+from .._locking import OFF_TICK, LockContext, TickNotRun
 from .._validate import check_name
 from ._common import (
     EX_TEMPFAIL,
@@ -66,23 +78,79 @@ def check_run_args(args: argparse.Namespace) -> list[str]:
     return command
 
 
+def tick_spec_of(args: argparse.Namespace) -> Any:
+    """The :class:`~coordlock._ticks.TickSpec` of ``--every``/``--cron`` (``None`` without
+    them); ``UsageError`` for options that do not go together."""
+    ticking = args.every is not None or args.cron is not None
+    if args.tz is not None and args.cron is None:
+        raise UsageError("--tz only applies with --cron (--every ticks are aligned to UTC)")
+    if not ticking:
+        for flag, value in (("--skew", args.skew), ("--off-tick", args.off_tick)):
+            if value is not None:
+                raise UsageError(f"{flag} only applies with --every or --cron")
+        return None
+    from .._ticks import tick_spec
+
+    try:
+        return tick_spec(
+            args.name, cron=args.cron, timezone=args.tz, every=args.every, skew=args.skew,
+            off_tick=args.off_tick or "skip",
+        )  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        flag = "--cron" if args.cron is not None else "--every"
+        raise UsageError(f"{flag}: {exc}") from exc
+
+
 def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     """Take the lock, run the command, release the lock; see ``coordlock run --help``."""
     command = check_run_args(args)
+    spec = tick_spec_of(args)
+    started = _locking.wall_clock()  # cron started us for this tick, however slow the connect
     coordinator = ctx.open()
     try:
-        with signals_raise():  # Ctrl-C during --wait: exit 130, no traceback
-            lease = coordinator.acquire(args.name, args.ttl, wait=args.wait)
-        if lease is None:
+        held = LockContext(
+            args.name, args.ttl, args.wait, coordinator=coordinator,
+            hold_at_least=args.min_hold, tick=spec,
+        )  # fmt: skip
+        try:
+            with signals_raise():  # Ctrl-C during --wait: exit 130, no traceback
+                lease = held.acquire(now=started)
+        except TickNotRun as exc:
+            return _tick_not_run(exc, command, args)
+        except LockNotAcquired:
             if not args.quiet:
                 print(
                     f"coordlock: lock {args.name!r} is held elsewhere; not running {command[0]}",
                     file=sys.stderr,
                 )
             return 0 if args.busy_ok else EX_TEMPFAIL
-        return _run_locked(lease, command, args)
+        env = {"COORDLOCK_FENCE": str(lease.fence)}
+        if held.decision is not None and held.decision.tick_iso is not None:
+            env["COORDLOCK_TICK"] = held.decision.tick_iso
+        return _run_locked(lease, command, args, env)
     finally:
         coordinator.close()
+
+
+def _tick_not_run(exc: TickNotRun, command: list[str], args: argparse.Namespace) -> int:
+    """Say why the tick did not run here; 75, or 0 with ``--busy-ok`` (never for off-tick)."""
+    if exc.reason == OFF_TICK:
+        print(
+            f"coordlock: not running {command[0]}: {exc.detail} (--off-tick run runs such "
+            "starts anyway)",
+            file=sys.stderr,
+        )
+        return EX_TEMPFAIL
+    if not args.quiet:
+        tick = exc.key.rpartition("@")[2] if exc.key else "?"
+        why = (
+            "already ran elsewhere"
+            if exc.reason != "running"
+            else f"was won here, but lock {args.name!r} is still held by a run that has not ended"
+        )
+        print(f"coordlock: tick {tick} of {args.name!r} {why}; not running {command[0]}",
+              file=sys.stderr)
+    return 0 if args.busy_ok else EX_TEMPFAIL
 
 
 class _Forwarder:
@@ -132,13 +200,17 @@ class _Forwarder:
         self._send(signal.SIGCONT)
 
 
-def _run_locked(lease: Lease, command: list[str], args: argparse.Namespace) -> int:
+def _run_locked(
+    lease: Lease, command: list[str], args: argparse.Namespace, env: dict[str, str]
+) -> int:
     forwarder = _Forwarder()
     forwarder.install()
     try:
         stdin = subprocess.DEVNULL if _stdin_is_terminal() else None
         try:
-            child = subprocess.Popen(command, stdin=stdin, **_group_kwargs())
+            child = subprocess.Popen(
+                command, stdin=stdin, env={**os.environ, **env}, **_group_kwargs()
+            )
         except OSError as exc:
             print(f"coordlock: cannot run {command[0]}: {exc}", file=sys.stderr)
             return 127 if isinstance(exc, FileNotFoundError) else 126
@@ -183,8 +255,11 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], epilog: str) ->
         help="run a command while holding a lock (like flock -n, across servers)",
         description=(
             "Run CMD while holding the lock NAME; skip it when the lock is held elsewhere.\n"
-            "For crontab lines:\n"
-            "  */5 * * * * coordlock run --name sync --ttl 10m --busy-ok -q -- /opt/app/sync.sh\n\n"
+            "For crontab lines (the same line on every server; CMD runs once per tick in all):\n"
+            "  */5 * * * * coordlock run --name sync --every 5m --busy-ok -q -- /app/sync.sh\n\n"
+            "--every/--cron: claim the scheduled tick nearest to now (within --skew) first;\n"
+            "a tick that already ran on another server exits 75 (0 with --busy-ok). CMD gets\n"
+            "COORDLOCK_TICK (the tick, UTC) and COORDLOCK_FENCE in its environment.\n\n"
             "CMD runs in its own process group; SIGINT, SIGTERM and SIGHUP sent to coordlock\n"
             "are passed on to it once, then coordlock waits for it and releases the lock.\n"
             "At a terminal CMD's stdin is /dev/null."
@@ -208,7 +283,56 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], epilog: str) ->
         metavar="WAIT",
         help="wait this long for a busy lock (e.g. 30s, or 'forever'; default: don't wait)",
     )
-    run.add_argument("--busy-ok", action="store_true", help="exit 0 instead of 75 when busy")
+    ticks = run.add_mutually_exclusive_group()
+    ticks.add_argument(
+        "--every",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help="run once per tick of this interval across servers (ticks aligned to the Unix "
+        "epoch, UTC: --every 5m fires at :00, :05, ...)",
+    )
+    ticks.add_argument(
+        "--cron",
+        default=None,
+        metavar="EXPR",
+        help="run once per tick of this cron expression across servers (quote it: "
+        "--cron '*/5 * * * *'; the crontab line's own schedule)",
+    )
+    run.add_argument(
+        "--tz",
+        default=None,
+        metavar="TZ",
+        help="timezone of --cron (IANA name, e.g. Europe/Berlin; default UTC)",
+    )
+    run.add_argument(
+        "--skew",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help="how early or late a start may be for its tick (default: half the period, at "
+        "most 60s; at most half the period)",
+    )
+    run.add_argument(
+        "--off-tick",
+        choices=("skip", "run"),
+        default=None,
+        help="a start outside every tick's skew: skip (default, exit 75 with a message) or "
+        "run under the lock alone",
+    )
+    run.add_argument(
+        "--min-hold",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help="keep the lock taken at least this long after it was acquired, even if CMD "
+        "ends sooner (ShedLock's lockAtLeastFor)",
+    )
+    run.add_argument(
+        "--busy-ok",
+        action="store_true",
+        help="exit 0 instead of 75 when busy or when the tick ran elsewhere",
+    )
     run.add_argument(
         "--kill-on-lost",
         action="store_true",

@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
-from .. import LockLost, LockNotAcquired, connect
+from .. import LockLost, LockNotAcquired, connect, lock
 from .._lease import BaseLease, Lease
 from .._protocol import KeepsHistory, ListsLocks, RunRecord
 from .fenced import run_fenced
-from .modes import MODES, AsyncLeaseView, AsyncRunner, Mode, forge, view
+from .modes import MODES, AsyncLeaseView, AsyncLockView, AsyncRunner, Mode, forge, view
 
 #: Upper bound for polling loops in this suite (seconds). Bounds, never assertions on time.
 PATIENCE = 15.0
@@ -471,6 +471,75 @@ class CoordinatorContract:
             assert proc.returncode == 0, err
             outputs.append(out.strip())
         assert sorted(outputs) == ["LOST"] * 7 + ["WON"]
+
+    # -- tick claims: once per tick outside the Scheduler ------------------------------------
+    # coordlock.lock(cron=/every=), @locked(...) and `coordlock run --every` claim
+    # f"{name}@{tick UTC}" (the Scheduler's key) before the lock. An hourly schedule whose
+    # tick is this very second (offset) keeps these tests independent of the time of day.
+
+    @staticmethod
+    def _tick_lock(coordinator: Any, runner: AsyncRunner | None, name: str, **options: Any) -> Any:
+        """``coordlock.lock(name, ...)`` on ``coordinator``, entered in the view's mode."""
+        real = getattr(coordinator, "coordinator", coordinator)
+        held = lock(name, 10, coordinator=real, **options)
+        return held if runner is None else AsyncLockView(held, runner)
+
+    @staticmethod
+    def _hour_at_now() -> tuple[float, float]:
+        """(offset, tick): an hourly schedule with a tick at the current whole second."""
+        now = int(time.time())
+        return float(now % 3600), float(now)
+
+    def test_tick_lock_runs_each_tick_once(
+        self, coordinator: Any, other: Any, runner: AsyncRunner | None
+    ) -> None:
+        from ..scheduler import tick_key
+
+        offset, tick = self._hour_at_now()
+        key = f"hourly@{tick_key(tick)}"
+        with self._tick_lock(coordinator, runner, "hourly", every=3600, offset=offset) as lease:
+            assert lease.fence > 0
+            with pytest.raises(LockNotAcquired) as running:  # another server, meanwhile
+                with self._tick_lock(other, runner, "hourly", every=3600, offset=offset):
+                    pass
+        assert running.value.reason == "claimed-elsewhere"  # type: ignore[attr-defined]
+        with pytest.raises(LockNotAcquired) as late:  # a server whose cron fired late
+            with self._tick_lock(other, runner, "hourly", every=3600, offset=offset):
+                pass
+        assert late.value.reason == "claimed-elsewhere"  # type: ignore[attr-defined]
+        assert late.value.key == key  # type: ignore[attr-defined]
+        free = other.acquire("hourly", 10)  # only the tick is taken, not the lock
+        assert free is not None and free.fence > lease.fence
+        free.release()
+
+    def test_tick_claims_interoperate_with_the_scheduler(
+        self, coordinator: Any, other: Any, runner: AsyncRunner | None
+    ) -> None:
+        from ..scheduler import tick_key
+
+        offset, tick = self._hour_at_now()
+        assert other.claim(f"sync@{tick_key(tick)}", 30)  # a Scheduler won this tick
+        with pytest.raises(LockNotAcquired):
+            with self._tick_lock(coordinator, runner, "sync", every=3600, offset=offset):
+                pass
+        with self._tick_lock(coordinator, runner, "export", every=3600, offset=offset):
+            pass
+        assert other.claim(f"export@{tick_key(tick)}", 30) is False  # the Scheduler loses
+
+    def test_off_tick_call_claims_nothing(
+        self, coordinator: Any, other: Any, runner: AsyncRunner | None
+    ) -> None:
+        offset = float((int(time.time()) + 1800) % 3600)  # the nearest tick is 30 min away
+        with pytest.raises(LockNotAcquired) as off:
+            with self._tick_lock(coordinator, runner, "offtick", every=3600, offset=offset):
+                pass
+        assert off.value.reason == "off-tick"  # type: ignore[attr-defined]
+        with self._tick_lock(coordinator, runner, "offtick", every=3600, offset=offset,
+                             off_tick="run") as lease:  # fmt: skip
+            assert other.acquire("offtick", 10) is None  # the lock alone still excludes
+        again = other.acquire("offtick", 10)
+        assert again is not None and again.fence > lease.fence
+        again.release()
 
     # -- mutual exclusion under load ---------------------------------------------------------
 
