@@ -390,7 +390,7 @@ def service_flow(c: PostgresCoordinator, s: BaseSession) -> Flow[None]:
         drop(c, s, "a pooling proxy moved it to another server session")
         log.error("coordlock: %s", PGBOUNCER_ADVICE)
         return
-    if not s.held and not s.main:
+    if entries and not s.held and not s.main:  # a spare whose locks this visit ended
         yield from recycle_flow(c, s)
 
 
