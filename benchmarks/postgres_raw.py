@@ -27,7 +27,9 @@ median of the block ratios is reported):
 * handoff: release → blocked waiter holds, raw ``pg_advisory_lock`` vs coordlock, alternating.
 
 and prints the goals of issue 16 as PASS/FAIL: ``lock()`` >= 0.9x one-write, ``takeover=session``
->= 0.9x raw, handoff median <= raw blocking advisory + 0.1 ms.
+>= 0.9x raw, handoff median <= raw blocking advisory + 0.1 ms; then the async figures of
+``postgres_async.py`` with the goals of issue 11 (async ``lock()`` >= 0.9x a raw
+``AsyncConnection``, async handoff <= sync + 0.2 ms, event-loop stall < 20 ms).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import coordlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import percentile, timed_pairs
+from postgres_async import raw_async_pairs, run_async  # noqa: F401 (raw_async_pairs: locks.py)
 
 from coordlock.backends.postgres import URL_OPTIONS, PostgresCoordinator
 
@@ -384,7 +387,9 @@ def run(url: str, block: int, blocks: int, handoffs: int, count: int) -> bool:
             " current_setting('synchronous_commit')"
         ).fetchone()
         assert row is not None
-        print(f"server              PostgreSQL {row[0]}, fsync={row[1]}, synchronous_commit={row[2]}")
+        print(
+            f"server              PostgreSQL {row[0]}, fsync={row[1]}, synchronous_commit={row[2]}"
+        )
         lease = coordlock.connect(lease_url)
         session = coordlock.connect(session_url)
         assert isinstance(lease, PostgresCoordinator) and isinstance(session, PostgresCoordinator)
@@ -432,7 +437,9 @@ def run(url: str, block: int, blocks: int, handoffs: int, count: int) -> bool:
         refs = _reference_cost(conn, admin, schema, count)
         for label, figures in refs.items():
             writes = 1.0 if label == "one-write" else 0.0
-            print(f"  {label:<17} {figures['statements']:10.2f} {writes:22.2f} {figures['wal']:12.1f}")
+            print(
+                f"  {label:<17} {figures['statements']:10.2f} {writes:22.2f} {figures['wal']:12.1f}"
+            )
         conn.close()
         for label, target in (("lock() lease", lease_url), ("lock() session", session_url)):
             figures = cost(target, schema, count, admin)
@@ -477,6 +484,14 @@ def run(url: str, block: int, blocks: int, handoffs: int, count: int) -> bool:
                     f"{ours_ms:.3f} ms vs {raw_ms:.3f} + {GOAL_HANDOFF_SLACK_MS} ms",
                 )
             )
+        goals += run_async(
+            lease_url,
+            _raw_url(url),
+            block=block,
+            blocks=blocks,
+            handoffs=handoffs,
+            sync_handoff_ms=statistics.median(samples["lease"]) * 1000,
+        )
         for text, ok, detail in goals:
             print(f"{_verdict(ok)}  {text}: {detail}")
         return all(ok for _, ok, _ in goals)

@@ -355,7 +355,13 @@ class PostgresCoordinator(BaseCoordinator):
 
     def _release(self, name: str, owner: str) -> bool:
         held = self._mine(name, owner)
-        return held is not None and self._on(held.session, lambda s: release_flow(self, s, held))
+        if held is None:
+            return False
+        s = held.session
+        if isinstance(s, Session):  # (the common case, without a closure)
+            with s.mutex:
+                return drive(s, release_flow(self, s, held))
+        return self._on(s, lambda s: release_flow(self, s, held))
 
     async def _async_release(self, name: str, owner: str) -> bool:
         held = self._mine(name, owner)

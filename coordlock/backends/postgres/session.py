@@ -18,8 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import psycopg
 from psycopg.types.numeric import Int8Dumper
@@ -48,9 +47,9 @@ def ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One statement of a flow: what to send, until when it may take (monotonic), what to read."""
+class Step(NamedTuple):
+    """One statement of a flow: what to send, until when it may take (monotonic), what to read.
+    (A tuple: built on every lock and unlock, so it must be cheap.)"""
 
     query: str
     params: Params = ()
