@@ -275,6 +275,8 @@ def test_hooks_of_another_thread_loop(postgres_server: PostgresServer) -> None:
         lease = asyncio.run_coroutine_threadsafe(c.aacquire("cross", 10), loop).result(PATIENCE)
         assert lease is not None
         assert c._release("cross", lease.owner) is True  # (the hook, from this thread)
+        assert asyncio.run_coroutine_threadsafe(lease.release(), loop).result(PATIENCE) is False
+        asyncio.run_coroutine_threadsafe(c.aclose(), loop).result(PATIENCE)
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(PATIENCE)

@@ -153,7 +153,8 @@ def try_flow(
     try:
         if c._leases:
             params["m"] = s.marker
-            row = yield Step(q.try_lease_idle if lower else q.try_lease, params, bound)
+            label = "try_lease_idle" if lower else "try_lease"
+            row = yield Step(label, params, bound, lean=q.lean[label])
             fence, got, pid = row[0], row[1], row[2]
             if fence is None and got:  # locked, nothing written: first use of the key, or orphan
                 params["name"] = name
@@ -162,7 +163,8 @@ def try_flow(
                 if fence is None:
                     orphan_left = float(row[3] or 0.0)
         else:
-            row = yield Step(q.try_session_idle if lower else q.try_session, params, bound)
+            label = "try_session_idle" if lower else "try_session"
+            row = yield Step(label, params, bound, lean=q.lean[label])
             fence, pid = row[0], row[2]
     except GeneratorExit:
         raise
@@ -207,7 +209,8 @@ def wait_flow(
     sent = time.monotonic()
     bound = math.inf if lock_timeout == "0" else sent + timeout + c._io
     try:
-        row = yield Step(c._q.wait_lease if c._leases else c._q.wait_session, params, bound)
+        label = "wait_lease" if c._leases else "wait_session"
+        row = yield Step(label, params, bound, lean=c._q.lean[label])
     except pg_errors.LockNotAvailable:  # lock_timeout: nothing was taken
         yield from recycle_flow(c, s)
         return None
@@ -247,7 +250,7 @@ def stale_grant_flow(c: PostgresCoordinator, s: BaseSession, name: str, key: int
     The key is let go (its row says released on purpose, or its session is gone anyway)."""
     log.warning("coordlock: the grant of %r arrived after its ttl had run out; letting it go", name)
     try:
-        yield Step(c._q.unlock, (key,), time.monotonic() + c._io)
+        yield unlock_step(c, key, time.monotonic() + c._io)
     except psycopg.Error as exc:
         drop(c, s, f"{type(exc).__name__}: {exc}")
     if c._leases:
@@ -273,7 +276,7 @@ def release_flow(c: PostgresCoordinator, s: BaseSession, held: Held) -> Flow[boo
     if s.dead or c._registry.held.get(held.name) is not held:
         return False  # reaped at its ttl, or its session ended: not ours any more
     try:
-        row = yield Step(c._q.unlock, (held.key,), time.monotonic() + c._io)
+        row = yield unlock_step(c, held.key, time.monotonic() + c._io)
     except psycopg.Error as exc:
         # Unknown whether the unlock happened: end the session, which surely does.
         drop(c, s, f"release failed: {type(exc).__name__}: {exc}", spare=held)
@@ -304,7 +307,8 @@ def extend_flow(c: PostgresCoordinator, s: BaseSession, held: Held, ttl: float) 
     c._keeper.schedule(bound)
     params = {"ttl": ttl * 1000.0, "k": held.key, "m": s.marker, "it": str(desired)}
     try:
-        row = yield Step(c._q.extend_lease if c._leases else c._q.extend_session, params, bound)
+        label = "extend_lease" if c._leases else "extend_session"
+        row = yield Step(label, params, bound, lean=c._q.lean[label])
     except psycopg.Error as exc:
         drop(c, s, f"renewal failed: {type(exc).__name__}: {exc}", spare=held)
         return False
@@ -401,7 +405,7 @@ def revoke_flow(c: PostgresCoordinator, s: BaseSession) -> Flow[None]:
     with c._registry.state:
         targets = [h for h in s.held.values() if h.key in keys]
     for held in targets:
-        yield Step(c._q.unlock, (held.key,), time.monotonic() + c._io)
+        yield unlock_step(c, held.key, time.monotonic() + c._io)
         c._registry.forget(held)
         if not held.linger:
             c._report_held([held], "force-released by an operator (coordlock unlock --force)")
@@ -479,7 +483,7 @@ def fail_flow(c: PostgresCoordinator, s: BaseSession, exc: BaseException, key: i
         drop(c, s, f"{type(exc).__name__}: {exc}")
         return
     try:
-        yield Step(c._q.unlock, (key,), time.monotonic() + min(c._io, 2.0))
+        yield unlock_step(c, key, time.monotonic() + min(c._io, 2.0))
     except BaseException as again:
         drop(c, s, f"{type(again).__name__}: {again}")
         return
@@ -516,6 +520,11 @@ def pooled(c: PostgresCoordinator, s: BaseSession, pid: int) -> ConfigurationErr
         f"the server session changed under coordlock (pid {s.pid} became {pid}): "
         f"a transaction-pooling proxy such as PgBouncer is in the way. {PGBOUNCER_ADVICE}"
     )
+
+
+def unlock_step(c: PostgresCoordinator, key: int, deadline: float) -> Step:
+    """``pg_advisory_unlock(key)`` (lean: it runs on every release)."""
+    return Step("unlock", {"k": key}, deadline, lean=c._q.lean["unlock"])
 
 
 def one(c: PostgresCoordinator, s: BaseSession, step: Step) -> Flow[Any]:

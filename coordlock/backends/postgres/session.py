@@ -21,7 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import psycopg
+from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg.generators import execute as pq_execute
 from psycopg.types.numeric import Int8Dumper
+
+from .statements import Lean
 
 #: Server versions before this lack ``idle_session_timeout``.
 MIN_SERVER_VERSION = 140000
@@ -56,6 +61,53 @@ class Step(NamedTuple):
     deadline: float = INF
     fetch: Fetch = "one"
     prepare: bool | None = None  # False: DDL and one-off statements
+    lean: Lean | None = None  # sent on the lean path (``params`` a mapping; one row back)
+
+
+_INT_OIDS = frozenset({20, 21, 23, 26})
+_FLOAT_OIDS = frozenset({700, 701, 1700})
+_OK = frozenset({pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK})
+
+
+def lean_values(lean: Lean, params: Any) -> list[bytes | None]:
+    """The text form of ``params`` (a mapping) in ``lean``'s placeholder order."""
+    values: list[bytes | None] = []
+    for name in lean.params:
+        value = params[name]
+        if value is None:
+            values.append(None)
+        elif isinstance(value, bool):
+            values.append(b"t" if value else b"f")
+        elif isinstance(value, float):
+            values.append(repr(value).encode())
+        else:
+            values.append(str(value).encode())
+    return values
+
+
+def lean_row(results: list[pq.abc.PGresult]) -> tuple[Any, ...] | None:
+    """The first row of a lean statement's result (by column type), or raise its error."""
+    res = results[-1]
+    if res.status not in _OK:
+        raise pg_errors.error_from_result(res)
+    if res.ntuples == 0:
+        return None
+    row: list[Any] = []
+    for i in range(res.nfields):
+        value = res.get_value(0, i)
+        if value is None:
+            row.append(None)
+        else:
+            oid = res.ftype(i)
+            if oid in _INT_OIDS:
+                row.append(int(value))
+            elif oid == 16:
+                row.append(value == b"t")
+            elif oid in _FLOAT_OIDS:
+                row.append(float(value))
+            else:
+                row.append(bytes(value).decode())
+    return tuple(row)
 
 
 class BaseSession:
@@ -72,6 +124,7 @@ class BaseSession:
         "pid",
         "poked",
         "pool",
+        "prepared",
         "recent",
         "revoked",
         "servicing",
@@ -95,6 +148,7 @@ class BaseSession:
         # that would look orphaned if the session ended now (marked released before closing)
         self.recent: dict[int, float] = {}
         self.revoked: set[int] = set()  # keys an operator force-released (NOTIFY)
+        self.prepared: set[bytes] = set()  # lean statements prepared on this session
 
     @property
     def broken(self) -> bool:
@@ -148,12 +202,23 @@ class Session(BaseSession):
         connection if no answer came by ``step.deadline``."""
         self.deadline = step.deadline
         try:
+            if step.lean is not None:
+                return self._lean(step.lean, step.params)
             self.cur.execute(step.query, step.params, prepare=step.prepare)
             if step.fetch == "one":
                 return self.cur.fetchone()
             return self.cur.fetchall() if step.fetch == "all" else None
         finally:
             self.deadline = INF
+
+    def _lean(self, lean: Lean, params: Any) -> tuple[Any, ...] | None:
+        pg = self.conn.pgconn
+        if lean.name not in self.prepared:
+            pg.send_prepare(lean.name, lean.sql, param_types=lean.oids)
+            lean_row(self.conn.wait(pq_execute(pg)))
+            self.prepared.add(lean.name)
+        pg.send_query_prepared(lean.name, lean_values(lean, params))
+        return lean_row(self.conn.wait(pq_execute(pg)))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken socket may complain
@@ -187,12 +252,23 @@ class AsyncSession(BaseSession):
         """:meth:`Session.run` on the event loop (the caller holds :attr:`lock`)."""
         self.deadline = step.deadline
         try:
+            if step.lean is not None:
+                return await self._lean(step.lean, step.params)
             await self.cur.execute(step.query, step.params, prepare=step.prepare)
             if step.fetch == "one":
                 return await self.cur.fetchone()
             return await self.cur.fetchall() if step.fetch == "all" else None
         finally:
             self.deadline = INF
+
+    async def _lean(self, lean: Lean, params: Any) -> tuple[Any, ...] | None:
+        pg = self.conn.pgconn
+        if lean.name not in self.prepared:
+            pg.send_prepare(lean.name, lean.sql, param_types=lean.oids)
+            lean_row(await self.conn.wait(pq_execute(pg)))
+            self.prepared.add(lean.name)
+        pg.send_query_prepared(lean.name, lean_values(lean, params))
+        return lean_row(await self.conn.wait(pq_execute(pg)))
 
     def close(self) -> None:
         """Close from any thread: ends the server session (no loop needed)."""

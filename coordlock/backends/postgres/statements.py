@@ -24,6 +24,41 @@ from .._pg_keys import lock_key
 from .markers import PROBE_TEXT
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
+_NAMED = re.compile(r"%\((\w+)\)s")
+
+#: Types of the named parameters of the lean statements (PostgreSQL type OIDs).
+PARAM_OIDS = {"k": 20, "m": 20, "owner": 25, "name": 25, "it": 25, "lt": 25, "ttl": 701}
+
+
+@dataclass(frozen=True)
+class Lean:
+    """A statement sent on the lean path (``Session.run`` with ``Step.lean``): prepared once
+    per session under ``name``, with ``$n`` placeholders for the named ``params``, its
+    arguments sent as text. Used for what runs on every lock and unlock: the cursor layer of
+    psycopg costs more client CPU than the statement itself."""
+
+    name: bytes
+    sql: bytes
+    params: tuple[str, ...]
+    oids: tuple[int, ...]
+
+
+def lean(label: str, query: str) -> Lean:
+    """``query`` with ``%(name)s`` placeholders as a :class:`Lean` statement."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    sql = _NAMED.sub(number, query)
+    return Lean(
+        f"coordlock_{label}".encode(),
+        sql.encode(),
+        tuple(names),
+        tuple(PARAM_OIDS[n] for n in names),
+    )
 
 
 def check_schema_name(schema: str) -> str:
@@ -164,6 +199,7 @@ class Statements:
     try_session_idle: str
     wait_session: str
     unlock: str
+    lean: dict[str, Lean]
     ping: str
     extend_lease: str
     extend_session: str
@@ -186,6 +222,15 @@ class Statements:
 
 def statements(schema: str) -> Statements:
     """Render every run-time statement for ``schema``."""
+    q = _statements(schema)
+    for label in ("try_lease", "try_lease_idle", "try_session", "try_session_idle",
+                  "wait_lease", "wait_session", "extend_lease", "extend_session"):  # fmt: skip
+        q.lean[label] = lean(label, getattr(q, label))
+    q.lean["unlock"] = lean("unlock", "SELECT pg_advisory_unlock(%(k)s)")
+    return q
+
+
+def _statements(schema: str) -> Statements:
     check_schema_name(schema)
 
     def r(template: str) -> str:
@@ -214,6 +259,7 @@ def statements(schema: str) -> Statements:
         try_session_idle=r(_with_idle(_TRY_SESSION, "(SELECT f FROM x) IS NOT NULL")),
         wait_session=r(_with_idle(_WAIT_SESSION, "true")),
         unlock="SELECT pg_advisory_unlock(%s)",
+        lean={},
         ping="SELECT pg_backend_pid(), set_config('idle_session_timeout', %s, false)",
         # Renewal: push the lease row's expiry (never back) and keep the session busy.
         extend_lease=r(
