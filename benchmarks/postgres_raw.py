@@ -57,6 +57,7 @@ from _common import percentile, timed_pairs
 from postgres_async import raw_async_pairs, run_async  # noqa: F401 (raw_async_pairs: locks.py)
 
 from coordlock.backends.postgres import URL_OPTIONS, PostgresCoordinator
+from coordlock.backends.postgres.session import Session
 
 TTL = 30.0
 RAW_KEY = 0x636F6F72646C6F63  # any key; a raw benchmark needs no hashing
@@ -266,24 +267,25 @@ def _tooz(url: str) -> tuple[Any, Any] | None:
 
 
 class _StatementCounter:
-    """Counts every statement psycopg sends from this process while active."""
+    """Counts every statement coordlock's PostgreSQL sessions send while active (both the
+    cursor and the lean path go through ``Session.run``)."""
 
     def __init__(self) -> None:
         self.count = 0
-        self._original = psycopg.Cursor.execute
+        self._original = Session.run
 
     def __enter__(self) -> _StatementCounter:
         original = self._original
 
-        def counting(cur: Any, *args: Any, **kwargs: Any) -> Any:
+        def counting(session: Any, step: Any) -> Any:
             self.count += 1
-            return original(cur, *args, **kwargs)
+            return original(session, step)
 
-        psycopg.Cursor.execute = counting  # type: ignore[method-assign]
+        Session.run = counting  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        psycopg.Cursor.execute = self._original  # type: ignore[method-assign]
+        Session.run = self._original  # type: ignore[method-assign]
 
 
 def _holder_writes(admin: psycopg.Connection[Any], schema: str) -> int:
@@ -316,21 +318,24 @@ def _settled_writes(admin: psycopg.Connection[Any], schema: str) -> int:
 
 def cost(url: str, schema: str, n: int, admin: psycopg.Connection[Any]) -> dict[str, float]:
     """Statements (round trips) per pair, lease-row writes per pair and WAL bytes per pair
-    of ``n`` coordlock ``lock()`` pairs on a fresh coordinator (after a warm-up)."""
-    warm = 50
-    before_writes = _settled_writes(admin, schema)
+    of ``n`` coordlock ``lock()`` pairs on a fresh coordinator (its one-time session setup
+    excluded: a first coordinator warms the name up and is closed before)."""
+    warm = coordlock.connect(url)
+    _lock_loop(warm)(50)  # type: ignore[arg-type]
+    warm.close()
     coordinator = coordlock.connect(url)
     assert isinstance(coordinator, PostgresCoordinator)
     block = _lock_loop(coordinator)
-    block(warm)
+    block(1)  # connects (setup statements are not per pair)
+    before_writes = _settled_writes(admin, schema)
     wal = _wal(admin)
     with _StatementCounter() as counter:
         block(n)
         statements = counter.count
     wal = _wal(admin) - wal
     coordinator.close()  # its sessions end and report their table statistics
-    # the server counts the warm-up's writes too, and close() marking its row released (1)
-    writes = _settled_writes(admin, schema) - before_writes - warm
+    # (close() marks the row of the name it released released: one write in n)
+    writes = _settled_writes(admin, schema) - before_writes
     return {"statements": statements / n, "writes": writes / n, "wal": wal / n}
 
 
