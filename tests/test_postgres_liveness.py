@@ -17,10 +17,9 @@ import contextlib
 import os
 import select
 import signal
-import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -30,69 +29,12 @@ import coordlock
 from coordlock import BackendUnavailable, Lease
 from coordlock.backends.postgres import PostgresCoordinator
 from coordlock.testing.contract import eventually
+from coordlock.testing.faultproxy import FaultProxy
 from coordlock.testing.servers import PostgresServer
 
 PATIENCE = 30.0
 DAYS_30 = 30 * 86400.0
-
-
-class Proxy:
-    """A loopback TCP forwarder with faults: ``freeze`` (stop forwarding, keep the sockets
-    open), ``heal``, and a delay on every server → client chunk."""
-
-    def __init__(self, upstream: tuple[str, int], *, reply_delay: float = 0.0) -> None:
-        self.upstream = upstream
-        self.reply_delay = reply_delay
-        self.frozen = threading.Event()
-        self.closing = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = []
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
-
-    def _accept(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self.closing.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                continue
-            server = socket.create_connection(self.upstream)
-            self.sockets += [client, server]
-            for src, dst, delay in ((client, server, 0.0), (server, client, self.reply_delay)):
-                thread = threading.Thread(target=self._pump, args=(src, dst, delay), daemon=True)
-                thread.start()
-                self.threads.append(thread)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, delay: float) -> None:
-        with contextlib.suppress(OSError):
-            while not self.closing.is_set():
-                if self.frozen.is_set():
-                    time.sleep(0.01)
-                    continue
-                ready, _, _ = select.select([src], [], [], 0.05)
-                if not ready:
-                    continue
-                data = src.recv(65536)
-                if not data:
-                    dst.shutdown(socket.SHUT_WR)
-                    return
-                if delay:
-                    time.sleep(delay)
-                while self.frozen.is_set() and not self.closing.is_set():
-                    time.sleep(0.01)  # frozen mid-way: hold the data, keep the sockets
-                dst.sendall(data)
-
-    def url(self, server: PostgresServer, query: str) -> str:
-        return f"postgresql://{server.user}@127.0.0.1:{self.port}/{server.dbname}?{query}"
-
-    def close(self) -> None:
-        self.closing.set()
-        self.listener.close()
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
+MakeProxy = Callable[..., FaultProxy]
 
 
 @pytest.fixture
@@ -104,15 +46,17 @@ def direct(postgres_server: PostgresServer) -> Iterator[tuple[str, PostgresServe
 
 
 def test_lease_clock_after_a_wait_starts_no_later_than_the_servers_row(
-    postgres_server: PostgresServer,
+    postgres_server: PostgresServer, fault_proxy: MakeProxy
 ) -> None:
-    """The waiter's replies are delayed by 200 ms: a lease clock started at the reply would
-    run 200 ms past the server's lease row. (Both clocks are this host's: the server is local.)
-    """
+    """The waiter's link delays every chunk by 200 ms each way: a lease clock started at the
+    reply would run 200 ms past the server's lease row. (Both clocks are this host's: the
+    server is local.)"""
     schema = f"t_{os.urandom(8).hex()}"
-    proxy = Proxy(("127.0.0.1", postgres_server.port), reply_delay=0.2)
-    holder = coordlock.connect(f"{postgres_server.url}?schema={schema}")
-    waiter = coordlock.connect(proxy.url(postgres_server, f"schema={schema}"))
+    proxy = fault_proxy(postgres_server.port)
+    proxy.delay(200)  # each way
+    url = f"{postgres_server.url}?schema={schema}"
+    holder = coordlock.connect(url)
+    waiter = coordlock.connect(proxy.via(url))
     try:
         held = holder.acquire("clock", 30)
         assert held is not None
@@ -147,7 +91,6 @@ def test_lease_clock_after_a_wait_starts_no_later_than_the_servers_row(
     finally:
         waiter.close()
         holder.close()
-        proxy.close()
 
 
 # -- row 9: ttls and waits beyond 24.8 days ----------------------------------------------------
@@ -268,19 +211,19 @@ def test_a_forked_child_uses_sessions_of_its_own(
 
 
 def test_a_frozen_connection_cannot_hold_a_renewal_past_the_lease(
-    direct: tuple[str, PostgresServer],
+    direct: tuple[str, PostgresServer], fault_proxy: MakeProxy
 ) -> None:
     """``io_timeout`` is 60 s, the ttl 2 s: only the lease's own deadline can end the renewal
     that hangs on the frozen link, and it must (the lease is lost, callbacks fire)."""
     schema, server = direct
-    proxy = Proxy(("127.0.0.1", server.port))
-    c = coordlock.connect(proxy.url(server, f"schema={schema}&io_timeout=60"))
+    proxy = fault_proxy(server.port)
+    c = coordlock.connect(proxy.via(f"{server.url}?schema={schema}&io_timeout=60"))
     try:
         lease = c.acquire("frozen", 2.0)
         assert lease is not None
         fired = threading.Event()
         lease.on_lost(lambda _: fired.set())
-        proxy.frozen.set()
+        proxy.freeze()
         frozen_at = time.monotonic()
         assert fired.wait(PATIENCE), "on_lost never fired behind a frozen connection"
         delay = time.monotonic() - frozen_at
@@ -288,27 +231,27 @@ def test_a_frozen_connection_cannot_hold_a_renewal_past_the_lease(
         assert lease.lost
         assert delay < 60  # not io_timeout: the lease deadline cut the renewal
     finally:
-        proxy.frozen.clear()
+        proxy.heal()
         c.close()
-        proxy.close()
 
 
 def test_an_acquire_on_a_frozen_connection_fails_after_io_timeout(
-    direct: tuple[str, PostgresServer],
+    direct: tuple[str, PostgresServer], fault_proxy: MakeProxy
 ) -> None:
     schema, server = direct
-    proxy = Proxy(("127.0.0.1", server.port))
-    c = coordlock.connect(proxy.url(server, f"schema={schema}&io_timeout=1&retry_deadline=0.5"))
+    proxy = fault_proxy(server.port)
+    c = coordlock.connect(
+        proxy.via(f"{server.url}?schema={schema}&io_timeout=1&retry_deadline=0.5")
+    )
     try:
         warm = c.acquire("warm", 10)  # the session exists; now its link freezes
         assert warm is not None and warm.release()
-        proxy.frozen.set()
+        proxy.freeze()
         with pytest.raises(BackendUnavailable):
             c.acquire("frozen-acquire", 10)
     finally:
-        proxy.frozen.clear()
+        proxy.heal()
         c.close()
-        proxy.close()
 
 
 def test_io_timeout_is_validated(postgres_server: PostgresServer) -> None:
