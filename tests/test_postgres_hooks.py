@@ -282,3 +282,28 @@ def test_hooks_of_another_thread_loop(postgres_server: PostgresServer) -> None:
         thread.join(PATIENCE)
         c.close()
         loop.close()
+
+
+def test_sessions_of_an_event_loop_that_ended_without_aclose_are_closed(
+    postgres_server: PostgresServer,
+) -> None:
+    c = coordlock.connect(_url(postgres_server))
+    assert isinstance(c, PostgresCoordinator)
+
+    async def use(tick: int) -> None:
+        lease = await c.aacquire("stranded", 10)
+        assert lease is not None  # (the lease row of the last loop's session was released)
+        assert await lease.release()
+        assert await c.aclaim(f"stranded@{tick}", 10)  # the auxiliary session too
+
+    try:
+        for tick in range(3):
+            asyncio.run(use(tick))  # no aclose(): the loop ends with its sessions open
+        deadline = time.monotonic() + PATIENCE
+        while time.monotonic() < deadline and any(
+            isinstance(s, AsyncSession) for s in c._registry.live()
+        ):
+            time.sleep(0.05)
+        assert not any(isinstance(s, AsyncSession) for s in c._registry.live())
+    finally:
+        c.close()

@@ -450,13 +450,21 @@ class PostgresCoordinator(BaseCoordinator):
                 s.mutex.release()
             return True
         assert isinstance(s, AsyncSession)
+        if s.stranded:  # its loop ended without aclose(): its rows first, then close it
+            keys = s.row_keys(time.monotonic())
+            if self._leases and keys and not s.broken:
+                try:
+                    s.run_blocking(self._q.lean["release_rows"], {"keys": keys, "m": s.marker})
+                except psycopg.Error as exc:
+                    log.debug("coordlock: marking rows of a stranded session failed: %s", exc)
+            drop_session(self, s, "its event loop closed")
+            return True
         if not s.servicing:
             s.servicing = True
             try:
                 asyncio.run_coroutine_threadsafe(self._aservice(s), s.loop)
-            except RuntimeError:  # its event loop is closed: the session is useless
+            except RuntimeError:  # its event loop closed just now: the next round frees it
                 s.servicing = False
-                drop_session(self, s, "its event loop closed")
         return True
 
     async def _aservice(self, s: AsyncSession) -> None:

@@ -150,6 +150,9 @@ class Keeper:
         wake = now + (TICK if now < self.active_until else IDLE_WAKE)
         watched: dict[int, BaseSession] = {}
         for session in self.registry.live():
+            if session.stranded:  # an event loop ended without aclose(): free its sessions
+                self.visit(session)
+                continue
             deadline = session.deadline
             if deadline <= now:
                 self._cut(session)

@@ -80,6 +80,8 @@ def lean_values(lean: Lean, params: Any) -> list[bytes | None]:
             values.append(b"t" if value else b"f")
         elif isinstance(value, float):
             values.append(repr(value).encode())
+        elif isinstance(value, list):
+            values.append(("{" + ",".join(str(v) for v in value) + "}").encode())
         else:
             values.append(str(value).encode())
     return values
@@ -156,6 +158,11 @@ class BaseSession:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    @property
+    def stranded(self) -> bool:
+        """True when nothing can use this session any more (its event loop is closed)."""
+        return False
 
     def prune_recent(self, now: float) -> None:
         """Forget released keys whose lease rows have expired (only when there are many)."""
@@ -248,6 +255,10 @@ class AsyncSession(BaseSession):
     def broken(self) -> bool:
         return bool(self.conn.broken or self.conn.closed)
 
+    @property
+    def stranded(self) -> bool:
+        return self.loop.is_closed()
+
     async def run(self, step: Step) -> Any:
         """:meth:`Session.run` on the event loop (the caller holds :attr:`lock`)."""
         self.deadline = step.deadline
@@ -269,6 +280,11 @@ class AsyncSession(BaseSession):
             self.prepared.add(lean.name)
         pg.send_query_prepared(lean.name, lean_values(lean, params))
         return lean_row(await self.conn.wait(pq_execute(pg)))
+
+    def run_blocking(self, lean: Lean, params: Any) -> None:
+        """Send a statement without the event loop (which has ended): libpq's blocking call,
+        from the keeper thread, on a connection nothing else can use any more."""
+        lean_row([self.conn.pgconn.exec_params(lean.sql, lean_values(lean, params), lean.oids)])
 
     def close(self) -> None:
         """Close from any thread: ends the server session (no loop needed)."""

@@ -27,7 +27,9 @@ _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
 _NAMED = re.compile(r"%\((\w+)\)s")
 
 #: Types of the named parameters of the lean statements (PostgreSQL type OIDs).
-PARAM_OIDS = {"k": 20, "m": 20, "owner": 25, "name": 25, "it": 25, "lt": 25, "ttl": 701}
+PARAM_OIDS = {
+    "k": 20, "m": 20, "owner": 25, "name": 25, "it": 25, "lt": 25, "ttl": 701, "keys": 1016,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,7 @@ def statements(schema: str) -> Statements:
                   "wait_lease", "wait_session", "extend_lease", "extend_session"):  # fmt: skip
         q.lean[label] = lean(label, getattr(q, label))
     q.lean["unlock"] = lean("unlock", "SELECT pg_advisory_unlock(%(k)s)")
+    q.lean["release_rows"] = lean("release_rows", q.release_rows)
     return q
 
 
