@@ -46,11 +46,11 @@ def _p99(values: list[float]) -> float:
 
 
 def _judge(report: Report, label: str, **counts: object) -> None:
-    extra = " ".join(f"{k}={v}" for k, v in counts.items())
-    print(f"\n[postgres {label}] {report.summary()} {extra}")
-    assert report.c2_stale_accepted == 0, "a stale write was accepted"
-    assert report.c3_lost_updates == 0, "an update was lost"
-    assert report.c4_fence_inversions == 0, "fences went backwards"
+    """Print the counts; C2 (stale writes accepted), C3 (lost updates) and C4 (fence
+    inversions) must be 0 (C1, believed-held overlaps, is allowed across a fault)."""
+    facts = " ".join(f"{k}={v}" for k, v in counts.items())
+    print(f"\n[postgres {label}] {report.summary()} {facts}")
+    assert report.ok(allow_overlap=True), report.summary()
 
 
 # -- T3: partition cycles ----------------------------------------------------------------------
@@ -340,26 +340,23 @@ def _swarm(
     assert report.acquisitions >= target, "the swarm fell short of its target"
 
 
+#: (target acquisitions, budget s): the regular run's short swarms, and the soaks.
+SIZES = [
+    pytest.param((800, 240), id="short"),
+    pytest.param((10_000, 3000), id="soak", marks=pytest.mark.coordlock_soak),
+]
+
+
 @pytest.mark.fault
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("label", sorted(SWARMS))
 def test_swarm_under_faults(
     label: str,
+    size: tuple[int, float],
     fresh_postgres_server: PostgresServer,
     tmp_path: Path,
     admin: psycopg.Connection[Any],
     fault_proxy: MakeProxy,
 ) -> None:
-    _swarm(label, fresh_postgres_server, tmp_path, admin, fault_proxy, target=800, budget=240)
-
-
-@pytest.mark.coordlock_soak
-@pytest.mark.fault
-@pytest.mark.parametrize("label", sorted(SWARMS))
-def test_swarm_soak(
-    label: str,
-    fresh_postgres_server: PostgresServer,
-    tmp_path: Path,
-    admin: psycopg.Connection[Any],
-    fault_proxy: MakeProxy,
-) -> None:
-    _swarm(label, fresh_postgres_server, tmp_path, admin, fault_proxy, target=10_000, budget=3000)
+    target, budget = size
+    _swarm(label, fresh_postgres_server, tmp_path, admin, fault_proxy, target=target, budget=budget)
