@@ -71,20 +71,23 @@ _OK = frozenset({pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK})
 
 def lean_values(lean: Lean, params: Any) -> list[bytes | None]:
     """The text form of ``params`` (a mapping) in ``lean``'s placeholder order."""
-    values: list[bytes | None] = []
-    for name in lean.params:
-        value = params[name]
-        if value is None:
-            values.append(None)
-        elif isinstance(value, bool):
-            values.append(b"t" if value else b"f")
-        elif isinstance(value, float):
-            values.append(repr(value).encode())
-        elif isinstance(value, list):
-            values.append(("{" + ",".join(str(v) for v in value) + "}").encode())
-        else:
-            values.append(str(value).encode())
-    return values
+    return [
+        None if (value := params[name]) is None else encode(value)
+        for name, encode in zip(lean.params, lean.encoders, strict=True)
+    ]
+
+
+def _decoder(oid: int) -> Callable[[bytes], Any]:
+    if oid in _INT_OIDS:
+        return int
+    if oid == 16:
+        return lambda value: value == b"t"
+    if oid in _FLOAT_OIDS:
+        return float
+    return lambda value: value.decode()
+
+
+_DECODERS: dict[int, Callable[[bytes], Any]] = {}
 
 
 def lean_row(results: list[pq.abc.PGresult]) -> tuple[Any, ...] | None:
@@ -99,16 +102,12 @@ def lean_row(results: list[pq.abc.PGresult]) -> tuple[Any, ...] | None:
         value = res.get_value(0, i)
         if value is None:
             row.append(None)
-        else:
-            oid = res.ftype(i)
-            if oid in _INT_OIDS:
-                row.append(int(value))
-            elif oid == 16:
-                row.append(value == b"t")
-            elif oid in _FLOAT_OIDS:
-                row.append(float(value))
-            else:
-                row.append(bytes(value).decode())
+            continue
+        oid = res.ftype(i)
+        decode = _DECODERS.get(oid)
+        if decode is None:
+            decode = _DECODERS[oid] = _decoder(oid)
+        row.append(decode(value))
     return tuple(row)
 
 

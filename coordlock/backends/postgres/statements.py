@@ -16,7 +16,9 @@ as orphans until they expire.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from psycopg import sql
 
@@ -43,6 +45,23 @@ class Lean:
     sql: bytes
     params: tuple[str, ...]
     oids: tuple[int, ...]
+    encoders: tuple[Callable[[Any], bytes], ...] = ()
+
+
+def _text(value: Any) -> bytes:
+    return str(value).encode()
+
+
+def _float(value: Any) -> bytes:
+    return repr(float(value)).encode()
+
+
+def _array(value: Any) -> bytes:
+    return ("{" + ",".join(str(v) for v in value) + "}").encode()
+
+
+#: How a parameter of each type is sent (text format); None is sent as NULL.
+ENCODERS: dict[int, Callable[[Any], bytes]] = {20: _text, 25: _text, 701: _float, 1016: _array}
 
 
 def lean(label: str, query: str) -> Lean:
@@ -55,11 +74,13 @@ def lean(label: str, query: str) -> Lean:
         return f"${names.index(match.group(1)) + 1}"
 
     sql = _NAMED.sub(number, query)
+    oids = tuple(PARAM_OIDS[n] for n in names)
     return Lean(
         f"coordlock_{label}".encode(),
         sql.encode(),
         tuple(names),
-        tuple(PARAM_OIDS[n] for n in names),
+        oids,
+        tuple(ENCODERS[oid] for oid in oids),
     )
 
 
