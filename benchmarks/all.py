@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n===== benchmarks/locks.py {url}", flush=True)
             done = subprocess.run([sys.executable, str(HERE / "locks.py"), url, *lock_args])
             status = status or done.returncode
+        print(f"\n===== benchmarks/redis_raw.py {redis.url} (goals: PASS/FAIL)", flush=True)
+        redis_args = ["--pairs", str(max(4 * args.pairs, 8000)), "--handoffs", str(args.handoffs)]
+        done = subprocess.run([sys.executable, str(HERE / "redis_raw.py"), redis.url, *redis_args])
+        status = status or done.returncode
         if not args.skip_scheduler:
             print("\n===== benchmarks/scheduler.py", flush=True)
             sched_urls = ["memory://bench", f"sqlite:///{tmp}/sched.db", *urls[1:]]

@@ -2,10 +2,10 @@
 
 Functions (``benchmarks/locks.py`` uses ``raw_pairs`` and ``raw_handoffs``):
 
-* :func:`kazoo_lock_pairs` (alias ``raw_pairs``) – acquire/release pairs per second of kazoo's
-  ``Lock`` recipe (one ``Lock`` object reused, as kazoo recommends).
-* :func:`seq_node_pairs` – the floor of the sequential-node design done by hand: one
-  sequential ephemeral create pipelined with the children read, then a delete.
+* :func:`ceiling_pairs` (alias ``raw_pairs``) – the physical floor of any ZooKeeper lock: a
+  bare ephemeral ``create`` + ``delete`` (two synced writes), no lock logic at all.
+* :func:`kazoo_lock_pairs` – acquire/release pairs per second of kazoo's ``Lock`` recipe (one
+  ``Lock`` object reused, as kazoo recommends).
 * :func:`coordlock_pairs` – the same pairs through coordlock (fencing and renewal on).
 * :func:`kazoo_lock_handoffs` / :func:`coordlock_handoffs` – seconds from "holder calls
   release" to "the blocked waiter holds"; ``raw_handoffs`` returns kazoo's under ``"kazoo"``.
@@ -15,15 +15,21 @@ chroot and is deleted afterwards)::
 
     python benchmarks/zookeeper_raw.py zookeeper://127.0.0.1:PORT [--pairs 2000] [--handoffs 200]
 
-It prints kazoo Lock vs coordlock pairs/s and their ratio (the three sides run in alternating
-chunks of 50 pairs on long-lived clients, so load drift hits them alike), client CPU per pair,
-and hand-off median/p99 for both. Measured in one run, on the same server: only the ratios
-carry over to another machine.
+It prints pairs/s of the ceiling, kazoo's Lock, coordlock ``acquire``+``release`` and
+``with coordinator.lock(...)`` (the four sides run in alternating chunks of 50 pairs on
+long-lived clients, so load drift hits them alike), client CPU per pair, hand-off median/p99
+of kazoo and coordlock, and the issue-16 goals as PASS/FAIL: ``lock()`` >= 0.9x the ceiling,
+coordlock's hand-off median <= kazoo's. Then the async mode: ``async with coordinator.lock()``
+against the raw async ceiling (kazoo's ``create_async``/``delete_async`` awaited through
+asyncio futures, as kazoo has no asyncio client), alternating chunks, and the async hand-off
+median (goals: >= 0.9x, and <= the sync hand-off + 0.2 ms). Measured in one run, on the same
+server: only the ratios carry over to another machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import threading
@@ -102,37 +108,33 @@ def kazoo_lock_pairs(url: str, n: int) -> float:
     return n / elapsed
 
 
-raw_pairs = kazoo_lock_pairs
+def _ceiling_once(client: KazooClient, path: str) -> None:
+    """One bare pair: ephemeral create, then delete (each waits for its synced write)."""
+    client.create(path, b"30000", ephemeral=True)
+    client.delete(path)
 
 
-def seq_node_pairs(url: str, n: int) -> float:
-    """Pairs/s of the bare design: pipelined sequential create + children read, then delete."""
+def ceiling_pairs(url: str, n: int) -> float:
+    """Pairs/s of the bare ephemeral create + delete: the ceiling of any ZooKeeper lock."""
     root = _bench_root(url)
     client = _client(url)
-    parent = f"{root}/seq"
+    path = f"{root}/ceiling"
     try:
-        client.ensure_path(parent)
-
-        def one() -> None:
-            created = client.create_async(
-                f"{parent}/x-lock-", b"30000", ephemeral=True, sequence=True, include_data=True
-            )
-            listed = client.get_children_async(parent)
-            path, _ = created.get()
-            listed.get()
-            client.delete(path)
-
+        client.ensure_path(root)
         for _ in range(min(n, 50)):
-            one()
+            _ceiling_once(client, path)
         started = time.perf_counter()
         for _ in range(n):
-            one()
+            _ceiling_once(client, path)
         elapsed = time.perf_counter() - started
     finally:
         client.stop()
         client.close()
         _cleanup(url, root)
     return n / elapsed
+
+
+raw_pairs = ceiling_pairs
 
 
 def coordlock_pairs(url: str, n: int) -> float:
@@ -257,18 +259,23 @@ def _ms(samples: list[float]) -> tuple[float, float]:
 
 
 def interleaved_pairs(url: str, n: int, chunk: int = 50) -> dict[str, Any]:
-    """kazoo Lock, the bare design and coordlock, in alternating chunks of ``chunk`` pairs.
+    """The ceiling, kazoo's Lock, coordlock ``acquire``+``release`` and coordlock ``lock()``,
+    in alternating chunks of ``chunk`` pairs.
 
     On a busy machine the load drifts over seconds; alternating small chunks on long-lived
-    clients exposes every side to the same drift, so the ratio is much steadier than separate
+    clients exposes every side to the same drift, so the ratios are much steadier than separate
     runs. Also reports client CPU (all threads of this process) per pair.
     """
     root = _bench_root(url)
     client = _client(url)
     lock = client.Lock(f"{root}/kazoo-lock", "bench")
-    parent = f"{root}/seq"
-    client.ensure_path(parent)
+    ceiling_path = f"{root}/ceiling"
+    client.ensure_path(root)
     coordinator = coordlock.connect(_coordlock_url(url, f"{root}/coordlock"))
+
+    def ceiling(count: int) -> None:
+        for _ in range(count):
+            _ceiling_once(client, ceiling_path)
 
     def kazoo_lock(count: int) -> None:
         for _ in range(count):
@@ -276,17 +283,7 @@ def interleaved_pairs(url: str, n: int, chunk: int = 50) -> dict[str, Any]:
                 raise RuntimeError("kazoo lock unexpectedly busy")
             lock.release()
 
-    def bare(count: int) -> None:
-        for _ in range(count):
-            created = client.create_async(
-                f"{parent}/x-lock-", b"30000", ephemeral=True, sequence=True, include_data=True
-            )
-            listed = client.get_children_async(parent)
-            path, _ = created.get()
-            listed.get()
-            client.delete(path)
-
-    def ours(count: int) -> None:
+    def acquire(count: int) -> None:
         for _ in range(count):
             lease = coordinator.acquire("bench", TTL)
             if lease is None:
@@ -294,7 +291,12 @@ def interleaved_pairs(url: str, n: int, chunk: int = 50) -> dict[str, Any]:
             if not lease.release():
                 raise RuntimeError("coordlock release failed")
 
-    sides = {"kazoo": kazoo_lock, "seq": bare, "coordlock": ours}
+    def lock_cm(count: int) -> None:
+        for _ in range(count):
+            with coordinator.lock("bench-cm", TTL):
+                pass
+
+    sides = {"ceiling": ceiling, "kazoo": kazoo_lock, "acquire": acquire, "lock": lock_cm}
     wall = dict.fromkeys(sides, 0.0)
     cpu = dict.fromkeys(sides, 0.0)
     chunk_ratios: list[float] = []
@@ -311,7 +313,7 @@ def interleaved_pairs(url: str, n: int, chunk: int = 50) -> dict[str, Any]:
                 spent[label] = time.perf_counter() - w
                 wall[label] += spent[label]
                 cpu[label] += time.process_time() - c
-            chunk_ratios.append(spent["kazoo"] / spent["coordlock"])
+            chunk_ratios.append(spent["ceiling"] / spent["lock"])
             done += count
     finally:
         coordinator.close()
@@ -320,15 +322,106 @@ def interleaved_pairs(url: str, n: int, chunk: int = 50) -> dict[str, Any]:
         _cleanup(url, root)
     result: dict[str, Any] = {label: n / wall[label] for label in sides}
     result.update({f"{label}_cpu_us": cpu[label] / n * 1e6 for label in sides})
-    result["ratio_median_chunk"] = statistics.median(chunk_ratios)
+    result["lock_ratio_median_chunk"] = statistics.median(chunk_ratios)
     return result
 
 
+async def _awaited(result: Any) -> Any:
+    """Await a kazoo async result from asyncio (completed from kazoo's thread)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle() -> None:
+        if future.done():
+            return
+        if result.successful():
+            future.set_result(result.value)
+        else:
+            future.set_exception(result.exception)
+
+    result.rawlink(lambda _result: loop.call_soon_threadsafe(settle))
+    return await future
+
+
+async def _async_pairs(url: str, n: int, chunk: int = 50) -> dict[str, float]:
+    """Async ceiling vs ``async with coordinator.lock()``, alternating chunks (pairs/s)."""
+    root = _bench_root(url)
+    client = _client(url)
+    client.ensure_path(root)
+    path = f"{root}/async-ceiling"
+    coordinator = coordlock.connect(_coordlock_url(url, f"{root}/coordlock"))
+
+    async def ceiling(count: int) -> None:
+        for _ in range(count):
+            await _awaited(client.create_async(path, b"30000", ephemeral=True))
+            await _awaited(client.delete_async(path))
+
+    async def lock_cm(count: int) -> None:
+        for _ in range(count):
+            async with coordinator.lock("bench-async", TTL):
+                pass
+
+    sides = {"async_ceiling": ceiling, "async_lock": lock_cm}
+    wall = dict.fromkeys(sides, 0.0)
+    try:
+        for fn in sides.values():
+            await fn(min(n, 50))
+        done = 0
+        while done < n:
+            count = min(chunk, n - done)
+            for label, fn in sides.items():
+                began = time.perf_counter()
+                await fn(count)
+                wall[label] += time.perf_counter() - began
+            done += count
+    finally:
+        await coordinator.aclose()
+        client.stop()
+        client.close()
+        _cleanup(url, root)
+    return {label: n / wall[label] for label in sides}
+
+
+async def _async_handoffs(url: str, rounds: int) -> list[float]:
+    """Seconds from "holder task calls release" to "the waiting task holds", one loop."""
+    root = _bench_root(url)
+    holder = coordlock.connect(_coordlock_url(url, root))
+    waiter = coordlock.connect(_coordlock_url(url, root))
+    samples: list[float] = []
+    try:
+        for _ in range(rounds):
+            lease = await holder.aacquire("handoff", TTL, wait=20)
+            if lease is None:
+                raise RuntimeError("holder did not get the lock")
+            waiting = asyncio.ensure_future(waiter.aacquire("handoff", TTL, wait=20))
+            await asyncio.sleep(0.01)  # really queued behind the holder
+            released = time.perf_counter()
+            await lease.release()
+            got = await waiting
+            samples.append(time.perf_counter() - released)
+            if got is None:
+                raise RuntimeError("waiter did not get the lock")
+            await got.release()
+    finally:
+        await holder.aclose()
+        await waiter.aclose()
+        _cleanup(url, root)
+    return samples
+
+
 def compare(url: str, pairs: int, handoffs: int) -> dict[str, Any]:
-    """Interleaved pairs of kazoo Lock / bare design / coordlock, then hand-offs."""
+    """Interleaved pairs of every side, then hand-offs (kazoo and coordlock alternating in
+    halves, so drift hits both)."""
     result = interleaved_pairs(url, pairs)
-    result["kazoo_handoff"] = _ms(kazoo_lock_handoffs(url, handoffs))
-    result["coordlock_handoff"] = _ms(coordlock_handoffs(url, handoffs))
+    half = max(1, handoffs // 2)
+    kazoo = kazoo_lock_handoffs(url, half)
+    ours = coordlock_handoffs(url, half)
+    kazoo += kazoo_lock_handoffs(url, handoffs - half)
+    ours += coordlock_handoffs(url, handoffs - half)
+    result["kazoo_handoff"] = _ms(kazoo)
+    result["coordlock_handoff"] = _ms(ours)
+    result.update(asyncio.run(_async_pairs(url, max(pairs // 2, 50))))
+    result["async_handoff"] = _ms(asyncio.run(_async_handoffs(url, max(handoffs // 2, 10))))
     return result
 
 
@@ -343,21 +436,50 @@ def main(argv: list[str] | None = None) -> int:
     r = compare(args.url, args.pairs, args.handoffs)
     print(f"kazoo {kazoo.version.__version__}; {args.pairs} pairs per side, alternating chunks")
     for label, text in (
-        ("kazoo", "kazoo Lock recipe           "),
-        ("seq", "bare seq create+children+del"),
-        ("coordlock", "coordlock acquire + release "),
+        ("ceiling", "ceiling: ephemeral create+delete"),
+        ("kazoo", "kazoo Lock recipe               "),
+        ("acquire", "coordlock acquire + release     "),
+        ("lock", "coordlock with lock()           "),
     ):
-        print(f"{text} : {r[label]:8.0f} pairs/s   client CPU {r[label + '_cpu_us']:6.0f} us/pair")
-    print(
-        f"ratio coordlock / kazoo Lock : {r['coordlock'] / r['kazoo']:8.2f}  "
-        f"(median over chunks {r['ratio_median_chunk']:.2f})"
-    )
+        print(
+            f"{text} : {r[label]:8.0f} pairs/s  {r[label] / r['ceiling']:5.2f}x ceiling  "
+            f"client CPU {r[label + '_cpu_us']:5.0f} us/pair"
+        )
     for label in ("kazoo", "coordlock"):
         median, p99 = r[f"{label}_handoff"]
         print(
-            f"hand-off {label:<10}          : median {median:.3f} ms, p99 {p99:.3f} ms "
+            f"hand-off {label:<9}: median {median:.3f} ms, p99 {p99:.3f} ms "
             f"({args.handoffs} hand-offs)"
         )
+    print(
+        f"async ceiling (kazoo async API): {r['async_ceiling']:8.0f} pairs/s\n"
+        f"async with coordinator.lock()  : {r['async_lock']:8.0f} pairs/s  "
+        f"{r['async_lock'] / r['async_ceiling']:5.2f}x async ceiling"
+    )
+    median, p99 = r["async_handoff"]
+    print(f"hand-off async    : median {median:.3f} ms, p99 {p99:.3f} ms")
+    lock_ratio = r["lock"] / r["ceiling"]
+    async_ratio = r["async_lock"] / r["async_ceiling"]
+    goals = [
+        (
+            f"lock() >= 0.90x ceiling (median chunk {r['lock_ratio_median_chunk']:.2f}x)",
+            lock_ratio >= 0.9,
+            f"{lock_ratio:.2f}x",
+        ),
+        (
+            "hand-off median <= kazoo Lock's",
+            r["coordlock_handoff"][0] <= r["kazoo_handoff"][0],
+            f"{r['coordlock_handoff'][0]:.3f} vs {r['kazoo_handoff'][0]:.3f} ms",
+        ),
+        ("async lock() >= 0.90x async ceiling", async_ratio >= 0.9, f"{async_ratio:.2f}x"),
+        (
+            "async hand-off median <= sync + 0.2 ms",
+            r["async_handoff"][0] <= r["coordlock_handoff"][0] + 0.2,
+            f"{r['async_handoff'][0]:.3f} vs {r['coordlock_handoff'][0]:.3f} ms",
+        ),
+    ]
+    for text, ok, figure in goals:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}: {figure}")
     return 0
 
 

@@ -34,6 +34,17 @@ _global: RunCoordinator | None = None
 _global_owned = False  # True when configure() built _global itself (so it may close it)
 _global_from_env: tuple[str, RunCoordinator] | None = None
 _global_lock = threading.Lock()
+_env_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _global_lock, _env_lock
+    _global_lock = threading.Lock()  # a fork while another thread held them must not hang
+    _env_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def configure(target: str | RunCoordinator, **options: Any) -> RunCoordinator:
@@ -81,11 +92,16 @@ def get_coordinator() -> RunCoordinator:
             )
         if _global_from_env is not None and _global_from_env[0] == url:
             return _global_from_env[1]
+    with _env_lock:  # one connect at a time, without holding up configure() and readers
+        with _global_lock:
+            if _global_from_env is not None and _global_from_env[0] == url:
+                return _global_from_env[1]
         try:
             coordinator = connect(url)
         except ConfigurationError as exc:
             raise ConfigurationError(f"${ENV_URL}={redact(url)!r}: {exc}") from exc
-        _global_from_env = (url, coordinator)
+        with _global_lock:
+            _global_from_env = (url, coordinator)
         return coordinator
 
 
@@ -234,9 +250,13 @@ def locked(
     def decorate(func: F) -> F:
         if not callable(func):
             raise TypeError("@locked decorates a function")
-        if inspect.isasyncgenfunction(func):
-            raise TypeError("@locked does not support async generator functions")
-        lock_name = name if isinstance(name, str) else f"{func.__module__}.{func.__qualname__}"
+        if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
+            raise TypeError(
+                "@locked does not support generator functions: the lock would cover creating "
+                "the generator, not running it"
+            )
+        label = _label(func)
+        lock_name = name if isinstance(name, str) else label
         spec = _tick_spec(lock_name, *ticks)
 
         def context() -> LockContext:
@@ -250,11 +270,11 @@ def locked(
                 return _tick_not_run(exc, func, on_busy)
             if on_busy != "skip":
                 raise exc
-            log.info("skipped %s: lock %r is held elsewhere", func.__qualname__, lock_name,
+            log.info("skipped %s: lock %r is held elsewhere", label, lock_name,
                      extra={"lock": lock_name, "event": "skipped", "outcome": "busy"})
             return None
 
-        if inspect.iscoroutinefunction(func):
+        if _is_async(func):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -263,8 +283,13 @@ def locked(
                     await held.aacquire()
                 except LockNotAcquired as exc:
                     return busy(exc)
-                async with held:
-                    return await func(*args, **kwargs)
+                try:
+                    result = await func(*args, **kwargs)
+                except BaseException:
+                    await held.arelease(raising=False)
+                    raise
+                await held.arelease()
+                return result
 
             wrapper: Any = async_wrapper
         else:
@@ -276,8 +301,14 @@ def locked(
                     held.acquire()
                 except LockNotAcquired as exc:
                     return busy(exc)
-                with held:
-                    return func(*args, **kwargs)
+                try:
+                    result = func(*args, **kwargs)
+                    _refuse_deferred(result, func)
+                except BaseException:
+                    held.release(raising=False)
+                    raise
+                held.release()
+                return result
 
             wrapper = sync_wrapper
         wrapper.lock_name = lock_name
@@ -286,12 +317,36 @@ def locked(
     return decorate
 
 
+def _label(func: Callable[..., Any]) -> str:
+    """``module.qualname`` of a function, or of the class of a callable object."""
+    target = func if hasattr(func, "__qualname__") else type(func)
+    return f"{getattr(target, '__module__', '?')}.{target.__qualname__}"
+
+
+def _is_async(func: Callable[..., Any]) -> bool:
+    """``async def`` functions, partials of them and objects with an ``async __call__``."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004
+    )
+
+
+def _refuse_deferred(result: object, func: Callable[..., Any]) -> None:
+    """A sync-looking callable that returned a coroutine or a generator would run its body
+    after the lock is gone: refuse it (closing what it returned, so nothing runs unlocked)."""
+    if inspect.iscoroutine(result) or inspect.isgenerator(result):
+        result.close()
+        raise TypeError(
+            f"@locked {func!r} returned a {type(result).__name__}: its body would run after "
+            "the lock is released; decorate the async (or generator) function itself"
+        )
+
+
 def _tick_not_run(exc: TickNotRun, func: Callable[..., Any], on_busy: str) -> None:
     """A tick-aware ``@locked`` call that did not run: raise or log, as ``on_busy`` says."""
     if on_busy == "raise" or (on_busy == "wait" and exc.reason not in (CLAIMED_ELSEWHERE,
                                                                        OFF_TICK)):
         raise exc
     level = logging.WARNING if exc.reason == OFF_TICK else logging.INFO
-    log.log(level, "skipped %s: %s", func.__qualname__, exc,
+    log.log(level, "skipped %s: %s", _label(func), exc,
             extra={"lock": exc.name, "event": "skipped", "outcome": exc.reason,
                    "tick": exc.key})

@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
 from . import _observe
-from ._errors import ConfigurationError
+from ._errors import BackendUnavailable, ConfigurationError
 from ._hooks import Hooks
 from ._io import AsyncIO, SyncIO, drive
 from ._lease import AT_RISK, LOST, RESTORED, AsyncLease, BaseLease, Lease
@@ -108,7 +108,10 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         self._renewer = Renewer(self, self._sync_io)
         self._loop_state: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]]
         self._loop_state = weakref.WeakKeyDictionary()
-        self._leases_by_owner: dict[str, BaseLease] = {}  # owner -> lease, for push-based reports
+        # owner -> lease, for push-based reports; weak: a lapsed, forgotten lease is not kept
+        self._leases_by_owner: weakref.WeakValueDictionary[str, BaseLease]
+        self._leases_by_owner = weakref.WeakValueDictionary()
+        self._executor_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self._close_lock = threading.Lock()
@@ -188,11 +191,15 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         *,
         renew: bool = True,
         hold_at_least: float | None = None,
+        **tick: Any,
     ) -> LockContext:
         """A context manager holding ``name`` for a ``with`` or ``async with`` block; see
-        :func:`coordlock.lock`."""
-        return LockContext(
-            name, ttl, wait, coordinator=self, renew=renew, hold_at_least=hold_at_least
+        :func:`coordlock.lock` (``tick``: its ``cron=``/``timezone=``/``every=``/``offset=``/
+        ``skew=``/``off_tick=`` options, once per scheduled tick)."""
+        from ._api import lock
+
+        return lock(
+            name, ttl, wait, coordinator=self, renew=renew, hold_at_least=hold_at_least, **tick
         )
 
     def close(self) -> None:
@@ -206,6 +213,8 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             renewer = state.get("renewer")
             if renewer is not None:
                 renewer.stop()
+        # Nothing renews them from now on: their holders must hear it now, not at the deadline.
+        self._report_all(LOST, "its coordinator was closed")
         self._close()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
@@ -348,18 +357,20 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
                 attempt = woke
                 ticket = attempt.ticket
         except BaseException as exc:
-            await self._cleanup(io, name, owner, ticket, interrupted=not isinstance(exc, Exception))
+            # a transport error or an interruption may have eaten a granting reply
+            maybe = not isinstance(exc, Exception) or isinstance(exc, BackendUnavailable)
+            await self._cleanup(io, name, owner, ticket, maybe_granted=maybe)
             if _observe.observers:
                 outcome = "error" if isinstance(exc, Exception) else "cancelled"
                 _observe.acquire(self.backend_name, name, outcome, time.monotonic() - begun, None)
             raise
         if attempt.fence is None:
             if ticket is not None:
-                await self._cleanup(io, name, owner, ticket, interrupted=False)
+                await self._cleanup(io, name, owner, ticket, maybe_granted=False)
             if _observe.observers:
                 _observe.acquire(self.backend_name, name, "busy", time.monotonic() - begun, None)
             return None
-        started = sent if attempt.started is None else min(attempt.started, sent + 3600)
+        started = sent if attempt.started is None else min(attempt.started, time.monotonic())
         lease = lease_type(
             self, name, owner, attempt.fence, ttl, started,
             renew=renew, hold_at_least=hold_at_least,
@@ -373,14 +384,14 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         return lease
 
     async def _cleanup(
-        self, io: SyncIO | AsyncIO, name: str, owner: str, ticket: Any, *, interrupted: bool
+        self, io: SyncIO | AsyncIO, name: str, owner: str, ticket: Any, *, maybe_granted: bool
     ) -> None:
-        """An acquire call gave up: drop its waiter state; after an interruption (a cancelled
-        task, Ctrl-C) also release, since a lost reply may have granted the lock."""
+        """An acquire call gave up: drop its waiter state; when a reply may have been lost (an
+        error, a cancelled task, Ctrl-C), also release, since it may have granted the lock."""
         try:
             if ticket is not None:
                 await io.once(self._abandon, self._async_abandon, name, owner, ticket)
-            if interrupted:
+            if maybe_granted:
                 await io.once(self._release, self._async_release, name, owner)
         except BaseException as exc:  # best effort: the lock expires after its ttl anyway
             log.debug(
@@ -389,22 +400,44 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
                        "event": "cleanup", "outcome": "error", "error": repr(exc)},
             )  # fmt: skip
 
+    def _usable(self, lease: BaseLease, what: str) -> bool:
+        """False (without I/O) for a lease this process cannot act on: a forked child's copy
+        of its parent's lease, or one of a closed coordinator (then marked lost)."""
+        if lease._pid != os.getpid():
+            log.warning(
+                "lease %r belongs to the parent process (pid %d); not %s in this forked child",
+                lease.name, lease._pid, what, extra=lease._facts(what, outcome="refused"),
+            )  # fmt: skip
+            return False
+        if self._closed:
+            lease._mark_lost("its coordinator was closed", even_if_released=True, kind="error")
+            return False
+        return True
+
     async def _release_flow(self, io: SyncIO | AsyncIO, lease: BaseLease) -> bool:
         # A lost lease is still released on the server (a renewal answered late may have
         # extended it there), but the caller hears False: it did not hold the lock throughout.
-        was_lost = lease.lost
-        if not lease._begin_release():
+        if not self._usable(lease, "released"):
             return False
-        self._leases_by_owner.pop(lease.owner, None)
-        linger = lease._linger()
-        what = f"release {lease.name!r}"
-        if linger > 0:
-            ok = await io.call(
-                what, self._release_later, self._async_release_later,
-                lease.name, lease.owner, linger,
-            )  # fmt: skip
-        else:
-            ok = await io.call(what, self._release, self._async_release, lease.name, lease.owner)
+        async with lease._exclusive():  # after any renewal in flight: it cannot undo this
+            was_lost = lease.lost
+            if not lease._begin_release():
+                return False
+            if was_lost:  # lost at its deadline but not yet reported: make it stick
+                lease._mark_lost("ttl elapsed without renewal", even_if_released=True,
+                                 kind="expired")
+            self._leases_by_owner.pop(lease.owner, None)
+            linger = lease._linger()
+            what = f"release {lease.name!r}"
+            if linger > 0:
+                ok = await io.call(
+                    what, self._release_later, self._async_release_later,
+                    lease.name, lease.owner, linger,
+                )  # fmt: skip
+            else:
+                ok = await io.call(
+                    what, self._release, self._async_release, lease.name, lease.owner
+                )
         if not ok:
             lease._mark_lost(
                 "the lock was no longer ours at release", even_if_released=True, kind="not-ours"
@@ -412,21 +445,39 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         return bool(ok) and not was_lost
 
     async def _extend_flow(
-        self, io: SyncIO | AsyncIO, lease: BaseLease, ttl: float, *, deadline: float | None = None
+        self,
+        io: SyncIO | AsyncIO,
+        lease: BaseLease,
+        ttl: float | None,
+        *,
+        deadline: float | None = None,
+        renewal_of: int | None = None,
     ) -> bool:
-        ttl = check_ttl(ttl)
-        if lease.released or lease._lost:
+        """Extend ``lease`` to ``ttl`` s (``None``: its current ttl). ``renewal_of``: the
+        generation a background renewal was scheduled for; it is skipped (True) when the
+        lease was extended meanwhile, so it can never undo a longer ``extend()``."""
+        if ttl is not None:
+            ttl = check_ttl(ttl)
+        if not self._usable(lease, "extended"):
             return False
-        sent = time.monotonic()
-        if sent >= lease._deadline:
-            lease._mark_lost("ttl elapsed before the extension", kind="expired")
-            return False
-        ok = await io.call(
-            f"extend {lease.name!r}", self._extend, self._async_extend,
-            lease.name, lease.owner, ttl, deadline=deadline,
-        )  # fmt: skip
-        if ok:
-            return lease._renewed(sent, ttl)
+        async with lease._exclusive():  # one extension or release of a lease at a time
+            if lease.released or lease._lost:
+                return False
+            if renewal_of is not None and renewal_of != lease._gen:
+                return True
+            if ttl is None:
+                ttl = lease.ttl
+            sent = time.monotonic()
+            if sent >= lease._deadline:
+                lease._mark_lost("ttl elapsed before the extension", kind="expired")
+                return False
+            ok = await io.call(
+                f"extend {lease.name!r}", self._extend, self._async_extend,
+                lease.name, lease.owner, ttl,
+                deadline=lease._deadline - sent if deadline is None else deadline,
+            )  # fmt: skip
+            if ok:
+                return lease._renewed(sent, ttl)
         lease._mark_lost("the lock is no longer ours (expired or taken over)", kind="not-ours")
         return False
 
@@ -438,7 +489,7 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
 
     async def _force_flow(self, io: SyncIO | AsyncIO, name: str) -> bool:
         try:
-            return bool(
+            removed = bool(
                 await io.call(
                     f"force-release {name!r}", self._force_release, self._async_force_release, name
                 )
@@ -448,6 +499,10 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
                 f"the {self.backend_name} backend cannot force-unlock; wait for the lease to "
                 "expire"
             ) from None
+        for lease in list(self._leases_by_owner.values()):  # a holder in this process hears now
+            if lease.name == name:
+                lease._mark_lost("force-released by an operator", kind="not-ours")
+        return removed
 
     # -- checks shared by both APIs ---------------------------------------------------------
 
@@ -506,8 +561,14 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
 
     def _loop_local(self, key: str, factory: Callable[[], T]) -> T:
         """A per-event-loop object (an async client, a renewal task…), made by ``factory`` on
-        first use in the running loop. Closed by :meth:`aclose` through ``_async_close``."""
-        state = self._loop_state.setdefault(asyncio.get_running_loop(), {})
+        first use in the running loop. Closed by :meth:`aclose` through ``_async_close``; the
+        objects of loops that have closed meanwhile are dropped."""
+        loop = asyncio.get_running_loop()
+        state = self._loop_state.get(loop)
+        if state is None:
+            for other in [lp for lp in list(self._loop_state.keys()) if lp.is_closed()]:
+                self._loop_state.pop(other, None)
+            state = self._loop_state.setdefault(loop, {})
         if key not in state:
             state[key] = factory()
         return state[key]  # type: ignore[no-any-return]

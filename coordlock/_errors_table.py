@@ -17,6 +17,7 @@ here (one place), not in their module.
 
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,6 +37,7 @@ class Rule:
     sqlstate: str | None = None
     message: str | None = None
     hint: str = ""
+    errnos: frozenset[int] | None = None
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -44,6 +46,8 @@ class Rule:
 
     def matches(self, names: frozenset[str], exc: BaseException) -> bool:
         if self.cls not in names:
+            return False
+        if self.errnos is not None and getattr(exc, "errno", None) not in self.errnos:
             return False
         if self.sqlstate is not None:
             state = getattr(exc, "sqlstate", None)
@@ -70,6 +74,17 @@ RULES: tuple[Rule, ...] = (
     Rule("redis.exceptions.ResponseError", PERMANENT, message=r"^(NOAUTH|WRONGPASS|NOPERM)"),
     Rule("redis.exceptions.ConnectionError", PERMANENT, message=_DNS,
          hint="check the host name in the URL"),
+    # (TLS set-up errors are permanent: a retry meets the same certificates.)
+    Rule("redis.exceptions.ConnectionError", PERMANENT, message=r"CERTIFICATE_VERIFY_FAILED",
+         hint="TLS: the server's certificate is not trusted; check ssl_ca_certs"),
+    Rule("redis.exceptions.ConnectionError", PERMANENT, message=r"alert certificate required",
+         hint="TLS: the server wants a client certificate; set ssl_certfile and ssl_keyfile"),
+    Rule("redis.exceptions.ConnectionError", PERMANENT,
+         message=r"alert (unknown ca|bad certificate)",
+         hint="TLS: the server refused the client certificate"),
+    Rule("redis.exceptions.ResponseError", PERMANENT,
+         message=r"can't run this command|no permissions|^unknown command",
+         hint="the Redis user lacks a command; see the ACL line in docs/backends/redis.md"),
     Rule("redis.exceptions.ConnectionError", TRANSIENT),
     Rule("redis.exceptions.TimeoutError", TRANSIENT),
     Rule("redis.exceptions.BusyLoadingError", TRANSIENT),
@@ -113,10 +128,12 @@ RULES: tuple[Rule, ...] = (
     # -- ZooKeeper (kazoo) ---------------------------------------------------------------------
     Rule("kazoo.exceptions.AuthFailedError", PERMANENT, hint="check the digest credentials"),
     Rule("kazoo.exceptions.NoAuthError", PERMANENT,
-         hint="the node's ACL does not allow this identity"),
+         hint="ZooKeeper refused access (NoAuth): the node's ACL does not allow this identity; "
+         "check the user:password in the URL"),
     Rule("kazoo.exceptions.ConnectionLoss", TRANSIENT),
     Rule("kazoo.exceptions.ConnectionClosedError", TRANSIENT),
     Rule("kazoo.exceptions.SessionExpiredError", TRANSIENT),
+    Rule("kazoo.exceptions.SessionMovedError", TRANSIENT),  # the session moved to another server
     Rule("kazoo.exceptions.OperationTimeoutError", TRANSIENT),
     Rule("kazoo.handlers.threading.KazooTimeoutError", TRANSIENT),
     Rule("kazoo.handlers.utils.KazooTimeoutError", TRANSIENT),
@@ -125,6 +142,10 @@ RULES: tuple[Rule, ...] = (
     # -- plain sockets (connection refused/reset, timeouts) -------------------------------------
     Rule("builtins.ConnectionError", TRANSIENT),
     Rule("builtins.TimeoutError", TRANSIENT),
+    Rule("builtins.OSError", TRANSIENT, errnos=frozenset(
+        {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.EPIPE,
+         errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT}
+    )),
 )
 
 #: Top-level modules whose exceptions are driver errors (translated, never passed through raw).

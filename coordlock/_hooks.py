@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 from ._attempt import Attempt
+from ._errors import ConfigurationError
 
 T = TypeVar("T")
 
@@ -29,16 +31,34 @@ class Hooks:
 
     backend_name: ClassVar[str]
     _executor: ThreadPoolExecutor | None
+    _executor_lock: threading.Lock
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking ``fn(*args)`` on the coordinator's worker threads (not the loop's
-        default executor, which the application may need)."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                ASYNC_WORKERS, thread_name_prefix=f"coordlock-{self.backend_name}"
-            )
+        default executor, which the application may need).
+
+        If the awaiting task is cancelled, this still waits for ``fn`` to finish before the
+        cancellation goes on: the caller's cleanup (e.g. releasing a lock an in-flight attempt
+        may have taken) must run after it, not race it.
+        """
+        executor = self._executor
+        if executor is None:
+            with self._executor_lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        ASYNC_WORKERS, thread_name_prefix=f"coordlock-{self.backend_name}"
+                    )
+                executor = self._executor
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        try:
+            future = loop.run_in_executor(executor, functools.partial(fn, *args))
+        except RuntimeError as exc:  # shut down by close()
+            raise ConfigurationError(f"{type(self).__name__} is closed") from exc
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait((future,))
+            raise
 
     @abstractmethod
     def _try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +39,25 @@ class _Rescheduler(Protocol):
     def forget(self) -> None: ...
 
 
+class _Held:
+    """``async with`` over a :class:`threading.Lock` (sync flows never suspend) or an
+    :class:`asyncio.Lock`."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+
+    async def __aenter__(self) -> None:
+        if isinstance(self.lock, asyncio.Lock):
+            await self.lock.acquire()
+        else:
+            self.lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
 class BaseLease:
     """One acquisition of a named lock. Attributes a caller may read:
 
@@ -56,6 +77,7 @@ class BaseLease:
     """
 
     __slots__ = (
+        "__weakref__",
         "_callbacks",
         "_coordinator",
         "_deadline",
@@ -65,6 +87,8 @@ class BaseLease:
         "_lost",
         "_lost_reason",
         "_observed",
+        "_op",
+        "_pid",
         "_released",
         "_renewer",
         "acquired_at",
@@ -109,6 +133,8 @@ class BaseLease:
         self.at_risk = False
         self._callbacks: list[StateCallback] = []
         self._guard = threading.Lock()
+        self._op: Any = threading.Lock()  # serialises extend/release (an asyncio.Lock async)
+        self._pid = os.getpid()
 
     # -- what callers read ------------------------------------------------------------------
 
@@ -161,13 +187,13 @@ class BaseLease:
         """Call ``callback(lease, state)`` on each change: ``at-risk``, ``restored``, ``lost``.
 
         ``"at-risk"`` means the lease cannot currently be confirmed; ``"lost"`` follows if it is
-        not confirmed before its deadline. A callback added after the loss is called for it.
+        not confirmed before its deadline. A callback added after the loss is called for it
+        (once). The changes of one lease reach its callbacks in the order they happened.
         """
         with self._guard:
             self._callbacks.append(callback)
-            already_lost = self._lost
-        if already_lost:
-            self._dispatch([callback], LOST)
+            if self._lost:
+                dispatcher.submit(self, functools.partial(self._run_callbacks, (callback,), LOST))
 
     # -- used by the coordinator ------------------------------------------------------------
 
@@ -177,16 +203,16 @@ class BaseLease:
     def _arm(self, renewer: _Rescheduler | None) -> None:
         """Start the deadline checks (and renewal, with ``renewer``) of a new lease."""
         self._renewer = renewer if self.renew else None
-        self._watch()
+        self._watch(self._gen)
         if self._renewer is not None:
             self._renewer.schedule(self)
 
-    def _watch(self) -> None:
+    def _watch(self, gen: int) -> None:
         if self.renew:
             at = self._deadline - self.ttl * (1 - AT_RISK_AFTER)
-            watchdog.watch(self, self._gen, at, AT_RISK_CHECK)
+            watchdog.watch(self, gen, at, AT_RISK_CHECK)
         else:
-            watchdog.watch(self, self._gen, self._deadline, LOST_CHECK)
+            watchdog.watch(self, gen, self._deadline, LOST_CHECK)
 
     def _renewed(self, sent: float, ttl: float) -> bool:
         """Record a successful extension sent at monotonic time ``sent``; False (and the lease
@@ -194,67 +220,58 @@ class BaseLease:
         with self._guard:
             if self._released or self._lost:
                 return False
-            late = time.monotonic() >= self._deadline
-            if not late:
-                self.ttl = ttl
-                self._deadline = sent + ttl
-                self.expires_at = self._deadline + time.time() - time.monotonic()
-                self._gen += 1
-        if late:
-            self._mark_lost(
-                "the renewal was confirmed only after the ttl had run out", kind="late-renewal"
-            )
-            return False
-        self._watch()
+            if time.monotonic() >= self._deadline:
+                self._change(LOST, "the renewal was confirmed only after the ttl had run out",
+                             kind="late-renewal")
+                return False
+            self.ttl = ttl
+            self._deadline = sent + ttl
+            self.expires_at = self._deadline + time.time() - time.monotonic()
+            self._gen += 1
+            gen = self._gen
+            if self.at_risk:
+                self._change(RESTORED)
+        self._watch(gen)
         if self._renewer is not None:
             self._renewer.schedule(self)
-        self._restored()
         return True
 
     def _check_deadline(self, gen: int, check: int) -> None:
-        """Called by the watchdog at the time it was asked to (no I/O here)."""
+        """Called by the watchdog at the time it was asked to: flips state, never does I/O
+        (the log lines and callbacks run on the dispatcher thread)."""
         with self._guard:
             if gen != self._gen or self._released or self._lost:
                 return
-            now = time.monotonic()
-            expired = now >= self._deadline
-        if expired:
-            self._mark_lost(
-                "ttl elapsed before it could be renewed (process paused, server or network "
-                "unresponsive)"
-                if self.renew
-                else "ttl elapsed (renewal is off for this lease)",
-                kind="expired",
-            )
-            return
-        if check == AT_RISK_CHECK:
-            self._mark_at_risk("no renewal confirmed for two thirds of the ttl")
-            watchdog.watch(self, gen, self._deadline, LOST_CHECK)
+            if time.monotonic() >= self._deadline:
+                reason = (
+                    "ttl elapsed before it could be renewed (process paused, server or "
+                    "network unresponsive)"
+                    if self.renew
+                    else "ttl elapsed (renewal is off for this lease)"
+                )
+                self._change(LOST, reason, kind="expired")
+                return
+            if check != AT_RISK_CHECK:
+                return
+            if not self.at_risk:
+                self._change(AT_RISK, "no renewal confirmed for two thirds of the ttl")
+            deadline = self._deadline
+        watchdog.watch(self, gen, deadline, LOST_CHECK)
 
     def _restored(self) -> bool:
         """Clear ``at_risk`` and notify ``restored`` once; True if it was at risk."""
         with self._guard:
-            if not self.at_risk or self._lost:
-                return False
-            self.at_risk = False
-        log.info("lease %r (fence %d) confirmed again", self.name, self.fence,
-                 extra=self._facts("restored"))
-        self._notify(RESTORED)
-        return True
+            return self._change(RESTORED)
 
     def _mark_at_risk(self, reason: str) -> None:
         with self._guard:
-            if self._lost or self._released or self.at_risk:
-                return
-            self.at_risk = True
-        log.warning("lease %r (fence %d) at risk: %s", self.name, self.fence, reason,
-                    extra=self._facts("at-risk", reason))
-        self._notify(AT_RISK)
+            self._change(AT_RISK, reason)
 
     def _mark_lost(
         self, reason: str, *, even_if_released: bool = False, kind: str = "backend"
     ) -> bool:
-        """Mark the lease lost; logs and runs callbacks the first time. Returns True if new.
+        """Mark the lease lost; reported (log, metrics, callbacks) the first time. Returns True
+        if new.
 
         A released lease is not marked, unless ``even_if_released`` (release found that the
         lock had already stopped being ours: the holder must still hear of it). ``kind`` is
@@ -262,22 +279,59 @@ class BaseLease:
         ``backend`` when a backend reports the loss).
         """
         with self._guard:
+            return self._change(LOST, reason, kind=kind, even_if_released=even_if_released)
+
+    def _change(
+        self, state: str, reason: str = "", *, kind: str = "backend",
+        even_if_released: bool = False,
+    ) -> bool:
+        """Flip to ``state`` (the caller holds ``_guard``) and queue its report, so that flags,
+        log lines and callbacks of one lease always agree and keep their order."""
+        ended = False
+        if state == LOST:
             if self._lost or (self._released and not even_if_released):
                 return False
             self._lost = True
             self._lost_reason = reason
             ended = not self._released
-        log.warning("lease %r (fence %d) lost: %s", self.name, self.fence, reason,
-                    extra=self._facts("lost", reason))
-        if _observe.observers:
-            _observe.lease_lost(self._backend(), self.name, kind)
-        if ended and self._observed:
-            _observe.lease_ended(self._observed, self._backend(), self.name, "lost", self._held())
-        self._notify(LOST)
-        if self._renewer is not None:
-            self._renewer.forget()
-        watchdog.forget()
+            if self._renewer is not None:
+                self._renewer.forget()
+            watchdog.forget()
+        elif state == AT_RISK:
+            if self._lost or self._released or self.at_risk:
+                return False
+            self.at_risk = True
+        elif state == RESTORED:
+            if not self.at_risk or self._lost:
+                return False
+            self.at_risk = False
+        dispatcher.submit(
+            self,
+            functools.partial(self._report, state, reason, kind, ended, tuple(self._callbacks)),
+        )
         return True
+
+    def _report(
+        self, state: str, reason: str, kind: str, ended: bool,
+        callbacks: tuple[StateCallback, ...],
+    ) -> None:
+        """Log, count and call back one state change (on the dispatcher thread)."""
+        if state == LOST:
+            log.warning("lease %r (fence %d) lost: %s", self.name, self.fence, reason,
+                        extra=self._facts("lost", reason))
+            if _observe.observers:
+                _observe.lease_lost(self._backend(), self.name, kind)
+            if ended and self._observed:
+                _observe.lease_ended(
+                    self._observed, self._backend(), self.name, "lost", self._held()
+                )
+        elif state == AT_RISK:
+            log.warning("lease %r (fence %d) at risk: %s", self.name, self.fence, reason,
+                        extra=self._facts("at-risk", reason))
+        else:
+            log.info("lease %r (fence %d) confirmed again", self.name, self.fence,
+                     extra=self._facts("restored"))
+        self._run_callbacks(callbacks, state)
 
     def _begin_release(self) -> bool:
         """Mark the lease released; False when it already was."""
@@ -304,6 +358,11 @@ class BaseLease:
             return 0.0
         return max(0.0, self._hold_until - time.monotonic())
 
+    def _exclusive(self) -> Any:
+        """An async context manager serialising this lease's extensions and its release, so a
+        late renewal can never undo an extension, a release or a ``hold_at_least``."""
+        return _Held(self._op)
+
     def _backend(self) -> str:
         return getattr(self._coordinator, "backend_name", "") or type(self._coordinator).__name__
 
@@ -326,26 +385,17 @@ class BaseLease:
         facts.update(more)
         return facts
 
-    def _notify(self, state: str) -> None:
-        with self._guard:
-            callbacks = list(self._callbacks)
-        if callbacks:
-            self._dispatch(callbacks, state)
-
-    def _dispatch(self, callbacks: list[StateCallback], state: str) -> None:
-        def run() -> None:
-            for callback in callbacks:
-                try:
-                    result = callback(self, state)
-                    if inspect.iscoroutine(result):
-                        self._run_coroutine(result)
-                except Exception:
-                    log.exception(
-                        "lease %r: %s callback %r failed", self.name, state, callback,
-                        extra=self._facts("callback", outcome="error", state=state),
-                    )
-
-        dispatcher.submit(run)
+    def _run_callbacks(self, callbacks: tuple[StateCallback, ...], state: str) -> None:
+        for callback in callbacks:
+            try:
+                result = callback(self, state)
+                if inspect.iscoroutine(result):
+                    self._run_coroutine(result)
+            except Exception:
+                log.exception(
+                    "lease %r: %s callback %r failed", self.name, state, callback,
+                    extra=self._facts("callback", outcome="error", state=state),
+                )
 
     def _run_coroutine(self, coro: Any) -> None:
         coro.close()
@@ -401,13 +451,22 @@ class AsyncLease(BaseLease):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loop = asyncio.get_running_loop()
+        self._op = asyncio.Lock()
+
+    def _check_loop(self) -> None:
+        if asyncio.get_running_loop() is not self.loop:
+            raise RuntimeError(
+                f"{self!r} belongs to the event loop that acquired it; release or extend it there"
+            )
 
     async def extend(self, ttl: float | None = None) -> bool:
         """Push the expiry to ``ttl`` seconds from now; see :meth:`Lease.extend`."""
+        self._check_loop()
         return await self._coordinator.aextend(self, self.ttl if ttl is None else ttl)
 
     async def release(self) -> bool:
         """Give the lock back; see :meth:`Lease.release`."""
+        self._check_loop()
         return await self._coordinator.arelease(self)
 
     def _run_coroutine(self, coro: Any) -> None:

@@ -7,6 +7,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -62,7 +64,8 @@ class LockContext:
     * The coordinator is looked up when the block is entered (``coordinator=None`` → the
       process-wide one), so a module can build these before ``configure()`` runs.
     * ``async with`` never blocks the event loop: it uses the coordinator's async API and the
-      lease is an :class:`~coordlock.AsyncLease`. One object serves one block at a time.
+      lease is an :class:`~coordlock.AsyncLease`. One object may serve many threads and tasks
+      at once (each block has its own lease); the lock itself is not re-entrant.
     * With a ``tick`` spec (``cron=``/``every=`` of :func:`coordlock.lock`), entering first
       names the scheduled tick nearest to now and claims ``name@<tick UTC>`` (one round trip),
       then takes the lock; a tick claimed elsewhere, or a call off every tick, raises
@@ -93,8 +96,23 @@ class LockContext:
         self.renew = renew
         self.hold_at_least = check_hold_at_least(hold_at_least)
         self.tick_spec = tick
-        self.decision: TickDecision | None = None
-        self.lease: BaseLease | None = None
+        # The blocks this object holds, per thread / asyncio task (a module-level lock(...)
+        # object serves every thread and task that enters it, each with its own lease).
+        self._blocks: ContextVar[tuple[_Block, ...]] = ContextVar(
+            f"coordlock-lock-{id(self):x}", default=()
+        )
+
+    @property
+    def lease(self) -> BaseLease | None:
+        """The lease of the innermost block this thread or task holds, else ``None``."""
+        blocks = self._blocks.get()
+        return blocks[-1].lease if blocks else None
+
+    @property
+    def decision(self) -> TickDecision | None:
+        """The tick decision of the innermost block this thread or task holds."""
+        blocks = self._blocks.get()
+        return blocks[-1].decision if blocks else None
 
     @property
     def tick(self) -> datetime | None:
@@ -113,9 +131,8 @@ class LockContext:
             coordinator = self._resolve()
         return coordinator
 
-    def _options(self) -> dict[str, Any]:
+    def _options(self, decision: TickDecision | None) -> dict[str, Any]:
         wait = self.wait
-        decision = self.decision
         if decision is not None and decision.tick is not None and decision.key is not None:
             # A won tick waits a little for a run (of an earlier tick) that is just ending,
             # as the Scheduler does: within what is left of the tick's skew, at most 5 s.
@@ -128,39 +145,53 @@ class LockContext:
             options["hold_at_least"] = self.hold_at_least
         return options
 
-    def _decide(self, now: float | None) -> str | None:
-        """Name the tick of a call at ``now``; the claim key to take (``None``: no claim)."""
+    def _decide(self, now: float | None) -> TickDecision | None:
+        """Name the tick of a call at ``now`` (``None`` without a tick spec); raises
+        :class:`TickNotRun` for a call off every tick unless ``off_tick='run'``."""
         spec = self.tick_spec
         if spec is None:
             return None
         decision = spec.resolve(wall_clock() if now is None else now)
-        self.decision = decision
         if decision.key is not None:
-            return decision.key
+            return decision
         if spec.off_tick == "run":
             log.info("%s; running under the lock alone (off_tick='run')", decision.reason,
                      extra={"lock": self.name, "event": "off-tick", "outcome": "run"})
-            return None
+            return decision
         raise TickNotRun(
             self.name, OFF_TICK, f"{decision.reason} (off_tick='run' runs such calls anyway)",
             decision,
         )  # fmt: skip
 
-    def _claimed(self, key: str, won: bool) -> None:
+    def _check_fresh(self, decision: TickDecision) -> None:
+        """Refuse to claim a tick named so long ago (a stalled process) that its next tick
+        has come: the first claim of it may have expired by now, so it could run twice."""
+        assert decision.tick is not None and self.tick_spec is not None
+        now = wall_clock()
+        if now > self.tick_spec.claim_deadline(decision.tick):
+            raise TickNotRun(
+                self.name, OFF_TICK,
+                f"tick {decision.key!r} was named {now - decision.now:.1f}s ago and its next "
+                "tick has come: too late to claim it safely (the process was stalled)",
+                decision,
+            )  # fmt: skip
+
+    def _claimed(self, decision: TickDecision, won: bool) -> None:
         if not won:
             raise TickNotRun(
                 self.name, CLAIMED_ELSEWHERE,
-                f"tick {key!r} was already claimed elsewhere (it runs once across servers)",
-                self.decision,
+                f"tick {decision.key!r} was already claimed elsewhere (it runs once across "
+                "servers)",
+                decision,
             )  # fmt: skip
 
-    def _got(self, lease: BaseLease | None) -> None:
-        if lease is None and self.decision is not None and self.decision.key is not None:
+    def _got(self, lease: BaseLease | None, decision: TickDecision | None) -> None:
+        if lease is None and decision is not None and decision.key is not None:
             raise TickNotRun(
                 self.name, RUNNING,
-                f"won tick {self.decision.key!r}, but lock {self.name!r} is still held by a "
+                f"won tick {decision.key!r}, but lock {self.name!r} is still held by a "
                 "run that has not ended (no overlap)",
-                self.decision,
+                decision,
             )  # fmt: skip
         if lease is None:
             if self.wait == 0:
@@ -169,7 +200,7 @@ class LockContext:
             raise LockNotAcquired(
                 self.name, f"lock {self.name!r} still held by another owner after {waited}"
             )
-        self.lease = lease
+        self._blocks.set((*self._blocks.get(), _Block(lease, decision)))
 
     def acquire(self, *, now: float | None = None) -> Lease:
         """Take the lock (raising :class:`LockNotAcquired` if it cannot) and return the lease.
@@ -180,12 +211,12 @@ class LockContext:
         if self.tick_spec is not None and now is None:
             now = wall_clock()  # when the call came, not when a first connection was made
         target = self._target()
-        key = self._decide(now)
-        if key is not None:
-            assert self.decision is not None
-            self._claimed(key, bool(target.claim(key, self.decision.hold)))
-        lease: Lease | None = target.acquire(self.name, self.ttl, **self._options())
-        self._got(lease)
+        decision = self._decide(now)
+        if decision is not None and decision.key is not None:
+            self._check_fresh(decision)
+            self._claimed(decision, bool(target.claim(decision.key, decision.hold)))
+        lease: Lease | None = target.acquire(self.name, self.ttl, **self._options(decision))
+        self._got(lease, decision)
         assert lease is not None
         return lease
 
@@ -199,19 +230,21 @@ class LockContext:
             raise TypeError(
                 f"{type(target).__name__} has no async API (aacquire); use `with`, not `async with`"
             )
-        key = self._decide(now)
-        if key is not None:
-            assert self.decision is not None
-            self._claimed(key, bool(await target.aclaim(key, self.decision.hold)))
-        lease: AsyncLease | None = await aacquire(self.name, self.ttl, **self._options())
-        self._got(lease)
+        decision = self._decide(now)
+        if decision is not None and decision.key is not None:
+            self._check_fresh(decision)
+            self._claimed(decision, bool(await target.aclaim(decision.key, decision.hold)))
+        lease: AsyncLease | None = await aacquire(self.name, self.ttl, **self._options(decision))
+        self._got(lease, decision)
         assert lease is not None
         return lease
 
     def _take(self) -> tuple[BaseLease | None, bool, str]:
-        lease, self.lease = self.lease, None
-        if lease is None:
+        blocks = self._blocks.get()
+        if not blocks:
             return None, False, ""
+        self._blocks.set(blocks[:-1])
+        lease = blocks[-1].lease
         return lease, lease.lost, lease.lost_reason
 
     def _finish(
@@ -243,8 +276,6 @@ class LockContext:
         self._finish(lease, was_lost, reason, bool(ok), raising)
 
     def __enter__(self) -> Lease:
-        if self.lease is not None:  # already taken with acquire() (as @locked does)
-            return self.lease  # type: ignore[return-value]
         return self.acquire()
 
     def __exit__(
@@ -256,8 +287,6 @@ class LockContext:
         self.release(raising=exc_type is None)
 
     async def __aenter__(self) -> AsyncLease:
-        if self.lease is not None:  # already taken with aacquire() (as @locked does)
-            return self.lease  # type: ignore[return-value]
         return await self.aacquire()
 
     async def __aexit__(
@@ -267,6 +296,14 @@ class LockContext:
         tb: TracebackType | None,
     ) -> None:
         await self.arelease(raising=exc_type is None)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """What one ``with``/``async with`` block of a :class:`LockContext` holds."""
+
+    lease: BaseLease
+    decision: TickDecision | None
 
 
 def _unreleased(lease: BaseLease, exc: BaseException) -> bool:

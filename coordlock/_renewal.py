@@ -102,9 +102,12 @@ class Renewer:
     def _ensure_worker(self) -> None:
         worker = self._worker
         if self._io.asynchronous:
+            running = asyncio.get_running_loop()
+            if self._loop is not None and running is not self._loop:
+                return  # a renewer serves the one loop it was made for (see AsyncLease.loop)
             if worker is None or worker.done():  # type: ignore[union-attr]
-                self._loop = asyncio.get_running_loop()
-                self._worker = self._loop.create_task(self._run(), name="coordlock-renewer")
+                self._loop = running
+                self._worker = running.create_task(self._run(), name="coordlock-renewer")
         elif worker is None or not worker.is_alive():  # type: ignore[union-attr]
             with self._lock:
                 if self._worker is worker:
@@ -128,15 +131,15 @@ class Renewer:
                 return
         self._event.set()
 
-    def _due(self) -> tuple[list[BaseLease], float | None]:
+    def _due(self) -> tuple[list[tuple[int, BaseLease]], float | None]:
         now = time.monotonic()
-        due: list[BaseLease] = []
+        due: list[tuple[int, BaseLease]] = []
         with self._lock:
             heap = self._heap
             while heap and heap[0][0] <= now:
                 _, _, gen, lease = heapq.heappop(heap)
                 if gen == lease._gen and lease._alive():
-                    due.append(lease)
+                    due.append((gen, lease))
             return due, (heap[0][0] - now if heap else None)
 
     async def _run(self) -> None:
@@ -144,20 +147,21 @@ class Renewer:
             try:
                 self._event.clear()
                 due, wait = self._due()
-                for lease in due:
-                    await self._renew(lease)
+                for gen, lease in due:
+                    await self._renew(lease, gen)
                 if not due:
                     await self._io.wait(self._event, wait)
             except asyncio.CancelledError:
                 raise
             except Exception:  # pragma: no cover - never expected; keep renewing
+                await self._io.sleep(0.05)  # never spin
                 log.exception(
                     "coordlock renewer: unexpected error; going on",
                     extra={"backend": self._coordinator.backend_name, "event": "renewer",
                            "outcome": "error"},
                 )
 
-    async def _renew(self, lease: BaseLease) -> None:
+    async def _renew(self, lease: BaseLease, gen: int) -> None:
         remaining = lease._deadline - time.monotonic()
         if remaining <= 0 or not lease.renew:
             return  # the watchdog reports it lost at its deadline
@@ -165,7 +169,7 @@ class Renewer:
         outcome = "error"
         try:
             ok = await self._coordinator._extend_flow(
-                self._io, lease, lease.ttl, deadline=remaining
+                self._io, lease, None, deadline=remaining, renewal_of=gen
             )
             outcome = "renewed" if ok else "lost"
         except CoordlockError as exc:

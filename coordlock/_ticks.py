@@ -124,6 +124,14 @@ class TickSpec:
         period = (following - tick) if following is not None else self.period
         return period + self.skew + max(0.0, tick - now)
 
+    def claim_deadline(self, tick: float) -> float:
+        """The latest moment (epoch seconds) the claim of ``tick`` may still be made: its next
+        tick. Every claim of a tick lives until ``tick + period + skew`` at least; a caller
+        stalled past the next tick (clocks may differ by ``skew``) could find an expired
+        claim and run the tick again, so it must not claim."""
+        following = self.trigger.next_after(tick)
+        return following if following is not None else tick + self.period
+
     def lease_wait(self, tick: float, now: float) -> float:
         """How long a call that won ``tick`` waits (at ``now``) for a lock still held by a run
         that is just ending: what is left of the tick's skew window, at most

@@ -3,15 +3,16 @@
 * :data:`watchdog` marks a lease *at risk* when a third of its ttl is left without a confirmed
   renewal, and *lost* at its local deadline — whatever the renewal I/O is doing (a frozen
   socket, a paused server). It only flips flags, logs, and queues callbacks.
-* :data:`dispatcher` runs lease callbacks (``on_lost``/``on_state``) one after the other on its
-  own thread. Whatever a callback raises (even ``SystemExit``) is logged and the thread goes on;
-  if the thread ever dies it is started again by the next callback.
+* :data:`dispatcher` reports each change (the log line, metrics, the ``on_lost``/``on_state``
+  callbacks) on its own thread, in order per lease. Whatever a callback raises (even
+  ``SystemExit``) is logged and the thread goes on; a blocking one holds up only its own lease.
 
 Both start lazily and start afresh in a forked child.
 """
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -31,62 +32,100 @@ log = logging.getLogger("coordlock")
 COMPACT_AFTER = 1024
 
 
-#: A callback running longer than this (seconds) no longer holds up the ones queued after it.
+#: A callback running longer than this (seconds) no longer holds up other leases' callbacks.
 STALL_AFTER = 0.5
 
 
 class Dispatcher:
-    """Runs callbacks in order on a daemon thread; survives anything they raise.
+    """Runs the reports of lease state changes (log lines, metrics, callbacks) on a daemon
+    thread, in order per lease; survives anything they raise.
 
-    A callback that blocks (against the advice) does not hold up the others for long: once it
-    has run for :data:`STALL_AFTER` seconds, the next submission starts a fresh thread that
-    takes over the queue, and the stuck one ends after its callback returns.
+    Work is queued per key (a lease): one thread serves a key at a time, so the changes of one
+    lease are reported in the order they happened. A report that blocks (a callback against the
+    advice, a stuck log handler) holds up only its own lease: once it has run for
+    :data:`STALL_AFTER` seconds, the next submission starts a fresh thread that serves the
+    other leases, and the stuck one ends after finishing the lease it was serving.
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending: dict[object, collections.deque[Callable[[], None]]] = {}
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
         self._busy_since: float | None = None
+        self._nudge: threading.Timer | None = None
 
-    def submit(self, fn: Callable[[], None]) -> None:
-        """Queue ``fn`` to run on the dispatcher thread."""
-        self._queue.put(fn)
+    def submit(self, key: object, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` after the earlier work of ``key`` (never blocks)."""
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is None:
+                self._pending[key] = collections.deque((fn,))
+                self._queue.put(key)
+            else:
+                pending.append(fn)  # served, in order, by whoever serves ``key``
+            self._check_stall()
+
+    def _check_stall(self) -> None:
+        """With ``_lock`` held: start a fresh thread when the current one is gone or stuck in
+        one report while other work waits; if it is busy but not stuck yet, look again when it
+        would be (so work queued just after a report blocked is not held up by it)."""
         thread, busy = self._thread, self._busy_since
-        stalled = busy is not None and time.monotonic() - busy > STALL_AFTER
-        if thread is None or stalled or not thread.is_alive():
-            with self._start_lock:
-                if self._thread is thread:
-                    self._busy_since = None
-                    self._thread = threading.Thread(
-                        target=self._run, name="coordlock-callbacks", daemon=True
-                    )
-                    self._thread.start()
+        now = time.monotonic()
+        if thread is None or not thread.is_alive() or (
+            busy is not None and now - busy > STALL_AFTER and not self._queue.empty()
+        ):
+            self._busy_since = None
+            self._thread = threading.Thread(
+                target=self._run, name="coordlock-callbacks", daemon=True
+            )
+            self._thread.start()
+        elif busy is not None and self._nudge is None and not self._queue.empty():
+            self._nudge = threading.Timer(busy + STALL_AFTER + 0.01 - now, self._look_again)
+            self._nudge.daemon = True
+            self._nudge.start()
+
+    def _look_again(self) -> None:
+        with self._lock:
+            self._nudge = None
+            self._check_stall()
 
     def _run(self) -> None:
         me = threading.current_thread()
         while self._thread is me:
-            fn = self._queue.get()
-            if self._thread is not me:  # replaced while we waited: hand the work back
-                self._queue.put(fn)
+            key = self._queue.get()
+            if self._thread is not me:  # replaced while waiting: hand the key on
+                self._queue.put(key)
                 return
-            self._busy_since = time.monotonic()
+            self._serve(key, me)
+
+    def _serve(self, key: object, me: threading.Thread) -> None:
+        while True:
+            with self._lock:
+                pending = self._pending[key]
+                if not pending:
+                    del self._pending[key]
+                    return
+                fn = pending.popleft()
+                if self._thread is me:
+                    self._busy_since = time.monotonic()
             try:
                 fn()
             except BaseException:  # a callback's sys.exit() must not end the thread
-                log.exception(
-                    "a coordlock lease callback raised; ignored",
-                    extra={"event": "callback", "outcome": "error"},
-                )
+                log.exception("a coordlock lease callback raised; ignored",
+                              extra={"event": "callback", "outcome": "error"})
             finally:
-                if self._thread is me:
-                    self._busy_since = None
+                with self._lock:
+                    if self._thread is me:
+                        self._busy_since = None
 
     def _reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = {}
         self._queue = queue.SimpleQueue()
         self._thread = None
-        self._start_lock = threading.Lock()
         self._busy_since = None
+        self._nudge = None
 
 
 AT_RISK_CHECK = 0
@@ -125,7 +164,7 @@ class Watchdog:
             if self._dead >= COMPACT_AFTER and self._dead * 2 > len(self._heap):
                 self._heap = [e for e in self._heap if e[4]._alive()]
                 heapq.heapify(self._heap)
-            self._dead = 0
+                self._dead = 0
 
     def _run(self) -> None:
         while True:

@@ -359,7 +359,7 @@ def test_locked_rejects_bad_arguments() -> None:
     with pytest.raises(TypeError):
         coordlock.locked("x", coordinator=object())  # type: ignore[arg-type]
 
-    with pytest.raises(TypeError, match="async generator"):
+    with pytest.raises(TypeError, match="generator"):
 
         @coordlock.locked("x")
         async def job() -> Any:

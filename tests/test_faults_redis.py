@@ -42,6 +42,8 @@ from coordlock.testing.servers import RedisServer
 pytest.importorskip("redis")
 
 HOLDING = ("acquired", "read")  # a worker whose last step is one of these holds the lock
+#: Marks of a soak: opt-in, and a longer bound than the suite's per-test timeout.
+SOAK = [pytest.mark.coordlock_soak, pytest.mark.timeout(3600)]
 
 
 @dataclass
@@ -82,20 +84,51 @@ def prefixed(server: RedisServer) -> str:
 
 
 def start_workers(
-    url: str, directory: Path, workers: int, **options: Any
+    url: str | dict[str, str], directory: Path, workers: int, **options: Any
 ) -> tuple[dict[str, subprocess.Popen[str]], FencedRegister, HistoryLog]:
+    """``workers`` fenced worker processes ``w0``…; ``url`` may differ per worker (a dict)."""
     register = FencedRegister(directory / "register.json")
     history = HistoryLog(directory / "history.jsonl")
     procs = {
         f"w{i}": subprocess.Popen(
-            worker_command(url, register.path, history.path, f"w{i}", **options),
+            worker_command(
+                url if isinstance(url, str) else url[f"w{i}"],
+                register.path, history.path, f"w{i}", **options,
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
         for i in range(workers)
-    }
+    }  # fmt: skip
     return procs, register, history
+
+
+def holder_steps(
+    procs: dict[str, subprocess.Popen[str]],
+    register: FencedRegister,
+    history: HistoryLog,
+    faults: Faults,
+    *,
+    count: int,
+    budget: float,
+    total: int,
+    seed: int,
+) -> Iterator[dict[str, Any]]:
+    """Now and then, the step of the worker holding the lock, until ``count`` faults were
+    injected (the caller counts them). Only while most of the work is still ahead (so others
+    are there to take over), and while every worker runs."""
+    rng = random.Random(seed)
+    stop_at = time.monotonic() + budget * 0.6
+    while faults.injected < count and time.monotonic() < stop_at:
+        if any(p.poll() is not None for p in procs.values()):
+            return
+        if register.state()["accepted"] > total * 0.7:
+            return
+        time.sleep(rng.uniform(0.05, 0.3))
+        step = holder_now(history)
+        if step is not None:
+            yield step
 
 
 def finish_workers(procs: dict[str, subprocess.Popen[str]], timeout: float) -> None:
@@ -167,11 +200,11 @@ def holder_now(history: HistoryLog, worker: str | None = None) -> dict[str, Any]
     return None
 
 
-def accepted_between(history: HistoryLog, worker: str, t0: float, t1: float) -> bool:
+def accepted_between(events: list[dict[str, Any]], worker: str, t0: float, t1: float) -> bool:
     """True if another worker had a write accepted between monotonic times t0 and t1."""
     return any(
         e["op"] == "write" and e["accepted"] and e["w"] != worker and t0 < e["t"] < t1
-        for e in history.events()
+        for e in events
     )
 
 
@@ -204,19 +237,10 @@ def pause_scenario(
     )
     cleanup.extend(procs.values())
     faults = Faults()
-    rng = random.Random(4)
-    stop_at = time.monotonic() + budget * 0.6
-    # Inject only while most of the work is still ahead, so others are there to take over.
-    latest = workers * iterations * 0.7
-    while faults.injected < pauses and time.monotonic() < stop_at:
-        if any(p.poll() is not None for p in procs.values()):
-            break
-        if register.state()["accepted"] > latest:
-            break
-        time.sleep(rng.uniform(0.05, 0.3))
-        step = holder_now(history)
-        if step is None:
-            continue
+    total = workers * iterations
+    for step in holder_steps(
+        procs, register, history, faults, count=pauses, budget=budget, total=total, seed=4
+    ):
         worker = step["w"]
         proc = procs[worker]
         faults.attempts += 1
@@ -239,14 +263,24 @@ def pause_scenario(
 
 def judge_pauses(report: Report, faults: Faults, history: HistoryLog) -> None:
     events = history.events()
+    late_writes = 0
     for worker, fence, t0, t1 in faults.pauses:
-        assert accepted_between(history, worker, t0, t1), (
+        assert accepted_between(events, worker, t0, t1), (
             f"nobody took over while {worker} was stopped: the fault did not bite"
         )
+        takeover = min(
+            e["seq"] for e in events
+            if e["op"] == "write" and e["accepted"] and e["w"] != worker and t0 < e["t"] < t1
+        )  # fmt: skip
         writes = [
             e for e in events if e["op"] == "write" and e["w"] == worker and e["fence"] == fence
         ]
-        assert writes and not any(e["accepted"] for e in writes), (
+        assert writes, f"{worker} never tried its write with fence {fence}"
+        # A stop can land after the register applied the write but before the worker logged
+        # it: that write came before the takeover (lower sequence number) and was legitimate.
+        late = [e for e in writes if not (e["accepted"] and e["seq"] < takeover)]
+        late_writes += bool(late)
+        assert not any(e["accepted"] for e in late), (
             f"{worker}'s write with fence {fence} after its pause was accepted"
         )
         lost = any(e["op"] == "lost" and e["w"] == worker and e["fence"] == fence for e in events)
@@ -258,7 +292,7 @@ def judge_pauses(report: Report, faults: Faults, history: HistoryLog) -> None:
     assert report.c2_stale_accepted == 0
     assert report.c3_lost_updates == 0
     assert report.c4_fence_inversions == 0
-    assert report.writes_rejected >= len(faults.pauses)
+    assert report.writes_rejected >= late_writes
 
 
 @pytest.mark.fault
@@ -285,6 +319,7 @@ def test_t1_paused_holder_is_fenced_off(
 
 
 @pytest.mark.coordlock_soak
+@pytest.mark.timeout(3600)
 def test_t1_soak(
     fresh_redis_server: RedisServer,
     tmp_path: Path,
@@ -477,6 +512,7 @@ def test_t2_redis_restart_mid_run(
 
 
 @pytest.mark.coordlock_soak
+@pytest.mark.timeout(3600)
 def test_t2_restart_soak(
     fresh_redis_server: RedisServer,
     tmp_path: Path,
@@ -501,6 +537,7 @@ def test_t2_restart_soak(
 
 
 @pytest.mark.coordlock_soak
+@pytest.mark.timeout(3600)
 def test_t2_kill_soak(
     fresh_redis_server: RedisServer,
     workers_cleanup: list[subprocess.Popen[str]],
@@ -573,8 +610,281 @@ def test_t6_non_owners_never_succeed(
 
 
 @pytest.mark.coordlock_soak
+@pytest.mark.timeout(3600)
 def test_t6_soak(fresh_redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
     made, successes = non_owner_scenario(fresh_redis_server, 20000)
     with capsys.disabled():
         print(f"\n[redis fault] T6 soak: attempts={made} successes={successes}", flush=True)
     assert successes == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# T3 / T7: the holder partitioned from Redis (fault proxy), the waiter not
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PartitionRounds:
+    rounds: int = 0
+    lost_delays: list[float] = field(default_factory=list)  # on_lost − freeze, seconds
+    lost_before_takeover: int = 0
+    stale_accepted: int = 0  # the healed holder's write with its old fence, accepted
+    stale_rejected: int = 0
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def partition_rounds(
+    server: RedisServer, make_proxy: Any, register: FencedRegister, rounds: int, ttl: float
+) -> PartitionRounds:
+    """Each round: the holder (through a fault proxy) takes a lock and writes; the proxy
+    freezes (a silent partition); a waiter (direct) takes over once the key expires and
+    writes; the holder's ``on_lost`` time is recorded; the partition heals and the holder tries
+    a write with its old fence, which the fenced register must reject."""
+    proxy = make_proxy(server.port)
+    prefix = f"part-{uuid.uuid4().hex[:8]}:"
+    # Short socket timeout and retry deadline: a frozen call gives up soon, as in production
+    # settings for a lease this short.
+    via = proxy.via(server.url) + f"?prefix={prefix}&socket_timeout=0.2&retry_deadline=0.3"
+    out = PartitionRounds()
+    with rc(via) as holder, rc(f"{server.url}?prefix={prefix}") as waiter:
+        for i in range(rounds):
+            name = f"p{i}"
+            lease = holder.acquire(name, ttl)
+            assert lease is not None
+            lost_at: list[float] = []
+            lease.on_lost(lambda _, lost_at=lost_at: lost_at.append(time.monotonic()))
+            value = register.read(lease.fence)
+            assert register.write(value + 1, lease.fence)[0]
+            frozen_at = time.monotonic()
+            proxy.freeze()
+            assert proxy.stats.mode == "freeze"  # the fault happened
+            taken = waiter.acquire(name, 30, wait=ttl * 3 + PARTITION_PATIENCE)
+            taken_at = time.monotonic()
+            assert taken is not None and taken.fence > lease.fence, "nobody took over"
+            value = register.read(taken.fence)
+            assert register.write(value + 1, taken.fence)[0]
+            stop = time.monotonic() + PARTITION_PATIENCE
+            while not lost_at and time.monotonic() < stop:
+                time.sleep(0.005)
+            assert lost_at, "the partitioned holder was never told its lease was lost"
+            out.lost_delays.append(lost_at[0] - frozen_at)
+            out.lost_before_takeover += lost_at[0] <= taken_at
+            proxy.heal()
+            accepted, _ = register.write(register.read() + 1, lease.fence)
+            out.stale_accepted += accepted
+            out.stale_rejected += not accepted
+            assert lease.release() is False  # not ours any more; deletes nothing
+            assert taken.release() is True
+            out.rounds += 1
+    return out
+
+
+PARTITION_PATIENCE = 15.0
+
+
+def report_partitions(
+    capsys: pytest.CaptureFixture[str], title: str, r: PartitionRounds, ttl: float
+) -> None:
+    with capsys.disabled():
+        print(
+            f"\n[redis fault] {title}: rounds={r.rounds} ttl={ttl}s "
+            f"on_lost_delay_p50={percentile(r.lost_delays, 0.5) * 1000:.0f}ms "
+            f"p99={percentile(r.lost_delays, 0.99) * 1000:.0f}ms "
+            f"max={max(r.lost_delays) * 1000:.0f}ms "
+            f"lost_before_takeover={r.lost_before_takeover}/{r.rounds} "
+            f"stale_writes_accepted={r.stale_accepted} "
+            f"healed_holder_writes_rejected={r.stale_rejected}/{r.rounds}",
+            flush=True,
+        )
+
+
+@pytest.mark.parametrize(
+    "rounds",
+    [pytest.param(6, marks=pytest.mark.fault, id="fault"),
+     pytest.param(100, marks=SOAK, id="soak")],
+)  # fmt: skip
+def test_t3_partitioned_holder_is_told_and_fenced_off(
+    redis_server: RedisServer,
+    fault_proxy: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    rounds: int,
+) -> None:
+    ttl = 1.0
+    register = FencedRegister(tmp_path / "register.json")
+    r = partition_rounds(redis_server, fault_proxy, register, rounds=rounds, ttl=ttl)
+    report_partitions(capsys, f"T3/T7 partition (freeze) of the holder, {rounds} rounds", r, ttl)
+    assert r.rounds == rounds
+    assert r.stale_accepted == 0 and r.stale_rejected == r.rounds
+
+
+def partition_scenario(
+    server: RedisServer,
+    make_proxy: Any,
+    tmp_path: Path,
+    cleanup: list[subprocess.Popen[str]],
+    *,
+    workers: int,
+    iterations: int,
+    partitions: int,
+    ttl: float,
+    budget: float,
+) -> tuple[Report, Faults, HistoryLog]:
+    """Fenced workers, each talking to Redis through a fault proxy of its own; the current
+    holder's proxy is frozen for 2 × ttl (a silent partition), then healed."""
+    prefix = f"fault-{uuid.uuid4().hex[:8]}:"
+    proxies = {f"w{i}": make_proxy(server.port) for i in range(workers)}
+    query = f"?prefix={prefix}&socket_timeout=0.25&retry_deadline=0.5"
+    urls = {w: proxy.via(server.url) + query for w, proxy in proxies.items()}
+    procs, register, history = start_workers(
+        urls, tmp_path, workers,
+        iterations=iterations, ttl=ttl, wait=budget, hold=0.005, deadline=budget,
+    )  # fmt: skip
+    cleanup.extend(procs.values())
+    faults = Faults()
+    total = workers * iterations
+    for step in holder_steps(
+        procs, register, history, faults, count=partitions, budget=budget, total=total, seed=3
+    ):
+        if step["op"] != "read":
+            continue
+        worker = step["w"]
+        faults.attempts += 1
+        proxies[worker].freeze()
+        t0 = time.monotonic()
+        time.sleep(2 * ttl)
+        proxies[worker].heal()
+        faults.pauses.append((worker, int(step["fence"]), t0, time.monotonic()))
+        faults.injected += 1
+    finish_workers(procs, budget)
+    return check(history, register), faults, history
+
+
+def judge_partitions(report: Report, faults: Faults, history: HistoryLog) -> None:
+    """The frozen holder keeps running (only its network is cut), so its own write right after
+    the freeze is legitimate (its lease is still valid then); what must hold is that no stale
+    write is ever accepted, and that a frozen holder someone took over from heard of it (lost,
+    a refused release, or an error from its release call)."""
+    events = history.events()
+    for worker, fence, t0, t1 in faults.pauses:
+        if accepted_between(events, worker, t0, t1):
+            told = any(
+                e["w"] == worker and e.get("fence") in (fence, None) and t0 <= e["t"]
+                and (e["op"] in ("lost", "error")
+                     or (e["op"] == "release-result" and not e["ok"]))
+                for e in events
+            )  # fmt: skip
+            assert told, f"{worker} (fence {fence}) was taken over and never told"
+    assert report.c2_stale_accepted == 0
+    assert report.c3_lost_updates == 0
+    assert report.c4_fence_inversions == 0
+
+
+@pytest.mark.parametrize(
+    ("workers", "iterations", "partitions"),
+    [pytest.param(4, 150, 3, marks=pytest.mark.fault, id="fault"),
+     pytest.param(8, 1300, 20, marks=SOAK, id="soak")],
+)  # fmt: skip
+def test_t3_partitioned_workers(
+    redis_server: RedisServer,
+    fault_proxy: Any,
+    tmp_path: Path,
+    workers_cleanup: list[subprocess.Popen[str]],
+    capsys: pytest.CaptureFixture[str],
+    workers: int,
+    iterations: int,
+    partitions: int,
+) -> None:
+    report, faults, history = partition_scenario(
+        redis_server, fault_proxy, tmp_path, workers_cleanup, workers=workers,
+        iterations=iterations, partitions=partitions, ttl=1.0, budget=100.0 + iterations,
+    )  # fmt: skip
+    report_line(capsys, f"T3 partition (freeze) of the holder, {workers} workers", report, faults)
+    assert faults.injected >= min(partitions, 10), "too few partitions caught a holder"
+    assert report.acquisitions == workers * iterations
+    judge_partitions(report, faults, history)
+
+
+# ---------------------------------------------------------------------------------------------
+# T2: fenced workers killed with SIGKILL mid-run (and replaced)
+# ---------------------------------------------------------------------------------------------
+
+
+def kill_workers_scenario(
+    server: RedisServer,
+    tmp_path: Path,
+    cleanup: list[subprocess.Popen[str]],
+    *,
+    workers: int,
+    iterations: int,
+    kills: int,
+    ttl: float,
+    budget: float,
+) -> tuple[Report, Faults]:
+    """Fenced workers; the current holder is SIGKILLed now and then and a fresh worker takes
+    its place (with the iterations it had left), so the run keeps its total."""
+    url = prefixed(server)
+    register = FencedRegister(tmp_path / "register.json")
+    history = HistoryLog(tmp_path / "history.jsonl")
+    opts = {"ttl": ttl, "wait": budget, "hold": 0.002, "deadline": budget}
+
+    def spawn(worker: str, count: int) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            worker_command(url, register.path, history.path, worker, iterations=count, **opts),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        cleanup.append(proc)
+        return proc
+
+    procs = {f"w{i}": spawn(f"w{i}", iterations) for i in range(workers)}
+    killed: dict[str, subprocess.Popen[str]] = {}
+    faults = Faults()
+    stop_at = time.monotonic() + budget * 0.7
+    step = workers * iterations // (kills + 1)
+    while faults.injected < kills and time.monotonic() < stop_at:
+        if register.state()["accepted"] < step * (faults.injected + 1):
+            time.sleep(0.05)
+            continue
+        holder = holder_now(history)
+        if holder is None or holder["w"] not in procs:
+            time.sleep(0.002)
+            continue
+        worker = holder["w"]
+        proc = procs.pop(worker)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL  # the fault happened
+        killed[worker] = proc
+        done = sum(1 for e in history.events() if e["op"] == "acquired" and e["w"] == worker)
+        replacement = f"{worker}r{faults.injected}"
+        procs[replacement] = spawn(replacement, max(1, iterations - done))
+        faults.injected += 1
+    finish_workers(procs, budget)
+    return check(history, register), faults
+
+
+@pytest.mark.parametrize(
+    ("workers", "iterations", "kills"),
+    [pytest.param(4, 150, 2, marks=pytest.mark.fault, id="fault"),
+     pytest.param(8, 1300, 20, marks=SOAK, id="soak")],
+)  # fmt: skip
+def test_t2_killed_fenced_workers(
+    fresh_redis_server: RedisServer,
+    tmp_path: Path,
+    workers_cleanup: list[subprocess.Popen[str]],
+    capsys: pytest.CaptureFixture[str],
+    workers: int,
+    iterations: int,
+    kills: int,
+) -> None:
+    report, faults = kill_workers_scenario(
+        fresh_redis_server, tmp_path, workers_cleanup, workers=workers,
+        iterations=iterations, kills=kills, ttl=0.5, budget=100.0 + iterations,
+    )  # fmt: skip
+    report_line(capsys, f"T2 SIGKILL holder, {workers} workers", report, faults)
+    assert faults.injected == kills
+    assert report.acquisitions >= workers * iterations - kills  # killed rounds were redone
+    assert report.c2_stale_accepted == report.c3_lost_updates == report.c4_fence_inversions == 0

@@ -235,7 +235,7 @@ def _leader_kills(
         ttl=5,
         wait=60,
         hold=0.002,
-        deadline=90 + 20 * kills,
+        deadline=90 + 20 * kills + total / 20,  # >= 20 acquisitions/s between faults
     )
     probe = coordlock.connect(url)
     faults = 0
@@ -244,7 +244,8 @@ def _leader_kills(
             # Kill while the lock is held and contended: after a share of the work is done,
             # the test itself takes the lock (as one more fenced worker, "probe") and kills the
             # leader while it holds it and the workers queue behind it.
-            if not crew.wait_for(total * (k + 1) // (kills + 2), timeout=60) or not crew.running():
+            share = total * (k + 1) // (kills + 2)
+            if not crew.wait_for(share, timeout=60 + total / 20) or not crew.running():
                 break
             leader = ensemble.leader()
             pid = leader.pid
@@ -256,7 +257,7 @@ def _leader_kills(
                 faults += 1
             leader.start(wait=False)
             ensemble.wait_quorum(90)
-        failures = crew.finish(timeout=120 + 20 * kills)
+        failures = crew.finish(timeout=120 + 20 * kills + total / 20)
     finally:
         crew.kill()
         probe.close()
@@ -304,8 +305,9 @@ def test_leader_kill_keeps_fencing_safe(
 
 
 @pytest.mark.coordlock_soak
+@pytest.mark.timeout(3600)
 def test_leader_kill_soak(zookeeper_ensemble: ZooKeeperEnsemble, tmp_path: Path) -> None:
-    _leader_kills(zookeeper_ensemble, tmp_path, workers=6, iterations=1000, kills=8)
+    _leader_kills(zookeeper_ensemble, tmp_path, workers=6, iterations=1700, kills=8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,18 +328,19 @@ def _server_restarts(
         ttl=10,
         wait=60,
         hold=0.002,
-        deadline=60 + 15 * kills,
+        deadline=60 + 15 * kills + total / 20,
     )
     faults = 0
     try:
         for k in range(kills):
-            if not crew.wait_for(total * (k + 1) // (kills + 2), timeout=60) or not crew.running():
+            share = total * (k + 1) // (kills + 2)
+            if not crew.wait_for(share, timeout=60 + total / 20) or not crew.running():
                 break
             pid = server.pid
             server.restart(kill=True)
             assert server.pid != pid and not _pid_alive(pid), "the server did not restart"
             faults += 1
-        failures = crew.finish(timeout=120 + 15 * kills)
+        failures = crew.finish(timeout=120 + 15 * kills + total / 20)
     finally:
         crew.kill()
     assert not failures, "workers failed:\n" + "\n".join(failures)
@@ -352,8 +355,9 @@ def test_server_restart_keeps_fencing_safe(
 
 
 @pytest.mark.coordlock_soak
+@pytest.mark.timeout(3600)
 def test_server_restart_soak(fresh_zookeeper_server: ZooKeeperServer, tmp_path: Path) -> None:
-    _server_restarts(fresh_zookeeper_server, tmp_path, iterations=1000, kills=8)
+    _server_restarts(fresh_zookeeper_server, tmp_path, iterations=2550, kills=8)
 
 
 def test_connection_drop_within_grace_keeps_the_lease(

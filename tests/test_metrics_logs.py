@@ -49,8 +49,10 @@ def test_a_lost_lease_logs_lock_fence_backend_owner_event_and_reason(
     with caplog.at_level(logging.WARNING, logger="coordlock"):
         lease = memory.acquire("logged", 0.2, renew=False)
         assert lease is not None
-        deadline = time.monotonic() + 10
-        while not lease.lost and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10  # the report is made on the callback thread
+        while time.monotonic() < deadline and not any(
+            getattr(r, "event", None) == "lost" for r in caplog.records
+        ):
             time.sleep(0.02)
     record = next(r for r in caplog.records if getattr(r, "event", None) == "lost")
     assert facts(record) == {
@@ -129,6 +131,11 @@ def test_no_coordlock_record_uses_a_reserved_attribute(
         taken = memory.acquire("reserved-2", 30)
         memory.force_release("reserved-2")
         assert taken.extend() is False
+        deadline = time.monotonic() + 10  # loss reports are made on the callback thread
+        while time.monotonic() < deadline and not any(
+            getattr(r, "lock", None) == "reserved-2" for r in caplog.records
+        ):
+            time.sleep(0.02)
     assert any(getattr(r, "lock", None) == "reserved-2" for r in caplog.records)
 
 

@@ -377,3 +377,21 @@ def test_a_won_tick_waits_for_a_run_just_ending(clock: Clock, pair: Any) -> None
     spec = TickSpec("job", IntervalTrigger(60))
     assert spec.lease_wait(T0, T0 + 1) == 5.0  # at most 5 s
     assert spec.lease_wait(T0, T0 + 29) == 1.0 and spec.lease_wait(T0, T0 + 31) == 0.0
+
+
+def test_a_stalled_call_does_not_claim_after_the_next_tick(clock: Clock, pair: Any) -> None:
+    """A call that named its tick, then stalled (GC pause, an overloaded host) until after the
+    next tick, does not claim it: the first claim may have expired, so it could run twice."""
+    a, _ = pair
+    held = coordlock.lock("job", ttl=10, every=4, coordinator=a)
+    clock.now = T0 + 4.5  # now: after the next tick of T0
+    with pytest.raises(LockNotAcquired, match="too late to claim it safely") as info:
+        held.acquire(now=T0 + 1.0)  # named T0 when the call came, 3.5 s ago
+    assert info.value.reason == "off-tick"  # type: ignore[attr-defined]
+    assert info.value.tick == datetime.fromtimestamp(T0, timezone.utc)  # type: ignore[attr-defined]
+    assert a.claim(f"job@{tick_key(T0)}", 10)  # nothing was claimed
+    clock.now = T0 + 3.9  # still before the next tick: fine
+    assert coordlock.lock("job2", ttl=10, every=4, coordinator=a).acquire(now=T0 + 1.0)
+    spec = TickSpec("job", CronTrigger("0 9,17 * * *"))
+    nine = datetime(2024, 1, 2, 9, 0, tzinfo=timezone.utc).timestamp()
+    assert spec.claim_deadline(nine) == nine + 8 * 3600

@@ -4,7 +4,8 @@ start the job as a process of its own each time; over seven ticks, each tick ran
 and no tick ran twice. (On a machine so loaded that a run still holds the lock when the next
 tick is won, that tick is refused as ``running`` — the no-overlap rule — and reported; at least
 five ticks must run once. Starts that come seconds late belong to a later tick: the test
-follows the tick each start named, recorded by ``tick_server.py``.)
+follows the tick each start named, recorded by ``tick_server.py``; a start stalled past the
+next tick before it could claim its own does not claim it, and is reported.)
 
 Three jobs run side by side (``tests/tick_server.py``): the crontab line ``coordlock run
 --every 4s``, a ``@coordlock.locked(every=4)`` function and the same on an ``async def``. On the
@@ -15,12 +16,17 @@ The jobs finish in milliseconds, long before the later servers start: a plain lo
 each of them run the tick again. memory:// cannot cross processes: its three servers are
 threads of this process, and its "kill" is a winner that stalls through the later starts.
 
-All selected backends run at once, in one experiment of about 30 s (the module fixture); each
-test then checks one backend's part. Bounded: every process has a deadline.
+All selected backends run at once, in one experiment of about 35 s (the module fixture, run
+once per test run even under pytest-xdist); each test then checks one backend's part. If the
+machine was so loaded that a backend's job had fewer than five ticks with a start near them,
+that backend runs one more round (coverage only: every round is checked for duplicates).
+Bounded: every process has a deadline.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import math
 import os
@@ -30,7 +36,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +107,59 @@ def _iso(tick: float) -> str:
 @pytest.fixture(scope="module")
 def experiment(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Part]]:
+) -> Iterator[dict[str, list[Part]]]:
+    """The experiment's results (one or two rounds per backend). Under pytest-xdist it runs
+    once per test run, in the first worker that needs it; the others wait for it and read its
+    results (running it in every worker at once would multiply the load it is sensitive to)."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run_id:
+        yield _rounds(request, tmp_path_factory)
+        return
+    shared = tmp_path_factory.getbasetemp().parent / f"ticks-experiment-{run_id}"
+    shared.mkdir(exist_ok=True)
+    results = shared / "parts.json"
+    with (shared / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held by the worker running it (bounded run)
+        if results.exists():
+            saved = json.loads(results.read_text())
+            yield {
+                b: [Part(**{**d, "workdir": Path(d["workdir"])}) for d in rounds]
+                for b, rounds in saved.items()
+            }
+            return
+        parts = _rounds(request, tmp_path_factory)
+        results.write_text(json.dumps(
+            {b: [{**asdict(p), "workdir": str(p.workdir)} for p in rounds]
+             for b, rounds in parts.items()}
+        ))  # fmt: skip
+    yield parts
+
+
+def _rounds(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, list[Part]]:
+    """The experiment, and once more if the machine was so loaded that some job had fewer than
+    5 scheduled ticks with a start near them (coverage, never correctness: every round's
+    results are checked for duplicates)."""
+    rounds = {b: [p] for b, p in _run_experiment(request, tmp_path_factory).items()}
+    short = [
+        b for b, (p,) in rounds.items() if p.unavailable is None
+        and any(_analyse(p, job)[1] < 5 for job in tick_server.Server.JOBS)
+    ]  # fmt: skip
+    if short:
+        print(f"\nthe machine was too slow for {short}: one more round")
+        for b, p in _run_experiment(request, tmp_path_factory, short).items():
+            rounds[b].append(p)
+    return rounds
+
+
+def _run_experiment(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    backends: list[str] | None = None,
+) -> dict[str, Part]:
     parts: dict[str, Part] = {}
-    for backend in selected_backends(request.config):
+    for backend in backends or selected_backends(request.config):
         part = parts[backend] = Part(backend)
         part.workdir = tmp_path_factory.mktemp(f"ticks-{backend}")
         try:
@@ -175,98 +231,121 @@ def experiment(
             setattr(part, key, [line.split() for line in lines])
         errs = sorted(part.workdir.glob("*.err"))
         part.stderr = "".join(e.read_text(errors="replace") for e in errs)
-    yield parts
+    return parts
 
 
-def _part(experiment: dict[str, Part], backend: str) -> Part:
-    part = experiment[backend]
-    if part.unavailable is not None:
-        if "Failed" in part.unavailable:
-            pytest.fail(part.unavailable)
-        pytest.skip(part.unavailable)
-    return part
+def _parts(experiment: dict[str, list[Part]], backend: str) -> list[Part]:
+    parts = experiment[backend]
+    unavailable = parts[0].unavailable
+    if unavailable is not None:
+        if "Failed" in unavailable:
+            pytest.fail(unavailable)
+        pytest.skip(unavailable)
+    return parts
 
 
-def _check_once(part: Part, job: str) -> None:
-    """Every start was recorded and none failed; no tick ran twice; every tick that some
-    server started for (by its own clock, within the skew) ran exactly once; at least 5
-    scheduled ticks were among them, and some start found its tick already claimed."""
-    print(f"\n{part.summary(job)}")
+def _analyse(part: Part, job: str) -> tuple[list[str], int, int]:
+    """(violations, scheduled ticks covered, starts refused as claimed elsewhere) of one job.
+
+    Violations: a start not recorded or failed; a tick that ran twice; a tick that some start
+    named (within the skew, by its own clock) that did not run exactly once. Not violations,
+    but not covered either: a tick whose every start stalled past the next tick (unclaimed,
+    see ``_check_fresh``), or that was won while a run still held the lock (``running``: the
+    no-overlap rule on a machine too loaded to finish a run within a tick).
+    """
+    problems: list[str] = []
     attempts = [o for o in part.outcomes if o[0] == job]
-    assert len(attempts) == len(part.ticks) * len(OFFSETS), (attempts, part.stderr[-3000:])
+    if len(attempts) != len(part.ticks) * len(OFFSETS):
+        problems.append(f"{len(attempts)} starts recorded: {attempts} {part.stderr[-3000:]}")
     errors = [o for o in attempts if o[3].startswith("error")]
-    assert not errors, (errors, part.stderr[-3000:])
+    if errors:
+        problems.append(f"failed starts: {errors} {part.stderr[-3000:]}")
     starts = part.starts(job)
-    assert set(starts.values()) <= {1}, f"a tick ran twice: {starts}"
+    if set(starts.values()) - {1}:
+        problems.append(f"a tick ran twice: {starts}")
     by_tick: dict[str, list[str]] = defaultdict(list)
     for o in attempts:
         by_tick[o[6]].append(o[3])
     last = _iso(part.ticks[-1])
-    ends = [(r[1], float(r[4])) for r in part.runs if r[0] == job and r[2] == "end"]
-    excused = []
+    uncovered: list[str] = []
     for tick, outcomes in sorted(by_tick.items()):
         won = [o for o in outcomes if o in ("ran", "killed")]
         if tick > last:  # a start seconds late under load, named the tick after the schedule
-            assert len(won) <= 1, (tick, outcomes)
+            if len(won) > 1:
+                problems.append(f"{tick}: {outcomes}")
             continue
-        if not won and _held_by_an_earlier_run(attempts, ends, tick):
-            excused.append(tick)  # no overlap: the previous tick's run still held the lock
+        if not won and ("running" in outcomes or set(outcomes) == {"off-tick"}):
+            uncovered.append(tick)  # the claim's one winner found the lock held, or none
+            if outcomes.count("running") > 1 or set(outcomes) - NOT_RUN - {"running"}:
+                problems.append(f"{tick}: {outcomes}")  # two claim winners?
             continue
-        assert len(won) == 1 and starts[tick] == 1, (tick, outcomes, starts)
-        assert all(o in NOT_RUN for o in outcomes if o not in won), (tick, outcomes)
-    assert sum(starts.values()) == sum(o[3] in ("ran", "killed") for o in attempts)
-    covered = [t for t in part.ticks if _iso(t) in by_tick and _iso(t) not in excused]
-    if excused:
-        print(f"[{part.backend} {job}] not run, a previous run still held the lock: {excused}")
-    assert len(covered) >= 5, f"only {len(covered)} scheduled ticks had a start near them"
-    if part.backend != "memory" or job != "cli":  # memory's cli cannot tell why (shared stderr)
-        refused = sum(o[3] == "claimed-elsewhere" for o in attempts)
+        if len(won) != 1 or starts[tick] != 1:
+            problems.append(f"{tick} did not run exactly once: {outcomes}, runs {starts}")
+        if any(o not in NOT_RUN for o in outcomes if o not in won):
+            problems.append(f"{tick}: {outcomes}")
+    if sum(starts.values()) != sum(o[3] in ("ran", "killed") for o in attempts):
+        problems.append(f"runs {starts} do not match the outcomes {attempts}")
+    if uncovered:
+        print(f"[{part.backend} {job}] not run (stalled starts, or the lock still held): "
+              f"{uncovered}")  # fmt: skip
+    covered = [t for t in part.ticks if _iso(t) in by_tick and _iso(t) not in uncovered]
+    refused = sum(o[3] == "claimed-elsewhere" for o in attempts)
+    return problems, len(covered), refused
+
+
+def _check_once(parts: list[Part], job: str) -> None:
+    """No violation in any round of the experiment; in one round at least 5 scheduled ticks
+    had a start near them and ran once; some start found its tick already claimed."""
+    best = refused = 0
+    for part in parts:
+        print(f"\n{part.summary(job)}")
+        problems, covered, refusals = _analyse(part, job)
+        assert not problems, problems
+        best, refused = max(best, covered), refused + refusals
+    assert best >= 5, f"at most {best} scheduled ticks had a start near them ({len(parts)} rounds)"
+    if parts[0].backend != "memory" or job != "cli":  # memory's cli cannot tell why
         assert refused >= 1, "no start ever found its tick claimed: the test tested nothing"
 
 
-def _held_by_an_earlier_run(
-    attempts: list[list[str]], ends: list[tuple[str, float]], tick: str
-) -> bool:
-    """Whether ``tick`` was won but refused as ``running`` while a run of an earlier tick was
-    ending (it ended no earlier than the skew before the refused start named its tick): the
-    lock's no-overlap rule at work on a machine too loaded to finish a run within a tick."""
-    refused = [float(o[5]) for o in attempts if o[6] == tick and o[3] == "running"]
-    if len(refused) != 1:
-        return False
-    return any(t < tick and end >= refused[0] - EVERY / 2 for t, end in ends)
+def test_crontab_line_runs_each_tick_once(
+    experiment: dict[str, list[Part]], backend_name: str
+) -> None:
+    _check_once(_parts(experiment, backend_name), "cli")
 
 
-def test_crontab_line_runs_each_tick_once(experiment: dict[str, Part], backend_name: str) -> None:
-    part = _part(experiment, backend_name)
-    _check_once(part, "cli")
-
-
-def test_locked_runs_each_tick_once(experiment: dict[str, Part], backend_name: str) -> None:
-    part = _part(experiment, backend_name)
-    _check_once(part, "deco")
+def test_locked_runs_each_tick_once(
+    experiment: dict[str, list[Part]], backend_name: str
+) -> None:
+    _check_once(_parts(experiment, backend_name), "deco")
 
 
 def test_async_locked_runs_each_tick_once(
-    experiment: dict[str, Part], backend_name: str
+    experiment: dict[str, list[Part]], backend_name: str
 ) -> None:
-    part = _part(experiment, backend_name)
-    if part.legacy:
+    parts = _parts(experiment, backend_name)
+    if parts[0].legacy:
         pytest.xfail(f"the {backend_name} backend is not ported to the async core yet")
-    _check_once(part, "adeco")
+    _check_once(parts, "adeco")
 
 
-def test_killed_mid_run_is_not_run_again(experiment: dict[str, Part], backend_name: str) -> None:
-    part = _part(experiment, backend_name)
-    kill = _iso(part.ticks[-1])
-    for job in ("cli", "deco"):
-        outcomes = [o[3] for o in part.outcomes if o[0] == job and o[6] == kill]
-        assert outcomes, f"no server started {job} near the tick {kill}"
-        assert part.starts(job)[kill] == 1, (job, part.runs)
-        if backend_name == "memory":  # threads: the winner stalled through the later starts
-            assert outcomes.count("ran") == 1 and part.ends(job)[kill] == 1
-        else:
-            assert outcomes.count("killed") == 1, (job, outcomes)
-            # coordlock run was killed, its CMD (own process group) finished; the decorated
-            # function died with its process
-            assert part.ends(job)[kill] == (1 if job == "cli" else 0), (job, part.runs)
-        assert all(o in NOT_RUN for o in outcomes if o not in ("ran", "killed")), outcomes
+def test_killed_mid_run_is_not_run_again(
+    experiment: dict[str, list[Part]], backend_name: str
+) -> None:
+    checked = 0
+    for part in _parts(experiment, backend_name):
+        kill = _iso(part.ticks[-1])
+        for job in ("cli", "deco"):
+            outcomes = [o[3] for o in part.outcomes if o[0] == job and o[6] == kill]
+            if not outcomes or "running" in outcomes or set(outcomes) == {"off-tick"}:
+                continue  # no start near the tick, or none could run it (see _analyse)
+            assert part.starts(job)[kill] == 1, (job, part.runs)
+            if backend_name == "memory":  # threads: the winner stalled through later starts
+                assert outcomes.count("ran") == 1 and part.ends(job)[kill] == 1
+            else:
+                assert outcomes.count("killed") == 1, (job, outcomes)
+                # coordlock run was killed, its CMD (own process group) finished; the
+                # decorated function died with its process
+                assert part.ends(job)[kill] == (1 if job == "cli" else 0), (job, part.runs)
+            assert all(o in NOT_RUN for o in outcomes if o not in ("ran", "killed")), outcomes
+            checked += 1
+    assert checked >= 2, "the kill tick was never reached by a start that could run it"

@@ -89,22 +89,23 @@ def test_each_tick_runs_once_across_two_replicas(replicas: list[str], tmp_path: 
             status, body = deliver(base, headers)
             assert status == 401, body
     assert not report.exists()  # nothing ran
-    ticks = []
+    replies = []
     with ThreadPoolExecutor(2) as pool:
         for _ in range(2):
             time.sleep(PERIOD - time.time() % PERIOD + 0.3)  # just after a tick (skew: 5 s)
-            at_once = list(pool.map(lambda base: deliver(base, auth), replicas))
-            retried = deliver(replicas[0], auth)  # the platform retries a delivery
-            replies = [*at_once, retried]
-            assert [status for status, _ in replies] == [200, 200, 200], replies
-            bodies = [body for _, body in replies]
-            assert len({b["tick"] for b in bodies}) == 1, bodies  # one tick, named alike
-            assert sorted(b["ran"] for b in bodies) == [False, False, True], bodies
-            assert {b["reason"] for b in bodies if not b["ran"]} == {"claimed-elsewhere"}
-            assert all(b["job"] == "report" for b in bodies)
-            ticks.append(bodies[0]["tick"])
-    assert ticks[0] != ticks[1]
-    assert report.read_text().split() == ticks  # each tick's job ran exactly once
+            replies += list(pool.map(lambda base: deliver(base, auth), replicas))  # at once
+            replies.append(deliver(replicas[0], auth))  # the platform retries a delivery
+    assert [status for status, _ in replies] == [200] * 6, replies
+    bodies = [body for _, body in replies]
+    assert all(b["job"] == "report" and b["tick"] for b in bodies), bodies
+    by_tick: dict[str, list[Any]] = {}
+    for body in bodies:  # (a slow machine may deliver a round's last request a tick later)
+        by_tick.setdefault(body["tick"], []).append(body)
+    for tick, seen in by_tick.items():
+        assert sum(b["ran"] for b in seen) == 1, (tick, seen)  # once per tick, at any replica
+        assert {b["reason"] for b in seen if not b["ran"]} <= {"claimed-elsewhere"}, seen
+    assert len(by_tick) >= 2 and max(len(seen) for seen in by_tick.values()) >= 2
+    assert report.read_text().split() == sorted(by_tick)  # each tick's job ran exactly once
 
 
 def test_refuses_to_start_without_a_secret(tmp_path: Path) -> None:

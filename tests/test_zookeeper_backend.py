@@ -27,8 +27,7 @@ from kazoo.exceptions import ConnectionLoss
 import coordlock
 from coordlock import ConfigurationError, Lease
 from coordlock._protocol import RunRecord
-from coordlock.backends import zookeeper as zkmod
-from coordlock.backends.zookeeper import ZooKeeperCoordinator, escape
+from coordlock.backends.zookeeper import ZooKeeperCoordinator, _claims, _layout, escape
 from coordlock.testing.contract import PATIENCE, eventually
 from coordlock.testing.servers import ZooKeeperServer
 
@@ -247,7 +246,7 @@ def test_grace_follows_the_negotiated_session_timeout(
     # The harness server clamps sessions to [0.4 s, 60 s]: asking for 100 s gets 60 s.
     c = make(session_timeout=100)
     assert c.acquire("grace", 10) is not None  # connected, so the session was negotiated
-    assert c._suspend_grace() == pytest.approx(60 / 3)
+    assert c._states.grace() == pytest.approx(60 / 3)
 
 
 def test_escape_keeps_names_apart_and_safe() -> None:
@@ -264,9 +263,9 @@ def test_sequence_order_survives_the_32_bit_wrap() -> None:
     created = [2**31 - 2, 2**31 - 1, -(2**31), -(2**31) + 1]
     children = [f"{uuid.uuid4().hex}-lock-{seq:010d}" for seq in created]
     for ref in created:
-        order = [child for _, child in zkmod._ordered(reversed(children), ref)]
+        order = [child for _, child in _layout.ordered(reversed(children), ref)]
         assert order == children
-    assert zkmod._ordered(["not-a-lock-node", "zookeeper"], 0) == []
+    assert _layout.ordered(["not-a-lock-node", "zookeeper"], 0) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,9 +311,11 @@ def test_fences_increase_across_names_clients_and_waiters(
 def test_try_acquire_is_idempotent_per_owner(make: Callable[..., ZooKeeperCoordinator]) -> None:
     c = make()
     owner = uuid.uuid4().hex
-    first = c._try_acquire("idem", owner, 10)
-    assert first is not None
-    assert c._try_acquire("idem", owner, 10) == first
+    first = c._try_acquire("idem", owner, 10, None)
+    assert first.fence is not None
+    # A retry of the same first attempt (no ticket yet: its reply was lost) finds the node.
+    assert c._try_acquire("idem", owner, 10, None).fence == first.fence
+    assert c._try_acquire("idem", owner, 10, first.ticket).fence == first.fence
     assert c._extend("idem", owner, 10) is True
     assert c._release("idem", owner) is True
     assert c._release("idem", owner) is False
@@ -500,6 +501,35 @@ def test_lost_create_reply_of_a_loser_leaves_no_orphan(
     assert taken is not None and taken.release()
 
 
+def test_first_attempt_that_never_got_a_reply_leaves_no_node(
+    make: Callable[..., ZooKeeperCoordinator], kz: KazooClient
+) -> None:
+    # The create lands but its reply is lost, and every retry fails until the retry deadline:
+    # the core gives up without a ticket to abandon. The node must not stay in the queue.
+    a = make(retry_deadline=0.5, sweep_interval=0)
+    b = make()
+    hit = lose_reply_of_first(a._client, "create_async", "-lock-")
+    original = a._client.get_children_async
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionLoss("simulated: still no connection")
+
+    a._client.get_children_async = refused  # the retry's search for its node by GUID fails
+    with pytest.raises(coordlock.BackendUnavailable):
+        a.acquire("stale-first", 10)
+    assert hit, "the fault was not injected"
+    a._client.get_children_async = original
+    # The core's cleanup after a BackendUnavailable releases by owner (a lost reply may have
+    # granted the lock); if the landed node survived that too, the worker drops it.
+    left = len(holder_path(kz, a, "stale-first"))
+    assert left <= 1
+    assert a._locks.drop_stale(0.0) == left  # what the worker does after a reconnect / sweep
+    a._locks.cleanup_orphans()
+    assert holder_path(kz, a, "stale-first") == []
+    taken = b.acquire("stale-first", 10)
+    assert taken is not None and taken.release()
+
+
 def test_orphan_whose_delete_failed_is_removed_after_reconnect(
     make: Callable[..., ZooKeeperCoordinator],
     kz: KazooClient,
@@ -522,12 +552,12 @@ def test_orphan_whose_delete_failed_is_removed_after_reconnect(
     b._client.delete_async = lambda path, *a, **k: _FailedDelete()
     assert b.acquire("orphan3", 10, wait=0.2) is None  # queued, gave up, delete "failed"
     b._client.delete_async = original
-    assert b._orphans, "the orphan was not recorded"
+    assert b._locks.orphans, "the orphan was not recorded"
     assert len(holder_path(kz, a, "orphan3")) == 2  # the orphan sits behind a's node
     proxy.cut()
-    assert eventually(lambda: not b._connected.is_set())
+    assert eventually(lambda: not b._session.connected.is_set())
     proxy.restore()
-    assert eventually(lambda: not b._orphans)  # found by GUID and deleted after reconnect
+    assert eventually(lambda: not b._locks.orphans)  # found by GUID and deleted after reconnect
     assert len(holder_path(kz, a, "orphan3")) == 1
     assert lease.release()
     taken = c.acquire("orphan3", 10)
@@ -614,7 +644,7 @@ def test_waiter_survives_session_loss(
     t.start()
     time.sleep(0.3)
     expire_session(waiter, zookeeper_server.hosts)
-    assert eventually(lambda: waiter._session != 0 and waiter._connected.is_set())
+    assert eventually(lambda: waiter._states.session_id != 0 and waiter._session.connected.is_set())
     time.sleep(0.3)
     assert lease.release()
     t.join(PATIENCE * 2)
@@ -688,7 +718,7 @@ def test_sweep_removes_expired_claims_only(
 def test_sweep_deletes_only_idle_lock_directories(
     make: Callable[..., ZooKeeperCoordinator], kz: KazooClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(zkmod, "LOCK_DIR_MIN_IDLE", 0.0)
+    monkeypatch.setattr(_claims, "LOCK_DIR_MIN_IDLE", 0.0)
     c = make(sweep_interval=0)
     idle = c.acquire("idle", 10)
     busy = c.acquire("busy", 10)
@@ -741,20 +771,20 @@ def test_claim_many_batches_fresh_keys_and_falls_back_per_key(
 ) -> None:
     """Fresh keys go in multis of CLAIM_BATCH keys; a batch with one taken key falls back to
     the per-key round, which still wins every free key of it (and only those)."""
-    monkeypatch.setattr(zkmod, "CLAIM_BATCH", 40)
+    monkeypatch.setattr(_claims, "CLAIM_BATCH", 40)
     first, second = make(), make()
     keys = [f"job{i}@2026-01-01T00:00:00Z" for i in range(130)]  # 4 batches, the last short
     taken = {keys[45], keys[90]}  # in batches 2 and 3
     assert second.claim_many(sorted(taken), 30) == taken
     batches: list[int] = []
-    original = first._claim_batches
+    original = first._claims.claim_batches
 
     def counting(paths: dict[str, str], data: bytes, token: str) -> tuple[set[str], list[str]]:
         won, rest = original(paths, data, token)
         batches.append(len(rest))
         return won, rest
 
-    monkeypatch.setattr(first, "_claim_batches", counting)
+    monkeypatch.setattr(first._claims, "claim_batches", counting)
     assert first.claim_many(keys, 30) == set(keys) - taken
     assert batches == [80]  # the two batches holding a taken key were retried per key
     assert second.claim_many(keys, 30) == set()

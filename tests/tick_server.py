@@ -56,7 +56,8 @@ def _recording_clock() -> float:
     in a job process writes it to the parent at once (before a kill can come)."""
     global _report_fd
     now = _real_clock()
-    _decided.at = now
+    if getattr(_decided, "at", None) is None:  # the first reading of a job names its tick
+        _decided.at = now
     if _report_fd is not None:
         os.write(_report_fd, f"{now:.6f}".encode())
         _report_fd = None
@@ -67,7 +68,7 @@ _locking.wall_clock = _recording_clock
 
 
 def decided_at() -> float:
-    return float(getattr(_decided, "at", 0.0))
+    return float(getattr(_decided, "at", None) or 0.0)
 
 
 def decided_tick() -> float:
@@ -126,7 +127,8 @@ class Server:
             status = coordlock.cli.main(argv)
         sys.stderr.write(said.getvalue())
         if status == 75:  # coordlock said why on stderr
-            for text, code in (("ran elsewhere", 75), ("skew tolerance", 76), ("still held", 77)):
+            for text, code in (("ran elsewhere", 75), ("skew tolerance", 76), ("too late", 76),
+                               ("still held", 77)):
                 if text in said.getvalue():
                     return code
         return status
@@ -217,23 +219,40 @@ class Server:
         return pid, read
 
     def run_processes(self, ticks: list[float]) -> None:
+        """Fork the jobs at each tick; reap them whenever they end (a slow job never delays
+        the next tick's start, as with cron)."""
+        running: dict[int, tuple[str, float, int]] = {}
         for tick in ticks:
-            sleep_until(tick + self.offset)
-            children = {job: self.fork(job, tick) for job in self.JOBS}
-            for job, (pid, read) in children.items():
-                _, status = os.waitpid(pid, 0)
-                at = os.read(read, 64).decode() or "0"
-                os.close(read)
-                code = os.waitstatus_to_exitcode(status)
-                outcome = "killed" if code == -signal.SIGKILL else OUTCOME_OF_STATUS.get(
-                    code, f"error:{code}"
-                )
-                self.record(job, tick, outcome, float(at))
+            while time.time() < tick + self.offset:
+                self.reap(running, block=False)
+                time.sleep(min(0.02, max(0.0, tick + self.offset - time.time())))
+            for job in self.JOBS:
+                pid, read = self.fork(job, tick)
+                running[pid] = (job, tick, read)
+        while running:
+            self.reap(running, block=True)
+
+    def reap(self, running: dict[int, tuple[str, float, int]], *, block: bool) -> None:
+        while running:
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            if pid == 0:
+                return
+            job, tick, read = running.pop(pid)
+            at = os.read(read, 64).decode() or "0"
+            os.close(read)
+            code = os.waitstatus_to_exitcode(status)
+            outcome = "killed" if code == -signal.SIGKILL else OUTCOME_OF_STATUS.get(
+                code, f"error:{code}"
+            )
+            self.record(job, tick, outcome, float(at))
+            if block:
+                return
 
     def run_threads(self, ticks: list[float]) -> list[threading.Thread]:
         """Start one thread per tick that starts the jobs at tick + offset (memory://)."""
 
         def one(job: str, tick: float) -> None:
+            _decided.at = None
             try:
                 code = getattr(self, job)(tick)
             except BaseException:

@@ -156,6 +156,8 @@ class MemoryCoordinator(BaseCoordinator):
         try:
             await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
+            pass
+        finally:  # timed out or cancelled: stop being a waiter
             with self._t.cond:
                 waiters = self._t.async_waiters.get(name, [])
                 with contextlib.suppress(ValueError):

@@ -5,142 +5,162 @@
   increasing even after Redis restarts without persistence (see docs/backends/redis.md for
   what that does and does not promise). A retried call that finds ``owner`` already holding
   the lock returns the same fence.
-* **release**: one ``EVALSHA``: compare-and-delete that also pushes a token onto the name's wait
-  list, which wakes one waiter blocked in ``BLPOP`` at once.
-* **extend**: compare-and-``PEXPIRE``.
-* **waiting**: ``BLPOP`` on the wait list, bounded by the holder's remaining PTTL (so a dead
-  holder's expiry is noticed) and by the caller's deadline; no polling. Each waiting thread
-  blocks on a connection of its own (a second pool), never on the command pool.
-* **keys**: the lock, fence and wait-list keys of a name share the hash tag
-  ``{<prefix><name>}``; claims and run history use keys that share one fixed hash tag each, so
-  every script touches a single Cluster slot.
+* **waiting**: a waiter queues itself (first come, first served) and blocks in ``BLPOP`` on a
+  list of its own; the release **hands the lock over** to the longest-waiting live waiter in
+  the same script and pushes it the fence, so the waiter holds the lock when ``BLPOP`` returns
+  (no second round trip). ``BLPOP`` is bounded by the holder's remaining PTTL (a dead holder's
+  expiry is noticed) and by ``MAX_BLOCK`` (the queue registration is renewed that often; a
+  waiter that died or froze is handed the lock only within that window).
+* **release**: compare-and-delete (or compare-and-hand-over) that leaves a short-lived
+  "released by <owner>" tombstone, so a release retried after a lost reply is still a clean
+  release. **extend**: compare-and-``PEXPIRE``.
+* **keys**: every key starts with the prefix (ACL users confined to ``~<prefix>*`` work);
+  the keys of a name share the hash tag ``{<name>}`` (see ``_redis_keys``).
+* **async**: native ``redis.asyncio`` clients, one pair per event loop; the sync and async
+  hooks share argument building and reply parsing (the wait is one coroutine for both).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import math
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
+from .._attempt import Attempt
 from .._base import BaseCoordinator
-from .._errors import BackendUnavailable, ConfigurationError
-from .._protocol import LockInfo, RunRecord
-from .._registry import missing_driver, redact
-from .._retry import call_with_retry
+from .._errors import ConfigurationError
+from .._io import drive
+from .._protocol import ServerInfo
+from .._registry import missing_driver
 from . import _redis_scripts as lua
+from ._redis_keys import KeyLayout, ms
 
 try:
     import redis
-    from redis.backoff import NoBackoff
+    import redis.asyncio
     from redis.commands.core import Script
-    from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
-    from redis.exceptions import (
-        AuthenticationError,
-        AuthorizationError,
-        BusyLoadingError,
-        NoScriptError,
-        ReadOnlyError,
-        TryAgainError,
-    )
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-    from redis.retry import Retry
-    from redis.sentinel import Sentinel
+    from redis.exceptions import NoScriptError, RedisError
+
+    from . import _redis_url as urls
+    from ._redis_listing import ListingMixin, text
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
     raise missing_driver("redis", "redis", "redis") from exc
 
 log = logging.getLogger("coordlock")
-T = TypeVar("T")
 
-DEFAULT_PREFIX = "coordlock:"
-DEFAULT_SOCKET_TIMEOUT = 2.0
-DEFAULT_CONNECT_TIMEOUT = 2.0
+DEFAULT_PREFIX = urls.DEFAULT_PREFIX
+DEFAULT_SOCKET_TIMEOUT = urls.DEFAULT_SOCKET_TIMEOUT
+DEFAULT_CONNECT_TIMEOUT = urls.DEFAULT_CONNECT_TIMEOUT
 DEFAULT_HISTORY_LIMIT = 1000
-DEFAULT_SENTINEL_PORT = 26379
 
-#: Longest single BLPOP; a waiter re-checks the lock at least this often (not polling: it is
-#: woken at once by a release, this only bounds how long one blocked call may last).
-MAX_BLOCK = 10.0
+#: Longest single BLPOP (seconds); a waiter renews its place in the queue this often (not
+#: polling: a release hands the lock over at once). It also bounds how long after a waiter
+#: died or froze a release may still hand it the lock (which then waits out its ttl).
+MAX_BLOCK = 2.0
+#: A waiter's queue registration outlives its BLPOP by this much (seconds), to cover the
+#: round trip back to renew it.
+REGISTER_SLACK = 1.0
 #: Extra time a waiter blocks past the holder's PTTL before looking again (ms rounding).
 EXPIRY_SLACK = 0.002
-#: How long a wake token lives in the wait list when nobody is blocked (ms).
-WAKE_TOKEN_MS = 10_000
-#: How long the "someone is waiting" flag stays up after a failed attempt (ms): longer than
-#: the longest BLPOP, so a waiter is always woken by the release that follows its attempt.
-WAITERS_FLAG_MS = int(MAX_BLOCK * 1000) + 5_000
 #: Highest fences this process saw, by name, passed as a floor (bounded).
 SEEN_FENCES_MAX = 4096
-SCAN_COUNT = 500
-
-#: Options coordlock itself reads from the URL query (or from_url keyword arguments).
-OWN_OPTIONS = frozenset({"prefix", "retry_deadline", "history_limit"})
-#: redis-py connection options accepted in the URL query of redis://, rediss://, unix://.
-REDIS_URL_OPTIONS = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
-    "client_name",
-    "username",
-    "password",
-    "ssl_cert_reqs",
-    "ssl_ca_certs",
-    "ssl_ca_path",
-    "ssl_certfile",
-    "ssl_keyfile",
-    "ssl_password",
-    "ssl_ciphers",
-}
-#: Options of redis+sentinel:// URLs.
-SENTINEL_URL_OPTIONS = frozenset(
-    {
-        "db",
-        "socket_timeout",
-        "socket_connect_timeout",
-        "client_name",
-        "sentinel_username",
-        "sentinel_password",
-        "max_connections",
-    }
-)
-
-_GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+#: Seconds a release tombstone outlives the retry deadline (socket timeouts of the retries).
+TOMBSTONE_SLACK = 5.0
+_DIGITS = frozenset(b"0123456789")
 
 
-def _no_retry() -> Retry:
-    """redis-py must not retry on its own: coordlock's bounded tenacity retry does that."""
-    return Retry(NoBackoff(), 0)
+@dataclass(frozen=True, slots=True)
+class AcquireReply:
+    """What one acquire script call said."""
+
+    fence: int | None  # the fence when the caller now holds the lock
+    pttl: int = -2  # when busy: the holder's remaining ttl in ms (-1: no expiry)
+    held_before: bool = False  # the caller already held it (a hand-over, or a retried call)
+    legacy_refused: bool = False  # the server refused to read the old layout's fence key
 
 
-def _ms(seconds: float) -> int:
-    """Seconds → whole milliseconds, rounded up so the server never expires a key earlier
-    than the client believes it holds it."""
-    return max(1, math.ceil(seconds * 1000))
+def parse_acquire(result: Any) -> AcquireReply:
+    """Parse the reply of ``_redis_scripts.ACQUIRE``."""
+    if isinstance(result, int):
+        return AcquireReply(None, result)
+    if type(result) is bytes and result[-1] in _DIGITS:  # the common case, kept cheap
+        return AcquireReply(int(result))
+    reply = text(result)
+    return AcquireReply(int(reply.rstrip("!=")), 0, reply.endswith("="), reply.endswith("!"))
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def parse_hand_over(item: bytes | str) -> tuple[int, float]:
+    """Parse a hand-over ``"<fence>|<µs from registration to hand-over>"``: (fence, seconds)."""
+    fence, _, delay = text(item).partition("|")
+    return int(fence), max(0, int(delay)) / 1e6
 
 
-class RedisCoordinator(BaseCoordinator):
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """Per-acquire-call state: who asks, for how long, and the queueing so far."""
+
+    owner: str
+    ttl: float
+    queued: bool = False  # registered in the name's queue (abandon must leave it)
+    previous: float | None = None  # monotonic send time of the last queueing attempt
+
+
+class _Redis:
+    """The two I/O calls of a wait, over one pair of clients (sync or ``redis.asyncio``).
+    Used by :meth:`RedisCoordinator._wait_flow`; the sync one never suspends."""
+
+    def __init__(self, client: Any, wait_client: Any) -> None:
+        self.client = client
+        self.wait_client = wait_client
+
+    async def evalsha(self, script: Script, numkeys: int, *args: Any) -> Any:
+        """``EVALSHA``, loading the script on ``NOSCRIPT`` (a restarted or new server)."""
+        command = ("EVALSHA", script.sha, numkeys, *args)
+        try:
+            return await self._run(self.client.execute_command(*command))
+        except NoScriptError:
+            await self._run(self.client.script_load(script.script))
+            return await self._run(self.client.execute_command(*command))
+
+    async def blpop(self, key: str, timeout: float) -> Any:
+        return await self._run(self.wait_client.blpop([key], timeout=timeout))
+
+    async def _run(self, result: Any) -> Any:
+        return result  # a sync client's reply
+
+    async def close(self) -> None:
+        """Close the clients (``redis.asyncio`` only)."""
+
+
+class _AsyncRedis(_Redis):
+    """The ``redis.asyncio`` flavour: awaits what the clients return."""
+
+    async def _run(self, result: Any) -> Any:
+        return await result
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.wait_client.aclose()
+
+
+class RedisCoordinator(ListingMixin, BaseCoordinator):
     """Locks, claims and run history in one Redis (standalone or behind Sentinel).
 
     Build it from a URL with :func:`coordlock.connect` (see :meth:`from_url`), or pass a ready
     ``redis.Redis`` client (e.g. ``fakeredis.FakeRedis``) as ``client``. ``wait_client`` serves
     the blocking ``BLPOP`` of waiters and must talk to the same server (default: ``client``
     itself). A single ``BLPOP`` blocks at most ``MAX_BLOCK`` seconds, or less when
-    ``wait_client`` has a shorter socket timeout.
+    ``wait_client`` has a shorter socket timeout. ``async_clients(extra_timeout)`` builds
+    ``redis.asyncio`` clients for the async API (from a URL: automatic; else the async API
+    runs the sync hooks on worker threads).
     """
 
-    transient_errors: ClassVar[tuple[type[BaseException], ...]] = (
-        RedisConnectionError,
-        RedisTimeoutError,
-        BusyLoadingError,
-        ReadOnlyError,
-        TryAgainError,
-    )
+    backend_name: ClassVar[str] = "redis"
+    wakes_waiters: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -152,6 +172,8 @@ class RedisCoordinator(BaseCoordinator):
         retry_deadline: float = 10.0,
         description: str = "",
         on_close: Callable[[], None] | None = None,
+        legacy_fences: bool = True,
+        async_clients: Callable[[float], redis.asyncio.Redis] | None = None,
     ) -> None:
         super().__init__(retry_deadline=retry_deadline)
         self.prefix = _check_prefix(prefix)
@@ -168,19 +190,23 @@ class RedisCoordinator(BaseCoordinator):
             self._max_block = max(0.01, min(MAX_BLOCK, wait_timeout * 0.8))
         self.description = description or repr(client)
         self._on_close = on_close
-        self._acquire_script: Script = client.register_script(lua.ACQUIRE)
+        self._async_clients = async_clients
+        self._sync_redis = _Redis(self.client, self.wait_client)
+        self._acquire_legacy: Script = client.register_script(lua.ACQUIRE)
+        self._acquire_plain: Script = client.register_script(lua.ACQUIRE_NO_LEGACY)
+        self._acquire_script = self._acquire_legacy if legacy_fences else self._acquire_plain
         self._release_script: Script = client.register_script(lua.RELEASE)
+        self._abandon_script: Script = client.register_script(lua.ABANDON)
+        self._force_script: Script = client.register_script(lua.FORCE_RELEASE)
         self._extend_script: Script = client.register_script(lua.EXTEND)
         self._claim_script: Script = client.register_script(lua.CLAIM_MANY)
         self._record_script: Script = client.register_script(lua.RECORD_RUN)
         self._history_script: Script = client.register_script(lua.HISTORY)
-        self._local = threading.local()
         self._seen: dict[str, int] = {}
-        p = self.prefix
-        self._claim_prefix = f"{p}claim:{{claims}}:"
-        self._run_prefix = f"{p}run:{{runs}}:"
-        self._job_index_prefix = f"{p}runs:{{runs}}:job:"
-        self._all_index = f"{p}runs:{{runs}}:all"
+        self.keys = KeyLayout(self.prefix)
+        #: How long a "released by <owner>" tombstone lives (ms): a retried release (its first
+        #: reply lost) arrives within the retry deadline, plus socket timeouts.
+        self._tombstone_ms = ms(self.retry_deadline + TOMBSTONE_SLACK)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -196,139 +222,26 @@ class RedisCoordinator(BaseCoordinator):
 
         Query options (or keyword arguments): ``prefix`` (key prefix, default
         ``"coordlock:"``), ``retry_deadline`` (seconds), ``history_limit`` (runs kept per job),
-        and redis-py connection options (``socket_timeout`` – default 2 s,
-        ``socket_connect_timeout`` – default 2 s, ``db``, ``client_name``, ``ssl_*``, …).
-        Unknown options raise :class:`ConfigurationError`.
+        ``legacy_fences`` (read the pre-0.2 fence keys as a floor, default true), and redis-py
+        connection options (``socket_timeout`` – default 2 s, ``socket_connect_timeout`` –
+        default 2 s, ``db``, ``client_name``, ``ssl_*``, …). Unknown options and a path that
+        is not a database index raise :class:`ConfigurationError`.
         """
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
-            raise ConfigurationError(f"not a Redis URL: {redact(url)!r}")
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        allowed = SENTINEL_URL_OPTIONS if scheme == "redis+sentinel" else REDIS_URL_OPTIONS
-        unknown = sorted((set(query) | set(options)) - allowed - OWN_OPTIONS)
-        if unknown:
-            raise ConfigurationError(
-                f"unknown option(s) for {scheme}:// URL {redact(url)!r}: {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(allowed | OWN_OPTIONS))}"
-            )
-        merged: dict[str, Any] = {**query, **options}
-        own = {k: merged.pop(k) for k in list(merged) if k in OWN_OPTIONS}
-        prefix = own.get("prefix", DEFAULT_PREFIX)
-        kwargs: dict[str, Any] = {"prefix": prefix}
-        if "retry_deadline" in own:
-            kwargs["retry_deadline"] = _number(own["retry_deadline"], "retry_deadline", float)
-        if "history_limit" in own:
-            kwargs["history_limit"] = _number(own["history_limit"], "history_limit", int)
-        socket_timeout = _number(
-            merged.pop("socket_timeout", DEFAULT_SOCKET_TIMEOUT), "socket_timeout", float
-        )
-        connect_timeout = _number(
-            merged.pop("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT),
-            "socket_connect_timeout",
-            float,
-        )
-        if scheme == "redis+sentinel":
-            return cls._from_sentinel_url(url, merged, socket_timeout, connect_timeout, kwargs)
-        # Let redis-py parse the URL (without coordlock's own options and the timeouts).
-        rest = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k in merged]
-        # (urlunsplit would turn unix:///path into unix:/path, which redis-py refuses.)
-        bare = url.split("#", 1)[0].split("?", 1)[0]
-        try:
-            conn_kwargs: dict[str, Any] = parse_url(  # type: ignore[no-untyped-call]
-                f"{bare}?{urlencode(rest)}" if rest else bare
-            )
-        except ValueError as exc:
-            raise ConfigurationError(f"bad Redis URL {redact(url)!r}: {exc}") from exc
-        for key, value in merged.items():
-            if key not in query:  # keyword arguments win over the query
-                conn_kwargs[key] = value
-        conn_kwargs["retry"] = _no_retry()
-        if conn_kwargs.get("connection_class") is not redis.UnixDomainSocketConnection:
-            conn_kwargs.setdefault("socket_keepalive", True)
-        pool = redis.ConnectionPool(
-            socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout, **conn_kwargs
-        )
-        wait_pool = redis.ConnectionPool(
-            socket_timeout=socket_timeout + MAX_BLOCK,
-            socket_connect_timeout=connect_timeout,
-            **conn_kwargs,
-        )
-        client = redis.Redis(connection_pool=pool)
-        wait_client = redis.Redis(connection_pool=wait_pool)
+        spec = urls.parse(url, options)
+        client = spec.sync(0.0)
+        wait_client = spec.sync(MAX_BLOCK)
 
         def close() -> None:
-            pool.disconnect()
-            wait_pool.disconnect()
+            for c in (client, wait_client):
+                _disconnect(c)
 
         return cls(
-            client, wait_client=wait_client, description=redact(url), on_close=close, **kwargs
-        )
-
-    @classmethod
-    def _from_sentinel_url(
-        cls,
-        url: str,
-        options: dict[str, Any],
-        socket_timeout: float,
-        connect_timeout: float,
-        kwargs: dict[str, Any],
-    ) -> RedisCoordinator:
-        parts = urlsplit(url)
-        hostlist = parts.netloc.rpartition("@")[2]
-        sentinels: list[tuple[str, int]] = []
-        for item in hostlist.split(","):
-            if not item.strip():
-                continue
-            try:
-                host = urlsplit("//" + item.strip())
-                port = host.port or DEFAULT_SENTINEL_PORT
-            except ValueError as exc:
-                raise ConfigurationError(
-                    f"bad sentinel address {item!r} in {redact(url)!r}"
-                ) from exc
-            if not host.hostname:
-                raise ConfigurationError(f"bad sentinel address {item!r} in {redact(url)!r}")
-            sentinels.append((host.hostname, port))
-        segments = [s for s in parts.path.split("/") if s]
-        if not sentinels or not segments or len(segments) > 2:
-            raise ConfigurationError(
-                f"bad sentinel URL {redact(url)!r}: expected "
-                "redis+sentinel://host:port[,host2:port2]/master_name[/db]"
-            )
-        service = segments[0]
-        db = _number(options.pop("db", segments[1] if len(segments) > 1 else 0), "db", int)
-        common: dict[str, Any] = {"retry": _no_retry(), "socket_connect_timeout": connect_timeout}
-        sentinel_kwargs: dict[str, Any] = {**common, "socket_timeout": socket_timeout}
-        if "sentinel_password" in options:
-            sentinel_kwargs["password"] = options.pop("sentinel_password")
-        if "sentinel_username" in options:
-            sentinel_kwargs["username"] = options.pop("sentinel_username")
-        master_kwargs: dict[str, Any] = {**common, "db": db, **options}
-        if parts.username:
-            master_kwargs["username"] = parts.username
-        if parts.password:
-            master_kwargs["password"] = parts.password
-        if "max_connections" in master_kwargs:
-            master_kwargs["max_connections"] = _number(
-                master_kwargs["max_connections"], "max_connections", int
-            )
-        sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
-        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            service, socket_timeout=socket_timeout, **master_kwargs
-        )
-        wait_client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            service, socket_timeout=socket_timeout + MAX_BLOCK, **master_kwargs
-        )
-
-        def close() -> None:
-            client.connection_pool.disconnect()
-            wait_client.connection_pool.disconnect()
-            for s in sentinel.sentinels:
-                s.connection_pool.disconnect()
-
-        return cls(
-            client, wait_client=wait_client, description=redact(url), on_close=close, **kwargs
+            client,
+            wait_client=wait_client,
+            description=spec.description,
+            on_close=close,
+            async_clients=spec.async_,
+            **spec.options,
         )
 
     def __repr__(self) -> str:
@@ -336,147 +249,143 @@ class RedisCoordinator(BaseCoordinator):
 
     # -- keys ----------------------------------------------------------------------------------
 
-    def _tag(self, name: str) -> str:
-        return "{" + self.prefix + name + "}"
-
     def lock_key(self, name: str) -> str:
         """The key holding ``name``'s owner token (with a PX expiry while held)."""
-        return self._tag(name) + ":lock"
+        return self.keys.lock(name)
 
     def fence_key(self, name: str) -> str:
         """The key holding ``name``'s latest fence (kept forever, a few bytes)."""
-        return self._tag(name) + ":fence"
+        return self.keys.fence(name)
 
-    def wait_key(self, name: str) -> str:
-        """The list a release pushes a wake token onto (short-lived)."""
-        return self._tag(name) + ":wait"
+    def queue_key(self, name: str) -> str:
+        """The queue of waiting owners (a sorted set, short-lived)."""
+        return self.keys.queue(name)
 
-    def waiters_key(self, name: str) -> str:
-        """A flag raised by every failed attempt (short-lived): releases then wake a waiter."""
-        return self._tag(name) + ":waiters"
+    def wake_key(self, name: str, owner: str) -> str:
+        """The list a release hands the lock over on, to the waiter ``owner`` (short-lived)."""
+        return self.keys.wake(name, owner)
 
     def claim_key(self, key: str) -> str:
         """The key of a once-only claim (all claims share the hash tag ``{claims}``)."""
-        return self._claim_prefix + key
+        return self.keys.claim(key)
 
-    # -- calls -----------------------------------------------------------------------------------
+    # -- pure pieces shared by the sync and the async hooks ------------------------------------
 
-    def _evalsha(self, script: Script, numkeys: int, *keys_and_args: str | int) -> Any:
-        """``EVALSHA`` of a registered script, loading it on ``NOSCRIPT`` (a restarted or new
-        server), as ``Script.__call__`` does – minus its per-call overhead, which costs several
-        per cent of the uncontended acquire/release rate."""
-        execute: Callable[..., Any] = self.client.execute_command
-        try:
-            return execute("EVALSHA", script.sha, numkeys, *keys_and_args)
-        except NoScriptError:
-            script.sha = self.client.script_load(script.script)
-            return execute("EVALSHA", script.sha, numkeys, *keys_and_args)
-
-    def _call(self, fn: Callable[[], T], what: str) -> T:
-        """Run ``fn`` once; only when it fails transiently enter the bounded retry loop."""
-        try:
-            return fn()
-        except (AuthenticationError, AuthorizationError) as exc:
-            raise BackendUnavailable(f"{what}: {exc}") from exc
-        except self.transient_errors as exc:
-            self._check_open()  # closed under our feet (e.g. a waiter in BLPOP): stop here
-            log.warning("%s: %s; retrying", what, exc)
-            return self._retry(fn, what)
-
-    # -- hooks ---------------------------------------------------------------------------------
-
-    def _attempt(self, name: str, owner: str, ttl: float) -> tuple[int | None, int]:
-        """One acquire script call: (fence, 0) when won, (None, holder PTTL in ms) when busy."""
-        tag = "{" + self.prefix + name + "}"
+    def _acquire_call(
+        self, name: str, owner: str, ttl: float, register: float = 0.0
+    ) -> tuple[Script, int, str, str, int, int, int]:
+        """(script, numkeys, KEYS + ARGV) of one acquire attempt; ``register`` > 0 queues
+        ``owner`` for a hand-over for that many seconds if the lock is busy."""
         floor = self._seen.get(name, 0)
-        args = (tag + ":lock", tag + ":fence", tag + ":waiters", owner, _ms(ttl), floor)
-        script = self._acquire_script
-        result = self._call(
-            lambda: self._evalsha(script, 3, *args, WAITERS_FLAG_MS), "redis acquire"
-        )
-        if isinstance(result, int):
-            return None, result
-        fence = int(result)
-        if fence > floor:
-            seen = self._seen
+        script = self._acquire_script if floor == 0 else self._acquire_plain
+        reg = ms(register) if register > 0 else 0
+        return script, 1, self.keys.lock(name), owner, ms(ttl), floor, reg
+
+    def _acquired(self, name: str, ticket: Ticket | Callable[[], Ticket], result: Any) -> Attempt:
+        """The :class:`Attempt` for an acquire script reply; ``ticket`` is this call's state
+        (or makes it: the uncontended path needs none, and skips building one)."""
+        if type(result) is bytes and result[-1] in _DIGITS:  # granted: the common case, cheap
+            fence = int(result)
+            if fence > self._seen.get(name, 0):
+                self._saw(name, fence)
+            return Attempt(fence)
+        if not isinstance(ticket, Ticket):
+            ticket = ticket()
+        reply = parse_acquire(result)
+        if reply.legacy_refused:  # the old layout's fence key is out of bounds (ACL)
+            self._acquire_script = self._acquire_plain
+        if reply.fence is None:
+            retry_in = reply.pttl / 1000 if reply.pttl >= 0 else None
+            return Attempt.busy(retry_in=retry_in, ticket=ticket)
+        self._saw(name, reply.fence)
+        # Held already: handed over after an earlier registration, so after that one was sent
+        # (None: the base's send time of this call, right for a retried request).
+        started = ticket.previous if reply.held_before else None
+        return Attempt.granted(reply.fence, started=started, ticket=ticket)
+
+    def _saw(self, name: str, fence: int) -> None:
+        """Remember ``fence`` as this client's floor for ``name`` (bounded)."""
+        seen = self._seen
+        if fence > seen.get(name, 0):
             if len(seen) >= SEEN_FENCES_MAX and name not in seen:
                 # Evict the oldest entry (another thread may be doing the same).
-                with contextlib.suppress(RuntimeError, StopIteration):
+                with contextlib.suppress(RuntimeError, StopIteration, KeyError):
                     seen.pop(next(iter(seen)), None)
             seen[name] = fence
-        return fence, 0
 
-    def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
-        fence, pttl = self._attempt(name, owner, ttl)
-        if fence is None:
-            self._local.pttl = pttl
-        return fence
+    def _release_call(self, name: str, owner: str) -> tuple[Script, int, str, str, int]:
+        return self._release_script, 1, self.keys.lock(name), owner, self._tombstone_ms
+
+    def _claim_call(self, keys: Sequence[str], hold: float, token: str) -> list[Any]:
+        return [self._claim_script, len(keys), *map(self.keys.claim, keys), ms(hold), token]
+
+    async def _wait_flow(self, io: _Redis, name: str, ticket: Ticket, timeout: float) -> Attempt:
+        """Queue for ``name`` (or take it if free), then block until a release hands it over,
+        the holder's key expires, or ``timeout``/``MAX_BLOCK`` passes."""
+        block = min(max(timeout, 0.001), self._max_block)
+        sent = time.monotonic()
+        call = self._acquire_call(name, ticket.owner, ticket.ttl, block + REGISTER_SLACK)
+        result = await io.evalsha(*call)
+        attempt = self._acquired(name, ticket, result)
+        queued = replace(ticket, queued=True, previous=sent)
+        if attempt.fence is not None:
+            return replace(attempt, ticket=queued)
+        if attempt.retry_in is not None:  # wake up when the holder's key expires, at the latest
+            block = min(block, attempt.retry_in + EXPIRY_SLACK)
+        item = await io.blpop(self.keys.wake(name, ticket.owner), round(max(block, 0.001), 3))
+        if item is None:
+            return Attempt.busy(ticket=queued)
+        fence, delay = parse_hand_over(item[1])
+        self._saw(name, fence)
+        # The hand-over happened `delay` s (server clock) after the registration, which the
+        # server ran after `sent`: a lower bound of the lease's start.
+        return Attempt.granted(fence, started=sent + delay, ticket=queued)
+
+    # -- sync hooks ------------------------------------------------------------------------------
+
+    def _evalsha(self, script: Script, numkeys: int, *args: Any) -> Any:
+        """``EVALSHA``, loading the script on ``NOSCRIPT`` – without ``Script.__call__``'s
+        per-call overhead, which costs several per cent of the uncontended pair rate."""
+        execute: Callable[..., Any] = self.client.execute_command
+        try:
+            return execute("EVALSHA", script.sha, numkeys, *args)
+        except NoScriptError:
+            self.client.script_load(script.script)
+            return execute("EVALSHA", script.sha, numkeys, *args)
+
+    def _try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
+        return self._acquired(
+            name, _ticket(ticket, owner, ttl), self._evalsha(*self._acquire_call(name, owner, ttl))
+        )
+
+    def _wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
+        return drive(self._wait_flow(self._sync_redis, name, ticket, timeout))
 
     def _release(self, name: str, owner: str) -> bool:
-        tag = "{" + self.prefix + name + "}"
-        args = (tag + ":lock", tag + ":wait", tag + ":waiters", owner, WAKE_TOKEN_MS)
-        script = self._release_script
-        return bool(self._call(lambda: self._evalsha(script, 3, *args), "redis release"))
+        return bool(self._evalsha(*self._release_call(name, owner)))
 
     def _extend(self, name: str, owner: str, ttl: float) -> bool:
-        args = (self.lock_key(name), owner, _ms(ttl))
-        script = self._extend_script
+        return bool(self._evalsha(self._extend_script, 1, self.keys.lock(name), owner, ms(ttl)))
 
-        def run() -> Any:
-            return self._evalsha(script, 1, *args)
+    def _abandon(self, name: str, owner: str, ticket: Any) -> None:
+        if isinstance(ticket, Ticket) and ticket.queued:
+            self._evalsha(self._abandon_script, 1, self.keys.lock(name), owner)
 
-        try:
-            return bool(run())
-        except (AuthenticationError, AuthorizationError) as exc:
-            raise BackendUnavailable(f"redis extend: {exc}") from exc
-        except self.transient_errors as exc:
-            # Retry only briefly: the renewal thread serves every lease of this coordinator
-            # and retries on its own (marking the lease at risk); a renewal later than a third
-            # of the ttl is of no use anyway.
-            log.warning("redis extend: %s; retrying", exc)
-            deadline = min(self.retry_deadline, ttl / 3)
-            return bool(
-                call_with_retry(
-                    run, transient=self.transient_errors, deadline=deadline, what="redis extend"
-                )
-            )
+    def _force_release(self, name: str) -> bool:
+        return bool(self._evalsha(self._force_script, 1, self.keys.lock(name)))
 
     def _claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
-        script = self._claim_script
-        args = [self.claim_key(k) for k in keys] + [str(_ms(hold)), uuid.uuid4().hex]
-        won = self._call(lambda: self._evalsha(script, len(keys), *args), "redis claim")
-        return {keys[int(i) - 1] for i in cast("list[int]", won)}
+        # One token for the call and its retries (the base would retry with a new one).
+        call = self._claim_call(keys, hold, _token())
+        won = self._policy.call(lambda: self._evalsha(*call), "redis claim")
+        return {keys[int(i) - 1] for i in won}
 
-    def _block(self, name: str, timeout: float) -> None:
-        """BLPOP the wake list of ``name`` for up to ``timeout`` s (at least 1 ms)."""
-        # BLPOP takes a decimal timeout since Redis 6.0; 0 would mean "forever", so >= 1 ms.
-        timeout = round(min(max(timeout, 0.001), self._max_block), 3)
-        client = self.wait_client
-        key = self.wait_key(name)
-        self._call(lambda: client.blpop([key], timeout=timeout), "redis wait")
-
-    def _wait_for_release(self, name: str, timeout: float) -> None:
-        if timeout > 0:
-            self._block(name, timeout)
-
-    def _acquire_waiting(
-        self, name: str, owner: str, ttl: float, deadline: float
-    ) -> tuple[int, float] | None:
-        pttl = getattr(self._local, "pttl", -1)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            if pttl >= 0:  # wake up when the holder's key expires, at the latest
-                remaining = min(remaining, pttl / 1000 + EXPIRY_SLACK)
-            self._block(name, remaining)
-            self._check_open()
-            started = time.monotonic()
-            # Always try after a wake-up, even if the deadline just passed: the token we
-            # popped was meant for one waiter, and dropping it would leave others asleep.
-            fence, pttl = self._attempt(name, owner, ttl)
-            if fence is not None:
-                return fence, started
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's connections without closing them (the
+        parent keeps using them); new ones are made on first use."""
+        for client in {id(c): c for c in (self.client, self.wait_client)}.values():
+            with contextlib.suppress(Exception):
+                client.connection_pool.reset()
 
     def _close(self) -> None:
         if self._on_close is not None:
@@ -485,95 +394,129 @@ class RedisCoordinator(BaseCoordinator):
             except Exception:  # pragma: no cover - best effort
                 log.debug("error while closing Redis connections", exc_info=True)
 
-    # -- optional protocols ----------------------------------------------------------------------
+    # -- async hooks (redis.asyncio; the same pieces, only the I/O line differs) ---------------
 
-    def _scan_lock_keys(self) -> Iterator[list[bytes | str]]:
-        pattern = "{" + self.prefix.translate(_GLOB_SPECIAL) + "*}:lock"
-        cursor = 0
+    def _aio(self) -> _Redis | None:
+        """This event loop's async clients (None: no factory, use worker threads)."""
+        make = self._async_clients
+        if make is None:
+            return None
+        return self._loop_local("redis", lambda: _AsyncRedis(make(0.0), make(self._max_block)))
 
-        def page() -> tuple[int, list[bytes | str]]:
-            reply = self.client.scan(cursor, match=pattern, count=SCAN_COUNT)
-            return int(reply[0]), list(reply[1])
+    async def _async_try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
+        io = self._aio()
+        if io is None:
+            return await super()._async_try_acquire(name, owner, ttl, ticket)
+        result = await io.evalsha(*self._acquire_call(name, owner, ttl))
+        return self._acquired(name, _ticket(ticket, owner, ttl), result)
 
-        while True:
-            cursor, keys = self._call(page, "redis scan")
-            if keys:
-                yield keys
-            if cursor == 0:
-                return
+    async def _async_wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
+        io = self._aio()
+        if io is None:
+            return await self._in_thread(self._wait, name, ticket, timeout)
+        return await self._wait_flow(io, name, ticket, timeout)
 
-    def locks(self) -> list[LockInfo]:
-        """Every lock currently held under this prefix (``SCAN``; not a snapshot)."""
+    async def _async_release(self, name: str, owner: str) -> bool:
+        io = self._aio()
+        if io is None:
+            return await super()._async_release(name, owner)
+        return bool(await io.evalsha(*self._release_call(name, owner)))
+
+    async def _async_extend(self, name: str, owner: str, ttl: float) -> bool:
+        io = self._aio()
+        if io is None:
+            return await super()._async_extend(name, owner, ttl)
+        return bool(await io.evalsha(self._extend_script, 1, self.keys.lock(name), owner, ms(ttl)))
+
+    async def _async_abandon(self, name: str, owner: str, ticket: Any) -> None:
+        io = self._aio()
+        if io is None:
+            return await super()._async_abandon(name, owner, ticket)
+        if isinstance(ticket, Ticket) and ticket.queued:
+            await io.evalsha(self._abandon_script, 1, self.keys.lock(name), owner)
+        return None
+
+    async def _async_force_release(self, name: str) -> bool:
+        io = self._aio()
+        if io is None:
+            return await super()._async_force_release(name)
+        return bool(await io.evalsha(self._force_script, 1, self.keys.lock(name)))
+
+    async def _async_claim_many(self, keys: Sequence[str], hold: float) -> set[str]:
+        io = self._aio()
+        if io is None:
+            return await super()._async_claim_many(keys, hold)
+        call = self._claim_call(keys, hold, _token())
+        won = await self._policy.acall(lambda: io.evalsha(*call), "redis claim")
+        return {keys[int(i) - 1] for i in won}
+
+    async def _async_close(self, state: dict[str, Any]) -> None:
+        io = state.get("redis")
+        if isinstance(io, _Redis):
+            await io.close()
+
+    # -- operator's view -------------------------------------------------------------------------
+
+    def server_info(self) -> ServerInfo:
+        """Backend name, Redis version (``HELLO``, else ``INFO server``) and server clock."""
         self._check_open()
-        head = "{" + self.prefix
-        tail = "}:lock"
-        found: list[LockInfo] = []
-        for batch in self._scan_lock_keys():
-            names = []
-            for key in batch:
-                text = _text(key)
-                if text.startswith(head) and text.endswith(tail):
-                    names.append(text[len(head) : -len(tail)])
+        version = self._ask(self._version, "server info")
+        before = time.time()
+        seconds, micros = self._ask(self.client.time, "time")
+        after = time.time()
+        return ServerInfo("redis", version, seconds + micros / 1e6, (before + after) / 2)
 
-            def query(names: list[str] = names) -> list[Any]:
-                pipe = self.client.pipeline(transaction=False)
-                for name in names:
-                    pipe.get(self.lock_key(name))
-                    pipe.pttl(self.lock_key(name))
-                    pipe.get(self.fence_key(name))
-                replies: list[Any] = pipe.execute()
-                return replies
-
-            replies = self._call(query, "redis locks")
-            now = time.time()
-            for i, name in enumerate(names):
-                owner, pttl, fence = replies[3 * i : 3 * i + 3]
-                if owner is None:
-                    continue
-                expires = now + pttl / 1000 if isinstance(pttl, int) and pttl >= 0 else None
-                found.append(LockInfo(name, _text(owner), int(fence or 0), expires))
-        found.sort(key=lambda info: info.name)
-        return found
-
-    def record_run(self, run: RunRecord) -> None:
-        """Store or update ``run``; keeps the newest ``history_limit`` runs of each job."""
-        if not isinstance(run, RunRecord):
-            raise TypeError(f"expected a RunRecord, not {type(run).__name__}")
-        self._check_open()
-        fields: list[str] = [
-            "run_id", run.run_id, "job", run.job, "tick", run.tick, "instance", run.instance,
-            "started", repr(float(run.started)), "status", run.status,
-        ]  # fmt: skip
-        if run.finished is not None:
-            fields += ["finished", repr(float(run.finished))]
-        if run.error is not None:
-            fields += ["error", run.error]
-        keys = [self._run_prefix + run.run_id, self._job_index_prefix + run.job, self._all_index]
-        args: list[str | int] = [
-            run.run_id,
-            repr(float(run.started)),
-            self.history_limit,
-            self._run_prefix,
-            *fields,
-        ]
-        script = self._record_script
-        self._call(lambda: script(keys=keys, args=args), "redis record_run")
-
-    def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
-        """Newest runs first (of ``job``, or of every job), at most ``limit``."""
-        if isinstance(limit, bool) or not isinstance(limit, int):
-            raise TypeError("limit must be an int")
-        if limit < 1:
-            raise ValueError("limit must be >= 1")
-        self._check_open()
-        index = self._all_index if job is None else self._job_index_prefix + job
-        script = self._history_script
-        args: list[str | int] = [limit, self._run_prefix]
-        rows = self._call(lambda: script(keys=[index], args=args), "redis history")
-        return [_run_from_hash(row) for row in cast("list[list[bytes]]", rows)]
+    def _version(self) -> str | None:
+        for command in (("HELLO",), ("INFO", "server")):
+            try:
+                reply = self.client.execute_command(*command)  # type: ignore[no-untyped-call]
+            except RedisError:  # not allowed to this ACL user, or too old a server
+                continue
+            version = _find_version(reply)
+            if version:
+                return version
+        return None
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _ticket(ticket: Any, owner: str, ttl: float) -> Ticket | Callable[[], Ticket]:
+    """The call's ticket, or (first attempt) how to make one if the lock turns out busy."""
+    return ticket if isinstance(ticket, Ticket) else functools.partial(Ticket, owner, ttl)
+
+
+def _token() -> str:
+    import os
+
+    return os.urandom(16).hex()
+
+
+def _find_version(reply: Any) -> str | None:
+    """The server version in a ``HELLO`` reply (dict or flat list) or ``INFO server``."""
+    if isinstance(reply, dict):
+        for key, value in reply.items():
+            if text(key) in ("version", "redis_version") and value:
+                return text(value)
+        return None
+    if isinstance(reply, list):
+        for key, value in zip(reply[::2], reply[1::2], strict=False):
+            if isinstance(key, (bytes, str)) and text(key) == "version":
+                return text(value)
+        return None
+    if isinstance(reply, (bytes, str)):
+        for line in text(reply).splitlines():
+            if line.startswith("redis_version:"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def _disconnect(client: redis.Redis) -> None:
+    pool: Any = client.connection_pool
+    pool.disconnect()
+    manager = getattr(pool, "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        sentinel.connection_pool.disconnect()
 
 
 def _check_prefix(prefix: object) -> str:
@@ -584,29 +527,3 @@ def _check_prefix(prefix: object) -> str:
     if "{" in prefix or "}" in prefix:
         raise ConfigurationError(f"prefix must not contain '{{' or '}}': {prefix!r}")
     return prefix
-
-
-def _number(value: object, what: str, kind: type[float] | type[int]) -> Any:
-    if isinstance(value, kind) and not isinstance(value, bool):
-        return value
-    try:
-        return kind(str(value))
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"option {what} must be a number, got {value!r}") from exc
-
-
-def _run_from_hash(flat: Sequence[bytes | str]) -> RunRecord:
-    data: Mapping[str, str] = {
-        _text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)
-    }
-    finished = data.get("finished")
-    return RunRecord(
-        run_id=data.get("run_id", ""),
-        job=data.get("job", ""),
-        tick=data.get("tick", ""),
-        instance=data.get("instance", ""),
-        started=float(data.get("started", "0")),
-        finished=float(finished) if finished is not None else None,
-        status=data.get("status", "running"),
-        error=data.get("error"),
-    )

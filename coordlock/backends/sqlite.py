@@ -19,6 +19,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -113,6 +114,7 @@ class SQLiteCoordinator(BaseCoordinator):
         self._guard = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        _coordinators.add(self)
         with self._tx() as db:  # create the schema now: a bad path fails at connect()
             db.execute(
                 "INSERT OR IGNORE INTO coordlock_meta VALUES ('schema_version', ?)",
@@ -358,3 +360,23 @@ def _is_busy(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and (
         "locked" in str(exc) or "busy" in str(exc)
     )
+
+
+_coordinators: weakref.WeakSet[SQLiteCoordinator] = weakref.WeakSet()
+#: Connections a forked child inherited: kept (never closed from the child) so that the
+#: garbage collector does not close a connection the parent still uses.
+_inherited: list[sqlite3.Connection] = []
+
+
+def _after_fork_in_child() -> None:
+    # A fork while another thread was inside a transaction copies a locked guard: the child
+    # would hang on its first call. Start the child with a fresh guard and no connection.
+    for coordinator in list(_coordinators):
+        coordinator._guard = threading.Lock()
+        if coordinator._conn is not None:
+            _inherited.append(coordinator._conn)
+            coordinator._conn = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

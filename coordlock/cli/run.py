@@ -135,11 +135,8 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
 def _tick_not_run(exc: TickNotRun, command: list[str], args: argparse.Namespace) -> int:
     """Say why the tick did not run here; 75, or 0 with ``--busy-ok`` (never for off-tick)."""
     if exc.reason == OFF_TICK:
-        print(
-            f"coordlock: not running {command[0]}: {exc.detail} (--off-tick run runs such "
-            "starts anyway)",
-            file=sys.stderr,
-        )
+        hint = " (--off-tick run runs such starts anyway)" if exc.tick is None else ""
+        print(f"coordlock: not running {command[0]}: {exc.detail}{hint}", file=sys.stderr)
         return EX_TEMPFAIL
     if not args.quiet:
         tick = exc.key.rpartition("@")[2] if exc.key else "?"

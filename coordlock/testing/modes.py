@@ -11,6 +11,7 @@ The contract suite and the fenced-register workers use it to run every behaviour
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import Coroutine
@@ -81,14 +82,35 @@ class AsyncLeaseView:
 
 
 class AsyncLockView:
-    """``with view.lock(...)`` served by ``async with coordinator.lock(...)``."""
+    """``with view.lock(...)`` served by ``async with coordinator.lock(...)``: one task of the
+    loop enters the block, waits while the caller's block runs, and leaves it (an exception of
+    the caller's block is raised inside the ``async with``, as it would be in real code)."""
 
     def __init__(self, context: LockContext, runner: AsyncRunner) -> None:
         self._context = context
         self._runner = runner
+        self._leave: asyncio.Future[BaseException | None] | None = None
+        self._task: concurrent.futures.Future[None] | None = None
 
     def __enter__(self) -> AsyncLeaseView:
-        return AsyncLeaseView(self._runner.run(self._context.__aenter__()), self._runner)
+        entered: concurrent.futures.Future[AsyncLease] = concurrent.futures.Future()
+
+        async def hold() -> None:
+            self._leave = asyncio.get_running_loop().create_future()
+            try:
+                async with self._context as lease:
+                    entered.set_result(lease)
+                    error = await self._leave
+                    if error is not None:
+                        raise error
+            except BaseException as exc:
+                if not entered.done():
+                    entered.set_exception(exc)
+                    return
+                raise
+
+        self._task = asyncio.run_coroutine_threadsafe(hold(), self._runner.loop)
+        return AsyncLeaseView(entered.result(), self._runner)
 
     def __exit__(
         self,
@@ -96,7 +118,14 @@ class AsyncLockView:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._runner.run(self._context.__aexit__(exc_type, exc, tb))
+        assert self._leave is not None and self._task is not None
+        leave = self._leave
+        self._runner.loop.call_soon_threadsafe(leave.set_result, exc)
+        try:
+            self._task.result()
+        except BaseException as raised:
+            if raised is not exc:  # e.g. LockLost on leaving a clean block
+                raise
 
 
 def _unwrap(lease: Any) -> Any:

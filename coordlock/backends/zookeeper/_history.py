@@ -1,0 +1,125 @@
+"""Run history (``<runs>/<job>/<run_id>``, JSON, at most ``limit`` per job) and the listing of
+held locks for ``coordlock locks``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import asdict
+from urllib.parse import unquote
+
+from ..._protocol import LockInfo, RunRecord
+from ._layout import LOCK_MARK, escape, ordered, seq_of, ttl_ms
+from ._session import Session
+
+try:
+    from kazoo.exceptions import NodeExistsError, NoNodeError
+except ImportError as exc:  # pragma: no cover - exercised without the extra installed
+    from ..._registry import missing_driver
+
+    raise missing_driver("zookeeper", "kazoo", "zookeeper") from exc
+
+log = logging.getLogger("coordlock")
+
+
+class History:
+    """Run records of the scheduler, bounded per job."""
+
+    def __init__(self, session: Session, runs_dir: str, limit: int) -> None:
+        self.session = session
+        self.dir = runs_dir
+        self.limit = limit
+
+    def record(self, run: RunRecord) -> None:
+        """Store or update ``run``; trims the job's runs once per ``limit / 10`` new ones."""
+        session = self.session
+        session.ready()
+        client = session.client
+        job_dir = f"{self.dir}/{escape(run.job)}"
+        path = f"{job_dir}/{escape(run.run_id)}"
+        data = json.dumps(asdict(run)).encode()
+        try:
+            session.get(client.set_async(path, data))
+            return
+        except NoNodeError:
+            pass
+        try:
+            session.get(client.create_async(path, data, makepath=True))
+        except NodeExistsError:
+            session.get(client.set_async(path, data))
+            return
+        stat = session.get(client.exists_async(job_dir))
+        if stat is not None and stat.numChildren > self.limit + self.limit // 10:
+            self._trim(job_dir)
+
+    def _trim(self, job_dir: str) -> None:
+        runs = self._read(job_dir)
+        runs.sort(key=lambda pair: pair[1].started, reverse=True)
+        client = self.session.client
+        deletes = [client.delete_async(f"{job_dir}/{child}") for child, _ in runs[self.limit :]]
+        for result in deletes:
+            with contextlib.suppress(NoNodeError):
+                self.session.get(result)
+
+    def _read(self, job_dir: str) -> list[tuple[str, RunRecord]]:
+        session = self.session
+        children = session.children(job_dir)
+        reads = [(c, session.client.get_async(f"{job_dir}/{c}")) for c in children]
+        runs = []
+        for child, result in reads:
+            try:
+                raw, _ = session.get(result)
+                runs.append((child, RunRecord(**json.loads(raw))))
+            except NoNodeError:
+                continue
+            except (ValueError, TypeError):
+                log.warning("ignoring unreadable run record %s/%s", job_dir, child)
+        return runs
+
+    def runs(self, job: str | None, limit: int) -> list[RunRecord]:
+        """Newest runs first (by start time), optionally of one ``job``."""
+        self.session.ready()
+        jobs = [escape(job)] if job is not None else self.session.children(self.dir)
+        runs: list[RunRecord] = []
+        for j in jobs:  # at most `limit` per job (trimming lags by up to 10 %)
+            kept = [r for _, r in self._read(f"{self.dir}/{j}")]
+            kept.sort(key=lambda r: r.started, reverse=True)
+            runs.extend(kept[: self.limit])
+        runs.sort(key=lambda r: r.started, reverse=True)
+        return runs[:limit]
+
+
+def list_locks(session: Session, locks_dir: str) -> list[LockInfo]:
+    """Every held lock under ``locks_dir``: name, owner token, fence (czxid), expiry (epoch s,
+    server clock). Holders certainly expired (by a lower bound of server time) are left out."""
+    session.ready()
+    client = session.client
+    dirs = session.children(locks_dir)
+    listings = [(d, client.get_children_async(f"{locks_dir}/{d}")) for d in dirs]
+    heads = []
+    for d, result in listings:
+        try:
+            children = session.get(result)
+        except NoNodeError:
+            continue
+        seqs = [c for c in children if seq_of(c) is not None]
+        if not seqs:
+            continue
+        head = ordered(seqs, seq_of(seqs[0]) or 0)[0][1]
+        heads.append((d, head, client.get_async(f"{locks_dir}/{d}/{head}")))
+    infos = []
+    for d, head, result in heads:
+        try:
+            data, stat = session.get(result)
+        except NoNodeError:
+            continue
+        now_ms = session.clock.at_least_ms()
+        ttl = ttl_ms(data)
+        expires = None if ttl is None else (stat.mtime + ttl) / 1000.0
+        if expires is not None and now_ms >= expires * 1000.0:
+            continue  # expired: the next contender will delete it
+        owner = head.rpartition(LOCK_MARK)[0]
+        infos.append(LockInfo(unquote(d), owner, int(stat.czxid), expires))
+    infos.sort(key=lambda info: info.name)
+    return infos
