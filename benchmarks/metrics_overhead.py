@@ -7,6 +7,17 @@ the OpenTelemetry exporter (SDK meter provider, in-memory reader), in the same r
 Each pair is ``with coordinator.lock(name, ttl=30): pass`` (renewal on). Rounds alternate
 off / prometheus / otel and the median of each is reported with its ratio to "off"; the goal is
 >= 0.95x with metrics on. Numbers belong here, never in tests.
+
+On a busy shared machine the wall clock is noisy; instructions are not. ``--only MODE --pairs
+N`` runs N pairs in one mode and nothing else, for ``valgrind --tool=callgrind``: the difference
+between two runs with different N, divided by the difference in N, is the instructions per
+pair, whatever else the machine is doing::
+
+    for mode in off prometheus; do for n in 200 4200; do
+      valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python benchmarks/metrics_overhead.py memory://cg --only $mode --pairs $n 2>&1 |
+        grep Collected
+    done; done
 """
 
 from __future__ import annotations
@@ -100,7 +111,20 @@ def main() -> None:
     parser.add_argument("urls", nargs="+", metavar="URL")
     parser.add_argument("--pairs", type=int, default=0, help="pairs per round (default by URL)")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--only", choices=sorted(MODES), help="run --pairs pairs in this mode only (callgrind)"
+    )
     args = parser.parse_args()
+    if args.only:
+        for module in ("prometheus_client", "opentelemetry.sdk.metrics"):  # same imports
+            __import__(module)
+        for url in args.urls:
+            coordinator = coordlock.connect(url)
+            stop = MODES[args.only]()
+            pairs_per_second(coordinator, args.pairs, "callgrind")
+            stop()
+            coordinator.close()
+        return
     for url in args.urls:
         pairs = args.pairs or (20_000 if url.startswith("memory:") else 2_000)
         bench(url, pairs, args.rounds)

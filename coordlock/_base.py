@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 import threading
 import time
 import weakref
@@ -39,7 +38,7 @@ from ._io import AsyncIO, SyncIO, drive
 from ._lease import AT_RISK, LOST, RESTORED, AsyncLease, BaseLease, Lease
 from ._legacy import LegacyHooks
 from ._locking import LockContext
-from ._owner import new_owner
+from ._owner import current_pid, new_owner
 from ._renewal import Renewer
 from ._retry import RetryPolicy
 from ._validate import (
@@ -108,14 +107,14 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         self._renewer = Renewer(self, self._sync_io)
         self._loop_state: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]]
         self._loop_state = weakref.WeakKeyDictionary()
-        # owner -> lease, for push-based reports; weak: a lapsed, forgotten lease is not kept
-        self._leases_by_owner: weakref.WeakValueDictionary[str, BaseLease]
-        self._leases_by_owner = weakref.WeakValueDictionary()
+        # owner -> live lease, for push-based reports; a lease leaves it when it ends
+        self._leases_by_owner: dict[str, BaseLease] = {}
         self._executor_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self._close_lock = threading.Lock()
-        self._owner_pid = os.getpid()
+        self._owner_pid = current_pid()
+        _observe.coordinators.add(self)  # for the held-leases gauge of metrics
 
     @classmethod
     @abstractmethod
@@ -214,7 +213,8 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             if renewer is not None:
                 renewer.stop()
         # Nothing renews them from now on: their holders must hear it now, not at the deadline.
-        self._report_all(LOST, "its coordinator was closed")
+        for lease in list(self._leases_by_owner.values()):
+            lease._mark_lost("its coordinator was closed", kind="closed")
         self._close()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
@@ -376,11 +376,12 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
             renew=renew, hold_at_least=hold_at_least,
         )  # fmt: skip
         self._adopt(lease, io)
-        if _observe.observers:
-            lease._observed = _observe.observers
+        if _observe.observers:  # posted inline: this is every lock()'s path
             done = time.monotonic()
             waited = None if busy_since is None else done - busy_since
-            _observe.acquire(self.backend_name, name, "acquired", done - begun, waited)
+            _observe.post(
+                (_observe.ACQUIRE, self.backend_name, name, "acquired", done - begun, waited)
+            )
         return lease
 
     async def _cleanup(
@@ -403,14 +404,14 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
     def _usable(self, lease: BaseLease, what: str) -> bool:
         """False (without I/O) for a lease this process cannot act on: a forked child's copy
         of its parent's lease, or one of a closed coordinator (then marked lost)."""
-        if lease._pid != os.getpid():
+        if lease._pid != current_pid():
             log.warning(
                 "lease %r belongs to the parent process (pid %d); not %s in this forked child",
                 lease.name, lease._pid, what, extra=lease._facts(what, outcome="refused"),
             )  # fmt: skip
             return False
         if self._closed:
-            lease._mark_lost("its coordinator was closed", even_if_released=True, kind="error")
+            lease._mark_lost("its coordinator was closed", even_if_released=True, kind="closed")
             return False
         return True
 
@@ -534,7 +535,7 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
     def _check_open(self) -> None:
         if self._closed:
             raise ConfigurationError(f"{type(self).__name__} is closed")
-        pid = os.getpid()
+        pid = current_pid()
         if pid != self._owner_pid:  # a forked child: never use the parent's connections
             self._owner_pid = pid
             self._leases_by_owner.clear()

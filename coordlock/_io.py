@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 from ._retry import RetryPolicy
 
 T = TypeVar("T")
+SyncHook = Callable[..., T]
+AsyncHook = Callable[..., Awaitable[T]]
 
 
 def drive(coro: Coroutine[Any, Any, T]) -> T:
@@ -38,21 +40,10 @@ class _IO:
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
 
-    async def call(
-        self,
-        what: str,
-        sync_fn: Callable[..., T],
-        async_fn: Callable[..., Awaitable[T]],
-        *args: Any,
-        deadline: float | None = None,
-    ) -> T:
+    async def call(self, what: str, sync_fn: SyncHook[T], async_fn: AsyncHook[T], *args: Any,
+                   deadline: float | None = None) -> T:
         """Run the hook (``sync_fn`` or ``async_fn``, by mode) on ``args`` under the retry
         policy; ``deadline`` caps the retry budget (seconds)."""
-        return await self._retried(what, sync_fn, async_fn, args, deadline)
-
-    async def _retried(self, what: str, sync_fn: Callable[..., T],
-                       async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
-                       deadline: float | None) -> T:
         raise NotImplementedError
 
     async def once(self, sync_fn: Callable[..., T], async_fn: Callable[..., Awaitable[T]],
@@ -75,10 +66,9 @@ class _IO:
 class SyncIO(_IO):
     """Blocking I/O on the calling thread: the sync hooks, called directly."""
 
-    async def _retried(self, what: str, sync_fn: Callable[..., T],
-                       async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
-                       deadline: float | None) -> T:
-        return self.policy.call(lambda: sync_fn(*args), what, deadline)
+    async def call(self, what: str, sync_fn: SyncHook[T], async_fn: AsyncHook[T], *args: Any,
+                   deadline: float | None = None) -> T:
+        return self.policy.call(sync_fn, what, deadline, args)
 
     async def once(self, sync_fn: Callable[..., T], async_fn: Callable[..., Awaitable[T]],
                    *args: Any) -> T:
@@ -101,10 +91,9 @@ class AsyncIO(_IO):
 
     asynchronous = True
 
-    async def _retried(self, what: str, sync_fn: Callable[..., T],
-                       async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
-                       deadline: float | None) -> T:
-        return await self.policy.acall(lambda: async_fn(*args), what, deadline)
+    async def call(self, what: str, sync_fn: SyncHook[T], async_fn: AsyncHook[T], *args: Any,
+                   deadline: float | None = None) -> T:
+        return await self.policy.acall(async_fn, what, deadline, args)
 
     async def once(self, sync_fn: Callable[..., T], async_fn: Callable[..., Awaitable[T]],
                    *args: Any) -> T:

@@ -7,7 +7,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _observe
+from ._owner import current_pid
 from ._watchdog import AT_RISK_CHECK, LOST_CHECK, dispatcher, watchdog
 
 if TYPE_CHECKING:
@@ -86,7 +86,6 @@ class BaseLease:
         "_hold_until",
         "_lost",
         "_lost_reason",
-        "_observed",
         "_op",
         "_pid",
         "_released",
@@ -128,13 +127,12 @@ class BaseLease:
         self._lost = False
         self._lost_reason = ""
         self._released = False
-        self._observed: tuple[_observe.Observer, ...] = ()  # the metrics observers that counted it
         self._renewer: _Rescheduler | None = None
         self.at_risk = False
         self._callbacks: list[StateCallback] = []
         self._guard = threading.Lock()
         self._op: Any = threading.Lock()  # serialises extend/release (an asyncio.Lock async)
-        self._pid = os.getpid()
+        self._pid = current_pid()
 
     # -- what callers read ------------------------------------------------------------------
 
@@ -287,13 +285,14 @@ class BaseLease:
     ) -> bool:
         """Flip to ``state`` (the caller holds ``_guard``) and queue its report, so that flags,
         log lines and callbacks of one lease always agree and keep their order."""
-        ended = False
         if state == LOST:
             if self._lost or (self._released and not even_if_released):
                 return False
             self._lost = True
             self._lost_reason = reason
-            ended = not self._released
+            live = getattr(self._coordinator, "_leases_by_owner", None)
+            if live is not None:
+                live.pop(self.owner, None)
             if self._renewer is not None:
                 self._renewer.forget()
             watchdog.forget()
@@ -307,13 +306,12 @@ class BaseLease:
             self.at_risk = False
         dispatcher.submit(
             self,
-            functools.partial(self._report, state, reason, kind, ended, tuple(self._callbacks)),
+            functools.partial(self._report, state, reason, kind, tuple(self._callbacks)),
         )
         return True
 
     def _report(
-        self, state: str, reason: str, kind: str, ended: bool,
-        callbacks: tuple[StateCallback, ...],
+        self, state: str, reason: str, kind: str, callbacks: tuple[StateCallback, ...]
     ) -> None:
         """Log, count and call back one state change (on the dispatcher thread)."""
         if state == LOST:
@@ -321,10 +319,6 @@ class BaseLease:
                         extra=self._facts("lost", reason))
             if _observe.observers:
                 _observe.lease_lost(self._backend(), self.name, kind)
-            if ended and self._observed:
-                _observe.lease_ended(
-                    self._observed, self._backend(), self.name, "lost", self._held()
-                )
         elif state == AT_RISK:
             log.warning("lease %r (fence %d) at risk: %s", self.name, self.fence, reason,
                         extra=self._facts("at-risk", reason))
@@ -339,11 +333,6 @@ class BaseLease:
             if self._released:
                 return False
             self._released = True
-            ended = not self._lost
-        if ended and self._observed:
-            _observe.lease_ended(
-                self._observed, self._backend(), self.name, "released", self._held()
-            )
         if self._renewer is not None:
             self._renewer.forget()
         watchdog.forget()
@@ -365,10 +354,6 @@ class BaseLease:
 
     def _backend(self) -> str:
         return getattr(self._coordinator, "backend_name", "") or type(self._coordinator).__name__
-
-    def _held(self) -> float:
-        """Seconds since the lease was granted (wall clock, never negative)."""
-        return max(0.0, time.time() - self.acquired_at)
 
     def _facts(self, event: str, reason: str = "", **more: object) -> dict[str, object]:
         """The ``extra=`` fields of this lease's log records (never a ``name`` key: that one

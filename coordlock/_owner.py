@@ -20,27 +20,31 @@ def _host() -> str:
     return _UNSAFE.sub("-", name)[:MAX_HOST] or "host"
 
 
-class _Prefix:
-    """``<host>:<pid>:``, recomputed in a forked child (its pid differs)."""
+class _Process:
+    """This process's pid and owner prefix ``<host>:<pid>:``, kept up to date across fork()
+    (``os.getpid()`` is a system call: the hot path reads the cached value)."""
 
     def __init__(self) -> None:
-        self.pid = -1
-        self.text = ""
+        self.pid = os.getpid()
+        self.prefix = f"{_host()}:{self.pid}:"
 
-    def get(self) -> str:
-        pid = os.getpid()
-        if pid != self.pid:
-            self.text = f"{_host()}:{pid}:"
-            self.pid = pid
-        return self.text
+    def _after_fork_in_child(self) -> None:
+        self.__init__()  # type: ignore[misc]
 
 
-_prefix = _Prefix()
+process = _Process()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=process._after_fork_in_child)
+
+
+def current_pid() -> int:
+    """``os.getpid()``, without the system call."""
+    return process.pid
 
 
 def new_owner() -> str:
     """A fresh owner token ``<host>:<pid>:<32 hex>`` (128 random bits, like a uuid4)."""
-    return _prefix.get() + os.urandom(16).hex()
+    return process.prefix + os.urandom(16).hex()
 
 
 class OwnerParts(NamedTuple):

@@ -108,15 +108,23 @@ class Renewer:
             if worker is None or worker.done():  # type: ignore[union-attr]
                 self._loop = running
                 self._worker = running.create_task(self._run(), name="coordlock-renewer")
-        elif worker is None or not worker.is_alive():  # type: ignore[union-attr]
+        elif worker is None:  # the thread clears it when it ends, whatever ends it
             with self._lock:
-                if self._worker is worker:
+                if self._worker is None:
                     self._worker = threading.Thread(
-                        target=lambda: drive(self._run()),
+                        target=self._run_thread,
                         name=f"coordlock-renewer-{id(self):x}",
                         daemon=True,
                     )
                     self._worker.start()
+
+    def _run_thread(self) -> None:
+        try:
+            drive(self._run())
+        finally:
+            with self._lock:
+                if self._worker is threading.current_thread():
+                    self._worker = None
 
     def _wake(self) -> None:
         loop = self._loop

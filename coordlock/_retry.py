@@ -117,27 +117,32 @@ class RetryPolicy:
             "reraise": True,
         }
 
-    def call(self, fn: Callable[[], T], what: str, deadline: float | None = None) -> T:
-        """Run ``fn``; on a transient error retry it (only ``fn`` safe to repeat!)."""
+    def call(
+        self, fn: Callable[..., T], what: str, deadline: float | None = None,
+        args: tuple[Any, ...] = (),
+    ) -> T:
+        """Run ``fn(*args)``; on a transient error retry it (only ``fn`` safe to repeat!)."""
         try:
-            return fn()
+            return fn(*args)
         except Exception as exc:
             self.first_failure(exc, what, deadline)
         try:
-            return Retrying(**self.retrying_options(what, deadline))(fn)
+            return Retrying(**self.retrying_options(what, deadline))(fn, *args)
         except Exception as exc:
             raise self._final(exc, what)  # noqa: B904 (the cause is set by _final)
 
     async def acall(
-        self, fn: Callable[[], Awaitable[T]], what: str, deadline: float | None = None
+        self, fn: Callable[..., Awaitable[T]], what: str, deadline: float | None = None,
+        args: tuple[Any, ...] = (),
     ) -> T:
         """:meth:`call` for coroutine functions."""
         try:
-            return await fn()
+            return await fn(*args)
         except Exception as exc:
             self.first_failure(exc, what, deadline)
+
         async def attempt() -> T:  # a coroutine function, so tenacity awaits each try
-            return await fn()
+            return await fn(*args)
 
         try:
             return await AsyncRetrying(**self.retrying_options(what, deadline))(attempt)

@@ -15,6 +15,9 @@ MAX_NAME_LENGTH = 512
 
 def check_name(name: object, what: str = "name") -> str:
     """Return ``name`` if it is a usable lock or job name; else ``TypeError``/``ValueError``."""
+    if type(name) is str and 0 < len(name) <= MAX_NAME_LENGTH and "\x00" not in name and \
+            not name.isspace():
+        return name  # the common case, checked in one go
     if not isinstance(name, str):
         raise TypeError(f"{what} must be a str, not {type(name).__name__}")
     if not name or not name.strip():
@@ -49,6 +52,8 @@ def check_seconds(value: object, what: str, *, allow_zero: bool = False) -> floa
 
 def check_ttl(ttl: object) -> float:
     """A lease time-to-live: a positive number of seconds (at least 1 ms)."""
+    if (type(ttl) is int or type(ttl) is float) and 0.001 <= ttl < math.inf:
+        return float(ttl)
     seconds = check_seconds(ttl, "ttl")
     if seconds < 0.001:
         raise ValueError(f"ttl must be at least 0.001 seconds, got {ttl!r}")

@@ -147,7 +147,7 @@ class Watchdog:
         entry = (at, next(self._seq), check, gen, lease)
         with self._cond:
             heapq.heappush(self._heap, entry)
-            if self._thread is None or not self._thread.is_alive():
+            if self._thread is None:  # the thread clears it when it ends, whatever ends it
                 self._thread = threading.Thread(
                     target=self._run, name="coordlock-watchdog", daemon=True
                 )
@@ -167,14 +167,16 @@ class Watchdog:
                 self._dead = 0
 
     def _run(self) -> None:
-        while True:
-            try:
-                self._step()
-            except BaseException:  # pragma: no cover - never expected; keep watching
-                log.exception(
-                    "coordlock watchdog: unexpected error; going on",
-                    extra={"event": "watchdog", "outcome": "error"},
-                )
+        try:
+            while True:
+                try:
+                    self._step()
+                except Exception:  # pragma: no cover - never expected; keep watching
+                    log.exception("coordlock watchdog: unexpected error; going on",
+                                  extra={"event": "watchdog", "outcome": "error"})
+        finally:  # ended anyway (interpreter shutdown, a BaseException): the next watch restarts
+            with self._cond:
+                self._thread = None
 
     def _step(self) -> None:
         with self._cond:

@@ -136,19 +136,31 @@ def test_lost_is_sticky_when_a_renewal_is_confirmed_late(frozen: FrozenRenewals)
     assert "ttl" in lease.lost_reason
 
 
-def test_renewer_thread_restarts_if_it_died() -> None:
+def test_renewer_thread_restarts_if_it_died(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever ends the renewal thread (here a BaseException escaping it), the next lease
+    starts a fresh one: renewal never stops for good."""
     c = MemoryCoordinator(f"restart-{uuid.uuid4().hex}")
+    renewer = c._renewer
+    real = renewer._renew
+    killed = threading.Event()
+
+    async def dies_once(lease: Any, gen: int) -> None:
+        if not killed.is_set():
+            killed.set()
+            raise SystemExit("the renewal thread dies")
+        await real(lease, gen)
+
+    monkeypatch.setattr(renewer, "_renew", dies_once)
     try:
         first = c.acquire("a", 0.6)
         assert first is not None
-        worker = c._renewer._worker
-        assert isinstance(worker, threading.Thread)
-        # Simulate a dead thread: forget it, as if it had exited.
-        c._renewer._worker = threading.Thread(target=lambda: None)
-        second = c.acquire("b", 0.6)
+        assert killed.wait(PATIENCE)
+        assert eventually(lambda: renewer._worker is None), "the dead thread was not noticed"
+        second = c.acquire("b", 0.6)  # starts a fresh renewal thread
         assert second is not None
-        time.sleep(1.5)
+        time.sleep(1.5)  # > 2 ttls: renewed meanwhile
         assert not second.lost
+        assert second.release()
     finally:
         c.close()
 

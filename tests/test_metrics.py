@@ -28,7 +28,6 @@ from coordlock.backends import Attempt
 from coordlock.backends.memory import MemoryCoordinator
 from coordlock.metrics import METRICS, scheduler_event
 from coordlock.scheduler import ManualClock, Scheduler
-from coordlock.testing.contract import eventually
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -102,20 +101,24 @@ def ported(coordinator: object) -> None:
 
 
 class Recorder(_observe.Observer):
+    """Records what it is handed; ``events`` flushes the queue first."""
+
     def __init__(self) -> None:
-        self.events: list[tuple[Any, ...]] = []
+        self.seen: list[tuple[Any, ...]] = []
+
+    @property
+    def events(self) -> list[tuple[Any, ...]]:
+        _observe.flush()
+        return self.seen
 
     def acquire(self, *args: Any) -> None:
-        self.events.append(("acquire", *args))
-
-    def lease_ended(self, *args: Any) -> None:
-        self.events.append(("ended", *args))
+        self.seen.append(("acquire", *args))
 
     def lease_lost(self, *args: Any) -> None:
-        self.events.append(("lost", *args))
+        self.seen.append(("lost", *args))
 
     def renewal(self, *args: Any) -> None:
-        self.events.append(("renewal", *args))
+        self.seen.append(("renewal", *args))
 
 
 @pytest.fixture
@@ -144,7 +147,7 @@ def test_without_observers_the_core_calls_no_hook(
     def boom(*args: Any) -> None:
         raise AssertionError("hook called without observers")
 
-    for hook in ("acquire", "lease_ended", "lease_lost", "renewal"):
+    for hook in ("post", "acquire", "lease_lost", "renewal"):
         monkeypatch.setattr(_observe, hook, boom)
     assert not _observe.observers
     lease = memory.acquire("quiet", 5)
@@ -159,34 +162,29 @@ def test_events_of_a_pair_carry_backend_lock_outcome_and_times(
         assert memory.acquire("pair", 5) is None
     assert lease.released
     kinds = [e[0] for e in recorder.events]
-    assert kinds == ["acquire", "acquire", "ended"]
+    assert kinds == ["acquire", "acquire"]  # a release posts nothing
     _, backend, lock, outcome, seconds, waited = recorder.events[0]
     assert (backend, lock, outcome, waited) == ("memory", "pair", "acquired", None)
     assert seconds >= 0
     assert recorder.events[1][3] == "busy"
-    assert recorder.events[2][1:4] == ("memory", "pair", "released")
 
 
-def test_a_lease_ends_once_for_the_observers_that_counted_it(
-    memory: coordlock.RunCoordinator, recorder: Recorder
-) -> None:
-    lease = memory.acquire("late-observer", 5)
-    assert lease is not None
-    late = Recorder()
-    _observe.register(late)
-    try:
-        # force-released by this very process: its holder hears at once (reported lost)
-        assert memory.force_release("late-observer")  # type: ignore[attr-defined]
-        assert lease.release() is False  # lost before release: not ours any more
-        lease.release()
-        # the reports are made on the callback thread
-        assert eventually(lambda: any(e[0] == "ended" for e in recorder.events))
-        assert eventually(lambda: ("lost", "memory", "late-observer", "not-ours") in late.events)
-    finally:
-        _observe.unregister(late)
-    ended = [e for e in recorder.events if e[0] == "ended"]
-    assert ended == [("ended", "memory", "late-observer", "lost", ended[0][4])]  # once
-    assert [e for e in late.events if e[0] == "ended"] == []  # it never counted the acquire
+def test_held_leases_are_read_from_the_live_leases() -> None:
+    class Counted(MemoryCoordinator):
+        backend_name = "held-test"  # a label no other test's leases use
+
+    coordinator = Counted(f"held-{uuid.uuid4().hex}")
+    first = coordinator.acquire("held-1", 30)
+    second = coordinator.acquire("held-2", 0.2, renew=False)
+    assert first is not None and second is not None
+    assert _observe.held_leases()["held-test"] == 2
+    deadline = time.monotonic() + 10
+    while not second.lost and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _observe.held_leases()["held-test"] == 1  # a lost lease is not held
+    first.release()
+    assert "held-test" not in _observe.held_leases()
+    coordinator.close()
 
 
 def test_a_failing_observer_never_breaks_locking(
@@ -229,18 +227,16 @@ def test_lock_metrics_scraped_from_a_real_endpoint(backend_url: str, scraper: Sc
     try:
         ported(coordinator)
         backend = coordinator.backend_name  # type: ignore[attr-defined]
+        held = scraper.value("coordlock_leases_held", backend=backend)  # other tests' leases
         lease = coordinator.acquire("scraped-lock", 30)
         assert lease is not None
-        assert scraper.value("coordlock_leases_held", backend=backend) == 1
+        assert scraper.value("coordlock_leases_held", backend=backend) == held + 1
         assert coordinator.acquire("scraped-lock", 30) is None
         assert lease.release()
-        assert scraper.value("coordlock_leases_held", backend=backend) == 0
+        assert scraper.value("coordlock_leases_held", backend=backend) == held
         count = "coordlock_acquire_seconds_count"
         assert scraper.value(count, backend=backend, outcome="acquired") == 1
         assert scraper.value(count, backend=backend, outcome="busy") == 1
-        assert scraper.value(
-            "coordlock_lease_hold_seconds_count", backend=backend, end="released"
-        ) == 1
         assert "scraped-lock" not in scraper.text()  # lock names are never labels
     finally:
         coordinator.close()
@@ -248,7 +244,8 @@ def test_lock_metrics_scraped_from_a_real_endpoint(backend_url: str, scraper: Sc
 
 def test_every_metric_has_its_type_and_help(scraper: Scraper, memory: Any) -> None:
     with memory.lock("typed", ttl=5):
-        pass
+        families = scraper.families()  # the held gauge shows while a lease is held
+    assert families["coordlock_leases_held"].samples
     _observe.tick_claimed("job-a")
     _observe.tick_skipped("job-a", "claimed-elsewhere")
     _observe.tick_missed("job-a", 2)
@@ -258,8 +255,9 @@ def test_every_metric_has_its_type_and_help(scraper: Scraper, memory: Any) -> No
     _observe.lease_lost("memory", "typed", "expired")
     _observe.renewal("memory", "typed", "renewed", 0.001)
     _observe.acquire("memory", "typed", "acquired", 0.01, 0.005)  # a handoff
-    _observe.lease_ended(_observe.observers, "memory", "typed", "released", 0.1)
-    families = scraper.families()
+    families.update(
+        (k, v) for k, v in scraper.families().items() if k != "coordlock_leases_held"
+    )
     for metric in METRICS:
         base = metric.name.removesuffix("_total") if metric.kind == "counter" else metric.name
         assert base in families, metric.name
@@ -276,7 +274,6 @@ def test_every_metric_has_its_type_and_help(scraper: Scraper, memory: Any) -> No
 def test_histogram_buckets_are_cumulative_and_sum_up(scraper: Scraper) -> None:
     for seconds in (0.0004, 0.003, 0.003, 0.2, 100.0):
         _observe.acquire("memory", "h", "acquired", seconds, None)
-        _observe.lease_ended(_observe.observers, "memory", "h", "released", 1.0)
     bucket = "coordlock_acquire_seconds_bucket"
     labels = {"backend": "memory", "outcome": "acquired"}
     assert scraper.value(bucket, le="0.0005", **labels) == 1
@@ -346,27 +343,30 @@ def test_errors_and_cancellation_are_outcomes(scraper: Scraper) -> None:
     count = "coordlock_acquire_seconds_count"
     assert scraper.value(count, backend="failing", outcome="error") == 1
     assert scraper.value(count, backend="failing", outcome="cancelled") == 1
-    assert scraper.value("coordlock_leases_held", backend="failing") == 0
+    assert _observe.held_leases().get("failing", 0) == 0
 
 
 def test_lost_leases_by_reason(scraper: Scraper, memory: Any) -> None:
     short = memory.acquire("expiring", 0.2, renew=False)
     taken = memory.acquire("taken", 30)
-    assert short is not None and taken is not None
-    assert memory.force_release("taken")
+    forced = memory.acquire("forced", 30)
+    assert short is not None and taken is not None and forced is not None
+    other = coordlock.connect(f"memory://{memory.name}")  # the same lock table
+    assert other.force_release("taken")  # another coordinator: this one cannot know
     assert taken.extend() is False  # the server says: not ours
+    assert memory.force_release("forced")  # this process's own holder hears at once, too
+    other.close()
     deadline = time.monotonic() + 10
     while not short.lost and time.monotonic() < deadline:
         time.sleep(0.02)
     assert short.lost
     lost = "coordlock_leases_lost_total"
+    # losses are reported on coordlock's callback thread, in order, soon after
     assert scraper.wait_for(lost, 1, backend="memory", reason="expired") == 1
-    assert scraper.wait_for(lost, 1, backend="memory", reason="not-ours") == 1
-    assert scraper.value("coordlock_lease_hold_seconds_count", backend="memory", end="lost") == 2
-    assert scraper.value("coordlock_leases_held", backend="memory") == 0
-    short.release()
-    taken.release()
-    assert scraper.value("coordlock_leases_held", backend="memory") == 0  # not counted twice
+    assert scraper.wait_for(lost, 2, backend="memory", reason="not-ours") == 2
+    for lease in (short, taken, forced):
+        lease.release()
+    assert scraper.value(lost, backend="memory", reason="expired") == 1  # counted once
 
 
 def test_renewals_are_timed(scraper: Scraper, memory: Any) -> None:
@@ -378,15 +378,17 @@ def test_renewals_are_timed(scraper: Scraper, memory: Any) -> None:
 
 
 def test_async_leases_are_counted(scraper: Scraper, memory: Any) -> None:
+    held = scraper.value("coordlock_leases_held", backend="memory")
+
     async def main() -> None:
         async with memory.lock("async-counted", ttl=5):
-            assert scraper.value("coordlock_leases_held", backend="memory") == 1
+            assert scraper.value("coordlock_leases_held", backend="memory") == held + 1
 
     asyncio.run(main())
     assert scraper.value(
         "coordlock_acquire_seconds_count", backend="memory", outcome="acquired"
     ) == 1
-    assert scraper.value("coordlock_leases_held", backend="memory") == 0
+    assert scraper.value("coordlock_leases_held", backend="memory") == held
 
 
 def test_enable_is_idempotent_and_disable_removes_everything(memory: Any) -> None:
@@ -485,3 +487,44 @@ def test_the_docs_list_every_metric_with_its_labels() -> None:
         assert otel_name == f"`{metric.otel}`"
         assert kind == metric.kind
         assert [x.strip() for x in labels.split(",")] == list(metric.labels)
+
+
+def test_the_queue_is_bounded_and_flushes_itself(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_observe, "LIMIT", 10)
+    for i in range(25):
+        _observe.lease_lost("memory", f"lock-{i}", "expired")
+        assert len(_observe.events) <= 10
+    assert len(recorder.seen) >= 15  # handed out without anyone flushing
+    assert [e[2] for e in recorder.events] == [f"lock-{i}" for i in range(25)]  # in order
+
+
+def test_events_queued_before_a_registration_go_to_the_observers_of_then(
+    memory: Any, recorder: Recorder
+) -> None:
+    lease = memory.acquire("before", 5)
+    late = _observe.register(Recorder())
+    try:
+        lease.release()
+        assert late.events == []  # the acquire was queued before it registered
+        assert [e[0] for e in recorder.events] == ["acquire"]
+    finally:
+        _observe.unregister(late)
+
+
+def test_a_forked_child_drops_the_parents_queue(recorder: Recorder) -> None:
+    import os
+
+    _observe.lease_lost("memory", "parent", "expired")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, str(len(_observe.events)).encode())
+        os._exit(0)
+    os.close(write)
+    child_queue = int(os.read(read, 32))
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert child_queue == 0
+    assert [e[2] for e in recorder.events] == ["parent"]

@@ -9,7 +9,7 @@ LOCK_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0,
 )  # fmt: skip
-#: Histogram buckets (seconds) for runs, holds and dispatch lag: 10 ms to an hour.
+#: Histogram buckets (seconds) for runs and dispatch lag: 10 ms to an hour.
 RUN_BUCKETS = (
     0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
 )  # fmt: skip
@@ -47,14 +47,9 @@ HELD = Metric(
     "Leases this process holds now.",
     "coordlock.leases_held", "{lease}",
 )  # fmt: skip
-HOLD = Metric(
-    "coordlock_lease_hold_seconds", "histogram", ("backend", "end"),
-    "How long leases were held, by how they ended: released or lost.",
-    "coordlock.lease_hold", "s", RUN_BUCKETS,
-)  # fmt: skip
 LOST = Metric(
     "coordlock_leases_lost_total", "counter", ("backend", "reason"),
-    "Leases lost; reason: expired, not-ours, late-renewal, backend, error.",
+    "Leases lost; reason: expired, not-ours, late-renewal, backend, error, closed.",
     "coordlock.leases_lost", "{lease}",
 )  # fmt: skip
 RENEWAL = Metric(
@@ -105,6 +100,6 @@ STUCK = Metric(
 
 #: Every metric, core first, then the scheduler's.
 METRICS: tuple[Metric, ...] = (
-    ACQUIRE, HANDOFF, HELD, HOLD, LOST, RENEWAL,
+    ACQUIRE, HANDOFF, HELD, LOST, RENEWAL,
     CLAIMED, SKIPPED, MISSED, RUNS, RUN_SECONDS, RUNNING, LAG, STUCK,
 )  # fmt: skip

@@ -25,7 +25,6 @@ from ._spec import (
     CLAIMED,
     HANDOFF,
     HELD,
-    HOLD,
     LAG,
     LOST,
     METRICS,
@@ -70,15 +69,15 @@ def _instrument(meter: Any, metric: Metric, gauge: Any = None) -> Any:
 class OTelObserver(_observe.Observer):
     """Records coordlock's events into OpenTelemetry instruments of the meter ``coordlock``.
 
-    Attribute dictionaries are cached per label set. An acquire or a lease's end costs one
-    instrument call (the SDK's cost, several microseconds); the two gauges (leases held, runs
-    running) are counted here and read by the SDK at collection time.
+    Attribute dictionaries are cached per label set. Events arrive in batches (see
+    :mod:`coordlock._observe`), flushed at each collection; an acquire or a lease's end then
+    costs one instrument call (the SDK's cost, several microseconds); a release costs nothing.
+    The two gauges (leases held, runs running) are read by the SDK at collection time.
     """
 
     def __init__(self, meter_provider: Any = None) -> None:
         meter = otel_metrics.get_meter("coordlock", __version__, meter_provider=meter_provider)
         self._lock = threading.Lock()
-        self._held: dict[str, int] = {}
         self._running: dict[str, int] = {}
         gauges = {HELD: self._observe_held, RUNNING: self._observe_running}
         self._i = {metric: _instrument(meter, metric, gauges.get(metric)) for metric in METRICS}
@@ -89,8 +88,11 @@ class OTelObserver(_observe.Observer):
             table[key] = table.get(key, 0) + delta
 
     def _observe_held(self, options: Any) -> list[Any]:
-        with self._lock:
-            held = dict(self._held)
+        # The first of coordlock's callbacks in a collection: hand out the queued events
+        # first, so that this collection includes them (callbacks run before the SDK reads
+        # its synchronous instruments).
+        _observe.flush()
+        held = _observe.held_leases()
         return [otel_metrics.Observation(n, self._a(HELD, b)) for b, n in sorted(held.items())]
 
     def _observe_running(self, options: Any) -> list[Any]:
@@ -111,14 +113,8 @@ class OTelObserver(_observe.Observer):
         self, backend: str, lock: str, outcome: str, seconds: float, waited: float | None
     ) -> None:
         self._i[ACQUIRE].record(seconds, self._a(ACQUIRE, backend, outcome))
-        if outcome == "acquired":
-            self._bump(self._held, backend, 1)
-            if waited is not None:
-                self._i[HANDOFF].record(waited, self._a(HANDOFF, backend))
-
-    def lease_ended(self, backend: str, lock: str, how: str, held: float) -> None:
-        self._bump(self._held, backend, -1)
-        self._i[HOLD].record(held, self._a(HOLD, backend, how))
+        if waited is not None:
+            self._i[HANDOFF].record(waited, self._a(HANDOFF, backend))
 
     def lease_lost(self, backend: str, lock: str, reason: str) -> None:
         self._i[LOST].add(1, self._a(LOST, backend, reason))

@@ -10,8 +10,8 @@
 
 The metrics are listed in :data:`coordlock.metrics.METRICS` and in docs/monitoring.md.
 
-Cost: an acquire or a lease's end only appends a tuple to a queue (no lock); the queue is added
-up into plain Python counters at the next scrape (or every :data:`QUEUE_MAX` events), and the
+Cost: the core only queues each event (see :mod:`coordlock._observe`); this observer adds the
+queue up into plain Python counters at the next scrape (or every few thousand events), and the
 Prometheus text is built only when scraped (a custom collector). See
 ``benchmarks/metrics_overhead.py``.
 """
@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from .. import _observe
@@ -31,7 +30,6 @@ from ._spec import (
     CLAIMED,
     HANDOFF,
     HELD,
-    HOLD,
     LAG,
     LOCK_BUCKETS,
     LOST,
@@ -65,9 +63,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 __all__ = ["PrometheusObserver", "disable", "enable"]
 
 _Key = tuple[str, ...]
-#: Queued lock events added up at the latest when this many are waiting.
-QUEUE_MAX = 4096
-_ENDED = object()  # marks a queued lease_ended event
+_SIZE = len(LOCK_BUCKETS) + 1
 
 
 class _Hist:
@@ -83,18 +79,14 @@ class _Hist:
 class PrometheusObserver(_observe.Observer, Collector):
     """Observes coordlock's events and exposes them as a Prometheus collector.
 
-    Thread-safe: every update holds one lock for a few additions. Series appear at their first
-    event (a counter that never moved is not shown, as with labelled ``prometheus_client``
-    metrics).
+    Its state changes only inside :func:`coordlock._observe.flush` (one batch at a time) and
+    is read under the same lock at scrape time. Series appear at their first event (a
+    counter that never moved is not shown, as with labelled ``prometheus_client`` metrics).
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        # One table per metric, label values -> series (attributes, not a dict keyed by
-        # Metric: this is the hot path of every acquire).
         self._acquire: dict[_Key, _Hist] = {}
         self._handoff: dict[_Key, _Hist] = {}
-        self._hold: dict[_Key, _Hist] = {}
         self._renewal: dict[_Key, _Hist] = {}
         self._run: dict[_Key, _Hist] = {}
         self._lag: dict[_Key, _Hist] = {}
@@ -104,84 +96,66 @@ class PrometheusObserver(_observe.Observer, Collector):
         self._missed: dict[_Key, float] = {}
         self._stuck: dict[_Key, float] = {}
         self._started: dict[_Key, float] = {}  # runs started, per job (for the running gauge)
-        self._queue: deque[tuple[str, str, float, Any]] = deque()
 
-    # -- recording -----------------------------------------------------------------------------
+    # -- recording (called by coordlock._observe.flush, one batch at a time) -------------------
 
     @staticmethod
     def _add_to(
         table: dict[_Key, _Hist], bounds: tuple[float, ...], key: _Key, value: float
     ) -> None:
-        """Add ``value`` to a histogram series (the caller holds the lock)."""
         hist = table.get(key)
         if hist is None:
             hist = table[key] = _Hist(len(bounds) + 1)
         hist.counts[bisect_left(bounds, value)] += 1
         hist.total += value
 
-    def _observe(
-        self, table: dict[_Key, _Hist], bounds: tuple[float, ...], key: _Key, value: float
-    ) -> None:
-        with self._lock:
-            self._add_to(table, bounds, key, value)
+    @staticmethod
+    def _count(table: dict[_Key, float], key: _Key, amount: float = 1) -> None:
+        table[key] = table.get(key, 0) + amount
 
-    def _add(self, table: dict[_Key, float], key: _Key, amount: float = 1) -> None:
-        with self._lock:
-            table[key] = table.get(key, 0) + amount
-
-    # The two events of every lock() pair only append to a queue (atomic, no lock); they are
-    # added up at the next scrape, or once QUEUE_MAX of them are waiting.
-
-    def acquire(
-        self, backend: str, lock: str, outcome: str, seconds: float, waited: float | None
-    ) -> None:
-        queue = self._queue
-        queue.append((backend, outcome, seconds, waited))
-        if len(queue) > QUEUE_MAX:
-            self._drain()
-
-    def lease_ended(self, backend: str, lock: str, how: str, held: float) -> None:
-        queue = self._queue
-        queue.append((backend, how, held, _ENDED))
-        if len(queue) > QUEUE_MAX:
-            self._drain()
-
-    def _drain(self) -> None:
-        queue, pop = self._queue, self._queue.popleft
-        with self._lock:
-            for _ in range(len(queue)):
-                backend, what, seconds, extra = pop()
-                if extra is _ENDED:
-                    self._add_to(self._hold, RUN_BUCKETS, (backend, what), seconds)
-                else:
-                    self._add_to(self._acquire, LOCK_BUCKETS, (backend, what), seconds)
-                    if extra is not None:
-                        self._add_to(self._handoff, LOCK_BUCKETS, (backend,), extra)
+    def batch(self, events: Sequence[_observe.Event]) -> None:
+        """The event of every lock(), acquire, added up inline; the rest as usual."""
+        acquired, kind, bounds, size = self._acquire, _observe.ACQUIRE, LOCK_BUCKETS, _SIZE
+        others = []
+        for event in events:
+            if event[0] == kind:
+                _, backend, _name, outcome, seconds, waited = event
+                hist = acquired.get((backend, outcome))
+                if hist is None:
+                    hist = acquired[(backend, outcome)] = _Hist(size)
+                hist.counts[bisect_left(bounds, seconds)] += 1
+                hist.total += seconds
+                if waited is not None:
+                    self._add_to(self._handoff, bounds, (backend,), waited)
+            else:
+                others.append(event)
+        if others:
+            super().batch(others)
 
     def lease_lost(self, backend: str, lock: str, reason: str) -> None:
-        self._add(self._lost, (backend, reason))
+        self._count(self._lost, (backend, reason))
 
     def renewal(self, backend: str, lock: str, outcome: str, seconds: float) -> None:
-        self._observe(self._renewal, LOCK_BUCKETS, (backend, outcome), seconds)
+        self._add_to(self._renewal, LOCK_BUCKETS, (backend, outcome), seconds)
 
     def tick_claimed(self, job: str) -> None:
-        self._add(self._claimed, (job,))
+        self._count(self._claimed, (job,))
 
     def tick_skipped(self, job: str, reason: str) -> None:
-        self._add(self._skipped, (job, reason))
+        self._count(self._skipped, (job, reason))
 
     def tick_missed(self, job: str, count: int) -> None:
-        self._add(self._missed, (job,), count)
+        self._count(self._missed, (job,), count)
 
     def run_started(self, job: str, lag: float) -> None:
-        self._observe(self._lag, RUN_BUCKETS, (job,), lag)
-        self._add(self._started, (job,))
+        self._add_to(self._lag, RUN_BUCKETS, (job,), lag)
+        self._count(self._started, (job,))
 
     def run_finished(self, job: str, outcome: str, seconds: float) -> None:
-        self._observe(self._run, RUN_BUCKETS, (job, outcome), seconds)
+        self._add_to(self._run, RUN_BUCKETS, (job, outcome), seconds)
 
     def run_stuck(self, job: str, reason: str) -> None:
-        self._add(self._stuck, (job, reason))
+        self._count(self._stuck, (job, reason))
 
     # -- exposition ----------------------------------------------------------------------------
 
@@ -195,15 +169,14 @@ class PrometheusObserver(_observe.Observer, Collector):
 
     def _families(self, *, empty: bool) -> Iterator[_Family]:
         hist_tables = {
-            ACQUIRE: self._acquire, HANDOFF: self._handoff, HOLD: self._hold,
-            RENEWAL: self._renewal, RUN_SECONDS: self._run, LAG: self._lag,
+            ACQUIRE: self._acquire, HANDOFF: self._handoff, RENEWAL: self._renewal,
+            RUN_SECONDS: self._run, LAG: self._lag,
         }  # fmt: skip
         count_tables = {
             LOST: self._lost, CLAIMED: self._claimed, SKIPPED: self._skipped,
             MISSED: self._missed, STUCK: self._stuck,
         }  # fmt: skip
-        self._drain()
-        with self._lock:  # a consistent copy; the text is built outside the lock
+        with _observe.flushed():  # a consistent copy; the text is built outside the lock
             hists = {
                 m: {} if empty else {k: (list(h.counts), h.total) for k, h in t.items()}
                 for m, t in hist_tables.items()
@@ -212,7 +185,10 @@ class PrometheusObserver(_observe.Observer, Collector):
             started = {} if empty else dict(self._started)
         for metric in hist_tables:
             yield _histogram(metric, hists[metric])
-        yield _gauge(HELD, _held(hists[ACQUIRE], hists[HOLD]))
+        held: dict[_Key, float] = {}
+        if not empty:
+            held = {(b,): float(n) for b, n in _observe.held_leases().items()}
+        yield _gauge(HELD, held)
         for metric in count_tables:
             yield _counter(metric, counts[metric])
         runs = {k: float(sum(c)) for k, (c, _) in hists[RUN_SECONDS].items()}
@@ -221,18 +197,6 @@ class PrometheusObserver(_observe.Observer, Collector):
         for (job, _outcome), (buckets, _) in hists[RUN_SECONDS].items():
             ended[(job,)] = ended.get((job,), 0) + sum(buckets)
         yield _gauge(RUNNING, {k: n - ended.get(k, 0) for k, n in started.items()})
-
-
-def _held(
-    acquired: dict[_Key, tuple[list[int], float]], ended: dict[_Key, tuple[list[int], float]]
-) -> dict[_Key, float]:
-    held: dict[_Key, float] = {}
-    for (backend, outcome), (buckets, _) in acquired.items():
-        if outcome == "acquired":
-            held[(backend,)] = held.get((backend,), 0) + sum(buckets)
-    for (backend, _how), (buckets, _) in ended.items():
-        held[(backend,)] = held.get((backend,), 0) - sum(buckets)
-    return held
 
 
 def _histogram(metric: Metric, series: dict[_Key, tuple[list[int], float]]) -> _Family:

@@ -36,12 +36,13 @@
         return reply.text().then(function (html) {
           live.innerHTML = html;
           body.setAttribute("data-updated", String(Date.now()));
+          if (paused) return;  // paused while this answer was on its way
           status.textContent = reply.ok
             ? "updated " + new Date().toLocaleTimeString()
             : "refresh failed: HTTP " + reply.status;
         });
       })
-      .catch(function (err) { status.textContent = "refresh failed: " + err; })
+      .catch(function (err) { if (!paused) status.textContent = "refresh failed: " + err; })
       .then(function () { busy = false; schedule(); });
   }
 
