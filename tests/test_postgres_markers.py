@@ -72,6 +72,20 @@ def test_markers_land_in_partition_zero() -> None:
     assert len({choose_marker(5) for _ in range(50)}) == 50  # random, not derived
 
 
+_FILLERS: dict[tuple[int, int], list[int]] = {}
+
+
+def _filler(database_oid: int, after: int) -> list[int]:
+    """1,500 keys in each partition after ``after`` up to 14 (made once): the dying session
+    holds them, so freeing its locks takes long enough for a woken waiter to look in between."""
+    found = _FILLERS.get((database_oid, after))
+    if found is None:
+        rng = random.Random(17)
+        found = [_key_in(database_oid, p, rng) for p in range(after + 1, 15) for _ in range(1500)]
+        _FILLERS[(database_oid, after)] = found
+    return found
+
+
 def _marker_free_when_key_granted(
     server: PostgresServer, marker_partition: int, key_partition: int, rng: random.Random
 ) -> bool:
@@ -82,7 +96,7 @@ def _marker_free_when_key_granted(
         oid = _database_oid(admin)
         marker = _key_in(oid, marker_partition, rng)
         key = _key_in(oid, key_partition, rng)
-        filler = [_key_in(oid, p, rng) for p in range(key_partition + 1, 15) for _ in range(250)]
+        filler = _filler(oid, key_partition)
         dying = psycopg.connect(server.url, autocommit=True)
         waiter = psycopg.connect(server.url, autocommit=True)
         try:
