@@ -36,7 +36,6 @@ from ._errors import BackendUnavailable, ConfigurationError
 from ._hooks import Hooks
 from ._io import AsyncIO, SyncIO, drive
 from ._lease import AT_RISK, LOST, RESTORED, AsyncLease, BaseLease, Lease
-from ._legacy import LegacyHooks
 from ._locking import LockContext
 from ._owner import current_pid, new_owner
 from ._renewal import Renewer
@@ -63,7 +62,7 @@ POLL_MAX = 0.05
 EXPIRY_SLACK = 0.002
 
 
-class BaseCoordinator(Hooks, LegacyHooks, ABC):
+class BaseCoordinator(Hooks, ABC):
     """Common base of the built-in backends. Thread-safe; one instance serves a whole process,
     from threads and from any number of event loops.
 
@@ -91,7 +90,6 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         super().__init_subclass__(**kwargs)
         if not cls.backend_name:
             cls.backend_name = cls.__name__.lower().removesuffix("coordinator") or cls.__name__
-        cls._detect_legacy()
 
     def __init__(self, *, retry_deadline: float = 10.0, **unknown: Any) -> None:
         if unknown:
@@ -142,8 +140,6 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
         server cannot be reached, ``ConfigurationError`` when it refuses us for good.
         """
         args = self._check_acquire(name, ttl, wait, renew, hold_at_least)
-        if self._legacy:
-            return self._legacy_acquire(*args)
         return drive(self._acquire_flow(self._sync_io, Lease, *args))
 
     def release(self, lease: Lease) -> bool:
@@ -253,8 +249,6 @@ class BaseCoordinator(Hooks, LegacyHooks, ABC):
     ) -> AsyncLease | None:
         """:meth:`acquire` for asyncio: never blocks the event loop; renewal runs as a task."""
         args = self._check_acquire(name, ttl, wait, renew, hold_at_least)
-        if self._legacy:
-            return await self._legacy_aacquire(*args)
         return await self._acquire_flow(self._async_io, AsyncLease, *args)
 
     async def arelease(self, lease: AsyncLease) -> bool:

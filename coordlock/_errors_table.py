@@ -108,6 +108,16 @@ RULES: tuple[Rule, ...] = (
          r"invalid URI query parameter|missing \"=\" after"),
     Rule("psycopg.ProgrammingError", PERMANENT, message=r"invalid connection option|sslmode|"
          r"couldn't parse connection string|invalid dsn"),
+    Rule("psycopg.OperationalError", PERMANENT,
+         message=r"invalid \w+ value|unrecognized configuration parameter|"
+         r"pg_hba\.conf rejects connection"),
+    Rule("psycopg.OperationalError", PERMANENT, hint="check the TLS options (sslmode, sslrootcert)",
+         message=r"server does not support SSL, but SSL was required|certificate verify failed|"
+         r"root certificate file .* does not exist|could not read root certificate file|"
+         r"server certificate for .* does not match host name|"
+         r"could not (open|load) (certificate|private key) file"),
+    Rule("psycopg.Error", PERMANENT, sqlstate="3F000",  # invalid_schema_name
+         hint="run `coordlock init URL` as an admin"),
     Rule("psycopg.errors.SerializationFailure", TRANSIENT),
     Rule("psycopg.errors.DeadlockDetected", TRANSIENT),
     Rule("psycopg.errors.AdminShutdown", TRANSIENT),

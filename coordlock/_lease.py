@@ -340,9 +340,6 @@ class BaseLease:
         watchdog.forget()
         return was_lost
 
-    def _mark_released(self) -> None:  # kept for backends written before the hook rewrite
-        self._begin_release()
-
     def _linger(self) -> float:
         """Seconds the name must stay taken after release (``hold_at_least``), else 0."""
         if self._hold_until is None:

@@ -32,7 +32,6 @@ register_backend("dict", example.DictCoordinator.from_url)
 
 
 def test_the_example_is_a_new_style_backend() -> None:
-    assert not example.DictCoordinator._legacy
     # it overrides no async hook: async comes from the base class
     assert not any(name.startswith("_async_") for name in vars(example.DictCoordinator))
 

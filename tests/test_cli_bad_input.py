@@ -8,7 +8,6 @@ give, the exit status, and how fast it must fail:
 * "after the retry deadline": run with ``--retry-deadline 1s``; it must give up with 69, not
   before the deadline (a lower bound: retries really happened).
 
-Rows that need the core's error-classification table are strict xfails until it lands.
 Name lookups never leave the machine: every command runs with ``socket.getaddrinfo`` answering
 "name not known" for ``*.invalid`` names (what a DNS server says for a typo), so the DNS row
 sends no query. ``COORDLOCK_WRITE_DOCS=1`` rewrites the table in the page from these rows.
@@ -35,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "failure-model.md"
 START = "<!-- bad-input-table: generated from tests/test_cli_bad_input.py -->"
 END = "<!-- /bad-input-table -->"
-CORE = "needs the core error table"
 AT_ONCE, AFTER_RETRIES = "at once", "after the retry deadline (`--retry-deadline`, default 10 s)"
 AT_ONCE_DEADLINE = 5.0
 
@@ -73,7 +71,6 @@ class Row:
     env: Callable[[Env], dict[str, str]] = lambda e: {}
     code: Callable[[Env], str] | None = None  # a Python call instead of a command
     expect: str = ""  # a fragment of the message
-    xfail: str | None = None
 
     @property
     def id(self) -> str:
@@ -205,11 +202,7 @@ def servers() -> Iterator[Callable[[str], str]]:
 
 
 def _params() -> list[object]:
-    return [
-        pytest.param(row, id=row.id, marks=[pytest.mark.xfail(reason=row.xfail, strict=True)]
-                     if row.xfail else [])
-        for row in ROWS
-    ]
+    return [pytest.param(row, id=row.id) for row in ROWS]
 
 
 @pytest.mark.parametrize("row", _params())

@@ -286,7 +286,7 @@ def test_server_restarts_under_load(fresh_postgres_server: PostgresServer, tmp_p
 @pytest.mark.coordlock_soak
 @pytest.mark.fault
 def test_server_restarts_soak(fresh_postgres_server: PostgresServer, tmp_path: Path) -> None:
-    _restarts_under_load(fresh_postgres_server, tmp_path, workers=8, iterations=1000, restarts=8)
+    _restarts_under_load(fresh_postgres_server, tmp_path, workers=8, iterations=1250, restarts=10)
 
 
 # -- T7: loss-detection delay ---------------------------------------------------------------------
@@ -317,7 +317,7 @@ def _loss_delays(coordinator: PostgresCoordinator, server: PostgresServer, n: in
 
             lease.on_lost(on_lost)
             time.sleep(random.uniform(0.0, 0.1))  # hit the keeper at any point of its cycle
-            pid = coordinator._held[lease.name].session.pid
+            pid = coordinator._registry.held[lease.name].session.pid
             killed = time.monotonic()
             assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
             assert fired.wait(PATIENCE), "lost did not fire"

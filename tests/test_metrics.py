@@ -92,11 +92,6 @@ def memory() -> Iterator[coordlock.RunCoordinator]:
     c.close()
 
 
-def ported(coordinator: object) -> None:
-    if getattr(coordinator, "_legacy", False):
-        pytest.xfail("this backend is not on the new core hooks yet (no acquire events)")
-
-
 # -- the hook point ----------------------------------------------------------------------------
 
 
@@ -225,7 +220,6 @@ def test_import_coordlock_loads_no_metrics_client() -> None:
 def test_lock_metrics_scraped_from_a_real_endpoint(backend_url: str, scraper: Scraper) -> None:
     coordinator = coordlock.connect(backend_url)
     try:
-        ported(coordinator)
         backend = coordinator.backend_name  # type: ignore[attr-defined]
         held = scraper.value("coordlock_leases_held", backend=backend)  # other tests' leases
         lease = coordinator.acquire("scraped-lock", 30)

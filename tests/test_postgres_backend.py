@@ -21,7 +21,8 @@ import pytest
 import coordlock
 from coordlock import ConfigurationError, Lease
 from coordlock.backends._pg_keys import lock_key
-from coordlock.backends.postgres import PostgresCoordinator, _Session
+from coordlock.backends.postgres import SCHEMA_VERSION, PostgresCoordinator
+from coordlock.backends.postgres.session import Session
 from coordlock.testing.contract import CoordinatorContract
 from coordlock.testing.contract import eventually as contract_eventually
 from coordlock.testing.servers import PostgresServer
@@ -63,15 +64,15 @@ def admin(server: PostgresServer) -> psycopg.Connection[Any]:
     return psycopg.connect(server.url, autocommit=True)
 
 
-def session_of(lease: Lease) -> _Session:
+def session_of(lease: Lease) -> Session:
     coordinator = lease.coordinator
     assert isinstance(coordinator, PostgresCoordinator)
-    held = coordinator._held[lease.name]
+    held = coordinator._registry.held[lease.name]
     assert held.owner == lease.owner
     return held.session
 
 
-def setting(session: _Session, name: str) -> str:
+def setting(session: Session, name: str) -> str:
     """``SHOW name`` on a coordinator's own session (under its mutex)."""
     with session.mutex:
         row = session.conn.execute(f"SHOW {name}").fetchone()
@@ -253,7 +254,7 @@ def test_schema_creation_race_between_many_processes(
     assert len({int(o[1]) for o in outputs}) == 12  # one fence sequence for all of them
     with admin(postgres_server) as conn:
         rows = conn.execute(f'SELECT key, value FROM "{schema}".meta').fetchall()
-        assert rows == [("schema_version", "1")]
+        assert rows == [("schema_version", str(SCHEMA_VERSION))]
         kinds = conn.execute(
             "SELECT c.relname, c.relpersistence FROM pg_class c"
             " JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -322,7 +323,7 @@ def test_a_blocking_wait_sleeps_on_the_server_and_wakes_on_release(
     waited = result.get("lease")
     assert isinstance(waited, Lease) and waited.fence > lease.fence
     # the connection that waited is the session that now holds the lock
-    assert session_of(waited) is not other._main
+    assert session_of(waited) is not other._sync.main
     assert coordinator.acquire("wake-me", 10) is None
     assert waited.release()
     assert coordinator.acquire("wake-me", 10) is not None
@@ -343,7 +344,9 @@ def test_wait_is_cancelled_by_close(
 
     thread = threading.Thread(target=wait)
     thread.start()
-    assert eventually(lambda: any(s.mutex.locked() and not s.main for s in other._sessions))
+    assert eventually(
+        lambda: any(s.mutex.locked() and not s.main for s in other._registry.sessions)
+    )
     other.close()
     thread.join(PATIENCE)
     assert not thread.is_alive()
@@ -379,10 +382,7 @@ def test_a_hung_holder_loses_its_session_within_the_ttl(
     assert lease is not None
     pid = session_of(lease).pid
     coordinator._renewer.stop()  # what a hung process does: nothing
-    coordinator._keeper_stop = True
-    coordinator._wake_w.send(b"x")
-    assert coordinator._keeper is not None
-    coordinator._keeper.join(PATIENCE)
+    coordinator._keeper.stop()
     started = time.monotonic()
     taken = other.acquire("hung", 10, wait=PATIENCE)
     waited = time.monotonic() - started
@@ -516,14 +516,19 @@ def test_claim_retry_by_the_same_claimant_is_idempotent(
     claimant = "c" * 32
     q = coordinator._q
 
-    def claim(conn: psycopg.Connection[Any], who: str) -> set[str]:
-        rows = conn.execute(q.claim, (who, 30_000.0, keys)).fetchall()
+    coordinator.claim("warm-up@t", 1)  # connects the auxiliary session
+
+    def claim(who: str) -> set[str]:
+        session = coordinator._sync.aux
+        assert isinstance(session, Session)
+        with session.mutex:
+            rows = session.conn.execute(q.claim, (who, 30_000.0, keys)).fetchall()
         return {r[0] for r in rows}
 
-    assert coordinator._aux_call(lambda conn: claim(conn, claimant), "t") == set(keys)
+    assert claim(claimant) == set(keys)
     # a transport retry of the same call gets its own claims back; anybody else gets nothing
-    assert coordinator._aux_call(lambda conn: claim(conn, claimant), "t") == set(keys)
-    assert coordinator._aux_call(lambda conn: claim(conn, "d" * 32), "t") == set()
+    assert claim(claimant) == set(keys)
+    assert claim("d" * 32) == set()
     assert coordinator.claim_many(keys, 30) == set()
 
 

@@ -61,7 +61,6 @@ class Part:
     backend: str
     url: str = ""
     unavailable: str | None = None
-    legacy: bool = False
     ticks: list[float] = field(default_factory=list)
     runs: list[list[str]] = field(default_factory=list)
     outcomes: list[list[str]] = field(default_factory=list)
@@ -168,7 +167,6 @@ def _run_experiment(
             part.unavailable = f"{type(exc).__name__}: {exc}"
             continue
         prepared = connect(part.url)  # creates schema, tables, chroot before the crowd comes
-        part.legacy = bool(getattr(prepared, "_legacy", False))
         assert prepared.claim(f"warm-up-{uuid.uuid4().hex}", 1)
         prepared.close()
     live = {b: p for b, p in parts.items() if p.unavailable is None}
@@ -323,8 +321,6 @@ def test_async_locked_runs_each_tick_once(
     experiment: dict[str, list[Part]], backend_name: str
 ) -> None:
     parts = _parts(experiment, backend_name)
-    if parts[0].legacy:
-        pytest.xfail(f"the {backend_name} backend is not ported to the async core yet")
     _check_once(parts, "adeco")
 
 

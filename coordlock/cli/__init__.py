@@ -2,7 +2,8 @@
 locks, show run history and jobs, check a backend, and the demo.
 
 Each subcommand lives in its own module (``run``, ``locks``, ``history``, ``check``,
-``demo``); this module builds the parser and maps errors and signals to exit statuses.
+``init``, ``demo``, ``dashboard``); this module builds the parser and maps errors and signals
+to exit statuses.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .._errors import (
 )
 from .._redact import redact_url
 from .._registry import known_schemes
-from . import check, dashboard, demo, history, locks, run
+from . import check, dashboard, demo, history, init, locks, run
 from ._common import (
     EX_CONFIG,
     EX_SOFTWARE,
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     locks.add_parsers(sub, parents)
     history.add_parsers(sub, parents)
     check.add_parser(sub, parents)
+    init.add_parser(sub, parents)
     demo.add_parser(sub, parents)
     dashboard.add_parser(sub, parents)
     return parser

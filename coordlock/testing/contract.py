@@ -100,11 +100,7 @@ class CoordinatorContract:
         runner.close()
 
     def _open(self, url: str, mode: Mode, runner: AsyncRunner | None) -> Any:
-        c = connect(url)
-        if mode == "async" and getattr(c, "_legacy", False):
-            c.close()
-            pytest.xfail(f"{type(c).__name__} is not ported to the async core yet")
-        return view(c, mode, runner)
+        return view(connect(url), mode, runner)
 
     @pytest.fixture
     def coordinator(
@@ -356,15 +352,9 @@ class CoordinatorContract:
 
     # -- minimum hold (ShedLock's lockAtLeastFor) and force-unlock ---------------------------
 
-    @staticmethod
-    def _needs_port(coordinator: Any) -> None:
-        if getattr(getattr(coordinator, "coordinator", coordinator), "_legacy", False):
-            pytest.xfail("hold_at_least and force_release land with the port to the new hooks")
-
     def test_hold_at_least_keeps_the_name_taken_after_release(
         self, coordinator: Any, other: Any
     ) -> None:
-        self._needs_port(coordinator)
         hold = 1.0
         started = time.monotonic()
         lease = coordinator.acquire("held-min", 30, hold_at_least=hold)
@@ -377,7 +367,6 @@ class CoordinatorContract:
         assert later.release() is True
 
     def test_hold_at_least_already_over_frees_at_once(self, coordinator: Any, other: Any) -> None:
-        self._needs_port(coordinator)
         lease = coordinator.acquire("held-over", 30, hold_at_least=0.2)
         assert lease is not None
         time.sleep(0.4)
@@ -387,14 +376,12 @@ class CoordinatorContract:
         again.release()
 
     def test_hold_at_least_bad_values(self, coordinator: Any) -> None:
-        self._needs_port(coordinator)
         with pytest.raises(ValueError):
             coordinator.acquire("held-bad", 10, hold_at_least=-1)
         with pytest.raises(TypeError):
             coordinator.acquire("held-bad", 10, hold_at_least="5")
 
     def test_force_release_frees_a_held_lock(self, coordinator: Any, other: Any) -> None:
-        self._needs_port(coordinator)
         real = getattr(coordinator, "coordinator", coordinator)
         if not getattr(real, "can_force_release", False):
             pytest.skip("this backend cannot force-unlock")  # declared, not hidden
@@ -546,8 +533,6 @@ class CoordinatorContract:
     def test_mutual_exclusion_fenced_register(
         self, backend_url: str, tmp_path: Path, mode: Mode
     ) -> None:
-        if mode == "async" and getattr(connect(backend_url), "_legacy", False):
-            pytest.xfail("this backend is not ported to the async core yet")
         report = run_fenced(
             backend_url, tmp_path, workers=8, iterations=500, ttl=10, wait=60, mode=mode,
             threads=self._in_process(backend_url),
