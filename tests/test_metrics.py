@@ -26,7 +26,7 @@ from coordlock import _observe
 from coordlock._protocol import RunRecord
 from coordlock.backends import Attempt
 from coordlock.backends.memory import MemoryCoordinator
-from coordlock.metrics import METRICS, scheduler_event
+from coordlock.metrics import METRICS
 from coordlock.scheduler import ManualClock, Scheduler
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -409,7 +409,6 @@ def scheduler_pair(url: str, clock: ManualClock) -> tuple[Scheduler, Scheduler]:
     pair = []
     for instance in ("node-a", "node-b"):
         sched = Scheduler(url, instance_id=instance, clock=clock)
-        sched.on("*", scheduler_event)
         pair.append(sched)
     return pair[0], pair[1]
 
@@ -449,7 +448,6 @@ def test_stuck_runs_are_counted(scraper: Scraper) -> None:
     url = f"memory://stuck-{uuid.uuid4().hex}"
     coordinator = coordlock.connect(url)
     sched = Scheduler(coordinator, instance_id="watcher", clock=ManualClock())
-    sched.on("*", scheduler_event)
     sched.every(60, name="nightly")(lambda: None)
     sched.run_pending()
     ghost = RunRecord(

@@ -342,18 +342,9 @@ def test_pause_resume_run_now_and_at_across_three_instances(
 
 # Backends that store RunRecord.result: memory (keeps the object) and ZooKeeper (stores the
 # record as JSON). The others store a fixed list of fields; see docs/scheduler.md.
-DROPS_RESULT = {
-    "sqlite": "the SQLite backend's coordlock_runs table has no result column yet",
-    "redis": "the Redis backend's record_run stores a fixed field list without result",
-    "postgres": "the PostgreSQL backend's runs table has no result column yet",
-}
-
-
 def test_history_keeps_the_return_value(
     backend_name: str, backend_url: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    if backend_name in DROPS_RESULT:
-        request.applymarker(pytest.mark.xfail(reason=DROPS_RESULT[backend_name], strict=True))
     coordinator = connect(backend_url)
     try:
         record = RunRecord(

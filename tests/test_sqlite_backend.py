@@ -86,3 +86,26 @@ def test_a_file_locked_for_good_says_what_happened(tmp_path: Path) -> None:
         blocker.execute("ROLLBACK")
         blocker.close()
         c.close()
+
+
+def test_a_file_from_before_the_result_column_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    from coordlock.backends import RunRecord
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(  # the 0.1 layout of the run history
+        "CREATE TABLE coordlock_runs (run_id TEXT PRIMARY KEY, job TEXT NOT NULL, "
+        "tick TEXT NOT NULL, instance TEXT NOT NULL, started REAL NOT NULL, finished REAL, "
+        "status TEXT NOT NULL, error TEXT);"
+        "INSERT INTO coordlock_runs VALUES ('r0', 'job', 't0', 'i', 1.0, 2.0, 'finished', NULL);"
+    )
+    old.close()
+    c = SQLiteCoordinator(path)
+    try:
+        c.record_run(RunRecord("r1", "job", "t1", "i", 3.0, 4.0, "finished", None, '{"n": 1}'))
+        runs = {r.run_id: r for r in c.history("job")}
+        assert runs["r1"].result == '{"n": 1}' and runs["r0"].result is None
+    finally:
+        c.close()

@@ -97,6 +97,8 @@ class ListingMixin:
             fields += ["finished", repr(float(run.finished))]
         if run.error is not None:
             fields += ["error", run.error]
+        if run.result is not None:
+            fields += ["result", run.result]
         k = self.keys
         keys = [k.run_prefix + run.run_id, k.job_index_prefix + run.job, k.all_index]
         args: list[str | int] = [
@@ -131,4 +133,5 @@ def run_from_hash(flat: Sequence[bytes | str]) -> RunRecord:
         finished=float(finished) if finished is not None else None,
         status=data.get("status", "running"),
         error=data.get("error"),
+        result=data.get("result"),
     )

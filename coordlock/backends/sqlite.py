@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS coordlock_runs (
     started REAL NOT NULL,
     finished REAL,
     status TEXT NOT NULL,
-    error TEXT
+    error TEXT,
+    result TEXT
 );
 CREATE INDEX IF NOT EXISTS coordlock_runs_job ON coordlock_runs (job, started);
 """
@@ -171,6 +172,7 @@ class SQLiteCoordinator(BaseCoordinator):
                     conn.execute("PRAGMA journal_mode=WAL")
                     conn.execute(f"PRAGMA synchronous={self._synchronous}")
                     conn.executescript(_SCHEMA)
+                    _upgrade(conn)
         except BaseException:
             conn.close()
             raise
@@ -333,9 +335,10 @@ class SQLiteCoordinator(BaseCoordinator):
         """Store or update ``run``; keeps the newest ``HISTORY_PER_JOB`` runs per job."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO coordlock_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO coordlock_runs (run_id, job, tick, instance, started, "
+                "finished, status, error, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run.run_id, run.job, run.tick, run.instance, run.started, run.finished,
-                 run.status, run.error),
+                 run.status, run.error, run.result),
             )
             db.execute(
                 "DELETE FROM coordlock_runs WHERE job = ? AND run_id NOT IN (SELECT run_id FROM "
@@ -345,7 +348,10 @@ class SQLiteCoordinator(BaseCoordinator):
 
     def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
         """Newest runs first, optionally of one ``job``."""
-        query = "SELECT * FROM coordlock_runs"
+        query = (
+            "SELECT run_id, job, tick, instance, started, finished, status, error, result "
+            "FROM coordlock_runs"
+        )
         args: tuple[Any, ...] = ()
         if job is not None:
             query += " WHERE job = ?"
@@ -354,6 +360,13 @@ class SQLiteCoordinator(BaseCoordinator):
         with self._tx() as db:
             rows = db.execute(query, (*args, int(limit))).fetchall()
         return [RunRecord(*row) for row in rows]
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a file made by an older coordlock up to date (idempotent)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(coordlock_runs)")}
+    if "result" not in columns:  # added in 0.2: the job's return value (JSON text)
+        conn.execute("ALTER TABLE coordlock_runs ADD COLUMN result TEXT")
 
 
 def _is_busy(exc: BaseException) -> bool:

@@ -10,8 +10,8 @@ only when enabled::
     coordlock.metrics.otel.enable()                # uses the global OpenTelemetry MeterProvider
 
 Both exporters observe the same events (see :mod:`coordlock._observe`); :data:`METRICS` lists
-every metric with its labels. Scheduler metrics are fed by a scheduler's events:
-``sched.on("*", coordlock.metrics.scheduler_event)``.
+every metric with its labels. Scheduler metrics are fed by every scheduler's events, once
+an exporter is enabled (:func:`scheduler_event` is what the scheduler calls).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 
+from .. import _observe
 from .._protocol import KeepsHistory, RunRecord
 from .claims import claim_key
 from .events import Event, EventBus
@@ -93,23 +94,29 @@ class Reporter:
         attempts: int = 0,
         count: int = 1,
     ) -> None:
-        """Emit an event about ``tick`` (epoch seconds) of ``job``."""
-        self.bus.emit(
-            Event(
-                kind=kind,
-                job=job.name,
-                tick=tick_datetime(tick),
-                key=claim_key(job.name, tick),
-                instance=self.instance,
-                reason=reason,
-                error=error,
-                exception=exception,
-                run_id=run_id,
-                duration=duration,
-                attempts=attempts,
-                count=count,
-            )
+        """Emit an event about ``tick`` (epoch seconds) of ``job`` (to the subscribers and to
+        the metrics exporters, when any is enabled)."""
+        event = Event(
+            kind=kind,
+            job=job.name,
+            tick=tick_datetime(tick),
+            key=claim_key(job.name, tick),
+            instance=self.instance,
+            reason=reason,
+            error=error,
+            exception=exception,
+            run_id=run_id,
+            duration=duration,
+            attempts=attempts,
+            count=count,
         )
+        self.emit(event)
+
+    def emit(self, event: Event) -> None:
+        """Hand ``event`` to the metrics exporters (when any is enabled) and the subscribers."""
+        if _observe.observers:
+            _observe.scheduler_event(event)
+        self.bus.emit(event)
 
     def note(self, job: Job, tick: float, status: str, error: str | None = None) -> None:
         """Remember ``status`` as the job's last outcome (shown by :meth:`Scheduler.jobs`)."""

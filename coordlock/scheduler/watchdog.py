@@ -280,7 +280,7 @@ class Watchdog:
         job = self._find_job(record.job)
         if job is not None and tick is not None:
             self._report.note(job, tick, status, text)
-        self._report.bus.emit(
+        self._report.emit(
             ev.Event(
                 kind=kind,
                 job=record.job,

@@ -44,7 +44,7 @@ def record_run(c: PostgresCoordinator, run: RunRecord) -> None:
         raise TypeError(f"expected a RunRecord, not {type(run).__name__}")
     c._check_open()
     params = (run.run_id, run.job, run.tick, run.instance, run.started, run.finished,
-              run.status, run.error)  # fmt: skip
+              run.status, run.error, run.result)  # fmt: skip
     step = Step(c._q.record_run, params, time.monotonic() + c._io, fetch="none")
     c._policy.call(lambda: c._aux(lambda s: one(c, s, step)), "record run")
 
@@ -69,6 +69,7 @@ def history(c: PostgresCoordinator, job: str | None, limit: int) -> list[RunReco
             finished=None if r[5] is None else float(r[5]),
             status=r[6],
             error=r[7],
+            result=r[8],
         )
         for r in rows
     ]

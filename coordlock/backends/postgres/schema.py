@@ -73,8 +73,10 @@ _DDL = [
         started double precision NOT NULL,
         finished double precision,
         status text NOT NULL,
-        error text
+        error text,
+        result text
     )""",
+    "ALTER TABLE {s}.runs ADD COLUMN IF NOT EXISTS result text",
     "CREATE INDEX IF NOT EXISTS runs_job_started ON {s}.runs (job, started DESC)",
     # Moves the fence sequence up to the server clock (µs since 1970) when it lags by more than
     # a second. Serialized, so two sessions never set it back below a value handed out.

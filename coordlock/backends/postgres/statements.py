@@ -329,18 +329,19 @@ def _statements(schema: str) -> Statements:
         ),
         claims_cleanup=r("DELETE FROM {s}.claims WHERE expires_at < now() - interval '1 hour'"),
         record_run=r(
-            "INSERT INTO {s}.runs (run_id, job, tick, instance, started, finished, status, error)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            "INSERT INTO {s}.runs (run_id, job, tick, instance, started, finished, status, error,"
+            " result) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (run_id) DO UPDATE SET job = excluded.job, tick = excluded.tick,"
             " instance = excluded.instance, started = excluded.started,"
-            " finished = excluded.finished, status = excluded.status, error = excluded.error"
+            " finished = excluded.finished, status = excluded.status, error = excluded.error,"
+            " result = excluded.result"
         ),
         history=r(
-            "SELECT run_id, job, tick, instance, started, finished, status, error"
+            "SELECT run_id, job, tick, instance, started, finished, status, error, result"
             " FROM {s}.runs ORDER BY started DESC LIMIT %s"
         ),
         history_job=r(
-            "SELECT run_id, job, tick, instance, started, finished, status, error"
+            "SELECT run_id, job, tick, instance, started, finished, status, error, result"
             " FROM {s}.runs WHERE job = %s ORDER BY started DESC LIMIT %s"
         ),
         server_info=(
