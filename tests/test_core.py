@@ -27,6 +27,7 @@ from coordlock import (
     _api,
 )
 from coordlock._validate import check_wait, parse_duration
+from coordlock.backends import Attempt
 from coordlock.backends.memory import MemoryCoordinator
 from coordlock.testing.contract import eventually
 
@@ -524,11 +525,11 @@ def test_fenced_oracle_detects_a_broken_lock(tmp_path: Any) -> None:
     from coordlock.testing.fenced import FencedRegister, HistoryLog, check
 
     class NoLock(MemoryCoordinator):
-        def _try_acquire(self, name: str, owner: str, ttl: float) -> int | None:
-            with self._t.cond:
+        def _try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
+            with self._t.lock:
                 fence = self._t.fences.get(name, 0) + 1
                 self._t.fences[name] = fence
-                return fence
+                return Attempt.granted(fence)
 
     register = FencedRegister(tmp_path / "r.json")
     history = HistoryLog(tmp_path / "h.jsonl")
