@@ -4,7 +4,9 @@
 
 Starts a Redis, a PostgreSQL and a ZooKeeper server with :mod:`coordlock.testing.servers`
 (durable settings: fsync on, as a real deployment), then runs ``benchmarks/locks.py`` for
-SQLite, Redis, PostgreSQL and ZooKeeper and ``benchmarks/scheduler.py`` for all five backends.
+SQLite, Redis, PostgreSQL and ZooKeeper, each backend's ``*_raw.py`` (the performance goals as
+PASS/FAIL against the same-run reference) and ``benchmarks/scheduler.py`` for all five
+backends.
 Figures only; the servers are removed afterwards.
 """
 
@@ -39,10 +41,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n===== benchmarks/locks.py {url}", flush=True)
             done = subprocess.run([sys.executable, str(HERE / "locks.py"), url, *lock_args])
             status = status or done.returncode
-        print(f"\n===== benchmarks/redis_raw.py {redis.url} (goals: PASS/FAIL)", flush=True)
-        redis_args = ["--pairs", str(max(4 * args.pairs, 8000)), "--handoffs", str(args.handoffs)]
-        done = subprocess.run([sys.executable, str(HERE / "redis_raw.py"), redis.url, *redis_args])
-        status = status or done.returncode
+        goals = [  # each prints the issue's goals as PASS/FAIL against its same-run reference
+            ("redis_raw.py", redis.url,
+             ["--pairs", str(max(4 * args.pairs, 8000)), "--handoffs", str(args.handoffs)]),
+            ("postgres_raw.py", postgres.url, ["--handoffs", str(args.handoffs)]),
+            ("zookeeper_raw.py", zookeeper.url,
+             ["--pairs", str(args.pairs), "--handoffs", str(args.handoffs)]),
+        ]  # fmt: skip
+        for script, url, extra in goals:
+            print(f"\n===== benchmarks/{script} {url} (goals: PASS/FAIL)", flush=True)
+            done = subprocess.run([sys.executable, str(HERE / script), url, *extra])
+            status = status or done.returncode
         if not args.skip_scheduler:
             print("\n===== benchmarks/scheduler.py", flush=True)
             sched_urls = ["memory://bench", f"sqlite:///{tmp}/sched.db", *urls[1:]]
