@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
+class Attempt(NamedTuple):
     """The result of a backend's ``_try_acquire`` (or of a ``_wait`` that acquired).
 
     * ``fence`` – not ``None``: the lock was granted with this fence.

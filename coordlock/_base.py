@@ -191,6 +191,10 @@ class BaseCoordinator(Hooks, ABC):
         """A context manager holding ``name`` for a ``with`` or ``async with`` block; see
         :func:`coordlock.lock` (``tick``: its ``cron=``/``timezone=``/``every=``/``offset=``/
         ``skew=``/``off_tick=`` options, once per scheduled tick)."""
+        if not tick:  # a plain lock: no tick options to check (this is every lock()'s path)
+            return LockContext(
+                name, ttl, wait, coordinator=self, renew=renew, hold_at_least=hold_at_least
+            )
         from ._api import lock
 
         return lock(

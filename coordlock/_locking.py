@@ -8,10 +8,9 @@ import math
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import BackendUnavailable, LockLost, LockNotAcquired
 from ._validate import check_hold_at_least, check_name, check_ttl, check_wait
@@ -96,23 +95,24 @@ class LockContext:
         self.renew = renew
         self.hold_at_least = check_hold_at_least(hold_at_least)
         self.tick_spec = tick
-        # The blocks this object holds, per thread / asyncio task (a module-level lock(...)
-        # object serves every thread and task that enters it, each with its own lease).
-        self._blocks: ContextVar[tuple[_Block, ...]] = ContextVar(
-            f"coordlock-lock-{id(self):x}", default=()
-        )
+
+    def _innermost(self) -> _Block | None:
+        for block in reversed(_held_blocks.get()):
+            if block.context is self:
+                return block
+        return None
 
     @property
     def lease(self) -> BaseLease | None:
         """The lease of the innermost block this thread or task holds, else ``None``."""
-        blocks = self._blocks.get()
-        return blocks[-1].lease if blocks else None
+        block = self._innermost()
+        return None if block is None else block.lease
 
     @property
     def decision(self) -> TickDecision | None:
         """The tick decision of the innermost block this thread or task holds."""
-        blocks = self._blocks.get()
-        return blocks[-1].decision if blocks else None
+        block = self._innermost()
+        return None if block is None else block.decision
 
     @property
     def tick(self) -> datetime | None:
@@ -133,6 +133,8 @@ class LockContext:
 
     def _options(self, decision: TickDecision | None) -> dict[str, Any]:
         wait = self.wait
+        if decision is None and self.renew and self.hold_at_least is None:
+            return {"wait": wait}  # a plain lock (every lock()'s path)
         if decision is not None and decision.tick is not None and decision.key is not None:
             # A won tick waits a little for a run (of an earlier tick) that is just ending,
             # as the Scheduler does: within what is left of the tick's skew, at most 5 s.
@@ -155,8 +157,11 @@ class LockContext:
         if decision.key is not None:
             return decision
         if spec.off_tick == "run":
-            log.info("%s; running under the lock alone (off_tick='run')", decision.reason,
-                     extra={"lock": self.name, "event": "off-tick", "outcome": "run"})
+            log.info(
+                "%s; running under the lock alone (off_tick='run')",
+                decision.reason,
+                extra={"lock": self.name, "event": "off-tick", "outcome": "run"},
+            )
             return decision
         raise TickNotRun(
             self.name, OFF_TICK, f"{decision.reason} (off_tick='run' runs such calls anyway)",
@@ -200,7 +205,7 @@ class LockContext:
             raise LockNotAcquired(
                 self.name, f"lock {self.name!r} still held by another owner after {waited}"
             )
-        self._blocks.set((*self._blocks.get(), _Block(lease, decision)))
+        _held_blocks.set((*_held_blocks.get(), _Block(self, lease, decision)))
 
     def acquire(self, *, now: float | None = None) -> Lease:
         """Take the lock (raising :class:`LockNotAcquired` if it cannot) and return the lease.
@@ -240,12 +245,15 @@ class LockContext:
         return lease
 
     def _take(self) -> tuple[BaseLease | None, bool, str]:
-        blocks = self._blocks.get()
-        if not blocks:
-            return None, False, ""
-        self._blocks.set(blocks[:-1])
-        lease = blocks[-1].lease
-        return lease, lease.lost, lease.lost_reason
+        blocks = _held_blocks.get()
+        for i in range(len(blocks) - 1, -1, -1):
+            if blocks[i].context is self:
+                _held_blocks.set(blocks[:i] + blocks[i + 1 :])
+                lease = blocks[i].lease
+                if not lease._lost and time.monotonic() < lease._deadline:  # still held: cheap
+                    return lease, False, ""
+                return lease, lease.lost, lease.lost_reason
+        return None, False, ""
 
     def _finish(
         self, lease: BaseLease, was_lost: bool, reason: str, ok: bool, raising: bool
@@ -298,17 +306,26 @@ class LockContext:
         await self.arelease(raising=exc_type is None)
 
 
-@dataclass(frozen=True)
-class _Block:
+class _Block(NamedTuple):
     """What one ``with``/``async with`` block of a :class:`LockContext` holds."""
 
+    context: LockContext
     lease: BaseLease
     decision: TickDecision | None
 
 
+#: The blocks held by this thread / asyncio task, innermost last, for every LockContext (one
+#: variable for all: a ContextVar per LockContext would stay in the thread's context for good,
+#: so a ``with coordinator.lock(...)`` per job would grow it without bound). A module-level
+#: ``lock(...)`` object serves every thread and task that enters it, each with its own lease.
+_held_blocks: ContextVar[tuple[_Block, ...]] = ContextVar("coordlock-held-blocks", default=())
+
+
 def _unreleased(lease: BaseLease, exc: BaseException) -> bool:
     log.warning(
-        "could not release %r (it expires by itself after its ttl): %s", lease.name, exc,
+        "could not release %r (it expires by itself after its ttl): %s",
+        lease.name,
+        exc,
         extra=lease._facts("release", outcome="error", error=f"{type(exc).__name__}: {exc}"),
     )
     return True  # unknown; a loss, if any, was already reported

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
 from typing import NamedTuple
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -20,13 +21,32 @@ def _host() -> str:
     return _UNSAFE.sub("-", name)[:MAX_HOST] or "host"
 
 
+#: Random bytes read from the OS at a time for owner tokens (a system call per token costs more
+#: than the rest of an in-memory lock/unlock pair on some kernels and sandboxes).
+RANDOM_BATCH = 4096
+
+
 class _Process:
     """This process's pid and owner prefix ``<host>:<pid>:``, kept up to date across fork()
-    (``os.getpid()`` is a system call: the hot path reads the cached value)."""
+    (``os.getpid()`` is a system call: the hot path reads the cached value), and a buffer of
+    random hex digits for owner tokens (dropped in a forked child, which reads its own)."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.prefix = f"{_host()}:{self.pid}:"
+        self.random_hex = ""
+        self.random_pos = 0
+        self.random_lock = threading.Lock()
+
+    def token_hex(self) -> str:
+        """32 fresh random hex digits (128 bits from ``os.urandom``), each handed out once."""
+        with self.random_lock:
+            pos = self.random_pos
+            if pos + 32 > len(self.random_hex):
+                self.random_hex = os.urandom(RANDOM_BATCH).hex()
+                pos = 0
+            self.random_pos = pos + 32
+            return self.random_hex[pos : pos + 32]
 
     def _after_fork_in_child(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -44,7 +64,7 @@ def current_pid() -> int:
 
 def new_owner() -> str:
     """A fresh owner token ``<host>:<pid>:<32 hex>`` (128 random bits, like a uuid4)."""
-    return process.prefix + os.urandom(16).hex()
+    return process.prefix + process.token_hex()
 
 
 class OwnerParts(NamedTuple):

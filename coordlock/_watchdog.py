@@ -138,14 +138,15 @@ class Watchdog:
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, int, int, BaseLease]] = []
         self._seq = itertools.count()
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._thread: threading.Thread | None = None
         self._dead = 0
 
     def watch(self, lease: BaseLease, gen: int, at: float, check: int) -> None:
         """Check ``lease`` at monotonic time ``at`` (if its generation is still ``gen``)."""
         entry = (at, next(self._seq), check, gen, lease)
-        with self._cond:
+        with self._mutex:  # the condition's lock (``with self._cond`` adds a Python call)
             heapq.heappush(self._heap, entry)
             if self._thread is None:  # the thread clears it when it ends, whatever ends it
                 self._thread = threading.Thread(
@@ -191,7 +192,8 @@ class Watchdog:
     def _reset_after_fork(self) -> None:
         # The parent's leases are not the child's to watch (the parent renews them).
         self._heap = []
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._thread = None
         self._dead = 0
 

@@ -246,6 +246,41 @@ def test_lock_busy_and_wait(mem: MemoryCoordinator) -> None:
         assert lease.fence > holder.fence
 
 
+def test_lock_blocks_leave_nothing_behind_in_the_thread_context(mem: MemoryCoordinator) -> None:
+    # One ContextVar per lock(...) object used to stay in the thread's context for good: a
+    # `with coordinator.lock(...)` per job grew every worker thread's context without bound.
+    import contextvars
+
+    with mem.lock("warm-up"):
+        pass
+    before = len(contextvars.copy_context())
+    for i in range(500):
+        with mem.lock(f"job-{i % 7}") as lease:
+            assert lease.name == f"job-{i % 7}"
+    assert len(contextvars.copy_context()) <= before + 1
+
+
+def test_nested_and_shared_lock_objects_track_their_own_blocks(mem: MemoryCoordinator) -> None:
+    outer, inner = mem.lock("outer"), mem.lock("inner")
+    with outer as a:
+        with inner as b:
+            assert outer.lease is a and inner.lease is b
+        assert outer.lease is a and inner.lease is None
+        seen: list[object] = []
+
+        def other_thread() -> None:  # the same object, entered by another thread meanwhile
+            seen.append(outer.lease)
+            with inner as c:
+                seen.append(inner.lease is c)
+
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert seen == [None, True]
+        assert outer.lease is a
+    assert outer.lease is None and b.released and a.released
+
+
 def test_lock_lost_raises_at_exit_and_logs(
     mem: MemoryCoordinator, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -329,7 +329,7 @@ class RedisCoordinator(ListingMixin, BaseCoordinator):
         attempt = self._acquired(name, ticket, result)
         queued = replace(ticket, queued=True, previous=sent)
         if attempt.fence is not None:
-            return replace(attempt, ticket=queued)
+            return attempt._replace(ticket=queued)
         if attempt.retry_in is not None:  # wake up when the holder's key expires, at the latest
             block = min(block, attempt.retry_in + EXPIRY_SLACK)
         item = await io.blpop(self.keys.wake(name, ticket.owner), round(max(block, 0.001), 3))
