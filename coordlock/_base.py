@@ -37,7 +37,7 @@ from ._hooks import Hooks
 from ._io import AsyncIO, SyncIO, drive
 from ._lease import AT_RISK, LOST, RESTORED, AsyncLease, BaseLease, Lease
 from ._locking import LockContext
-from ._owner import current_pid, new_owner
+from ._owner import current_pid, new_owner, process
 from ._renewal import Renewer
 from ._retry import RetryPolicy
 from ._validate import (
@@ -148,7 +148,9 @@ class BaseCoordinator(Hooks, ABC):
         With ``hold_at_least``, the name stays taken until the hold ends. ``False`` (and the
         lease marked lost) when the lock was no longer ours, or the lease had been lost before.
         """
-        return drive(self._release_flow(self._sync_io, self._check_lease(lease, Lease)))
+        if type(lease) is not Lease:
+            lease = self._check_lease(lease, Lease)
+        return drive(self._release_flow(self._sync_io, lease))
 
     def extend(self, lease: Lease, ttl: float) -> bool:
         """Extend ``lease`` to ``ttl`` seconds from now if it is still ours, else mark it lost.
@@ -318,7 +320,7 @@ class BaseCoordinator(Hooks, ABC):
         begun = time.monotonic()
         deadline = begun + timeout
         what = ("acquire", name)
-        wakes = self._wakes(io)
+        wakes: bool | None = None  # can _wait wake us (looked up when first busy)
         poll = self.POLL_MIN
         ticket: Any = None
         busy_since: float | None = None  # the first busy answer (for the handoff wait)
@@ -337,6 +339,8 @@ class BaseCoordinator(Hooks, ABC):
                 budget = deadline - now
                 if attempt.retry_in is not None:
                     budget = min(budget, max(attempt.retry_in, 0.0) + EXPIRY_SLACK)
+                if wakes is None:
+                    wakes = self._wakes(io)
                 if not wakes:
                     budget = min(budget, poll)
                     poll = min(poll * 2, self.POLL_MAX)
@@ -402,7 +406,7 @@ class BaseCoordinator(Hooks, ABC):
     def _usable(self, lease: BaseLease, what: str) -> bool:
         """False (without I/O) for a lease this process cannot act on: a forked child's copy
         of its parent's lease, or one of a closed coordinator (then marked lost)."""
-        if lease._pid != current_pid():
+        if lease._pid != process.pid:
             log.warning(
                 "lease %r belongs to the parent process (pid %d); not %s in this forked child",
                 lease.name, lease._pid, what, extra=lease._facts(what, outcome="refused"),
@@ -416,9 +420,9 @@ class BaseCoordinator(Hooks, ABC):
     async def _release_flow(self, io: SyncIO | AsyncIO, lease: BaseLease) -> bool:
         # A lost lease is still released on the server (a renewal answered late may have
         # extended it there), but the caller hears False: it did not hold the lock throughout.
-        if not self._usable(lease, "released"):
+        if (lease._pid != process.pid or self._closed) and not self._usable(lease, "released"):
             return False
-        async with lease._exclusive():  # after any renewal in flight: it cannot undo this
+        async with lease._op:  # after any renewal in flight: it cannot undo this
             was_lost = lease._begin_release()
             if was_lost is None:  # released before
                 return False
@@ -426,7 +430,7 @@ class BaseCoordinator(Hooks, ABC):
                 lease._mark_lost("ttl elapsed without renewal", even_if_released=True,
                                  kind="expired")
             self._leases_by_owner.pop(lease.owner, None)
-            linger = lease._linger()
+            linger = 0.0 if lease._hold_until is None else lease._linger()
             what = ("release", lease.name)
             if linger > 0:
                 ok = await io.call(
@@ -459,7 +463,7 @@ class BaseCoordinator(Hooks, ABC):
             ttl = check_ttl(ttl)
         if not self._usable(lease, "extended"):
             return False
-        async with lease._exclusive():  # one extension or release of a lease at a time
+        async with lease._op:  # one extension or release of a lease at a time
             if lease.released or lease._lost:
                 return False
             if renewal_of is not None and renewal_of != lease._gen:
@@ -533,7 +537,7 @@ class BaseCoordinator(Hooks, ABC):
     def _check_open(self) -> None:
         if self._closed:
             raise ConfigurationError(f"{type(self).__name__} is closed")
-        pid = current_pid()
+        pid = process.pid
         if pid != self._owner_pid:  # a forked child: never use the parent's connections
             self._owner_pid = pid
             self._leases_by_owner.clear()

@@ -14,8 +14,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _observe
-from ._owner import current_pid
-from ._watchdog import AT_RISK_CHECK, LOST_CHECK, dispatcher, watchdog
+from ._owner import process
+from ._watchdog import (
+    AT_RISK_CHECK,
+    LOST_CHECK,
+    RENEW_CHECK,
+    RENEW_FRACTION,
+    dispatcher,
+    watchdog,
+)
 
 if TYPE_CHECKING:
     from ._protocol import AsyncRunCoordinator, RunCoordinator
@@ -36,6 +43,8 @@ AT_RISK_AFTER = 2 / 3
 class _Rescheduler(Protocol):
     def schedule(self, lease: BaseLease) -> None: ...
 
+    def hand_over(self, lease: BaseLease) -> None: ...
+
     def forget(self) -> None: ...
 
 
@@ -43,13 +52,14 @@ class _Held:
     """``async with`` over a :class:`threading.Lock` (sync flows never suspend) or an
     :class:`asyncio.Lock`."""
 
-    __slots__ = ("lock",)
+    __slots__ = ("asynchronous", "lock")
 
     def __init__(self, lock: Any) -> None:
         self.lock = lock
+        self.asynchronous = isinstance(lock, asyncio.Lock)
 
     async def __aenter__(self) -> None:
-        if isinstance(self.lock, asyncio.Lock):
+        if self.asynchronous:
             await self.lock.acquire()
         else:
             self.lock.acquire()
@@ -131,8 +141,9 @@ class BaseLease:
         self.at_risk = False
         self._callbacks: list[StateCallback] = []
         self._guard = threading.Lock()
-        self._op: Any = threading.Lock()  # serialises extend/release (an asyncio.Lock async)
-        self._pid = current_pid()
+        # serialises extend/release (``async with lease._op``; an asyncio.Lock async)
+        self._op = _Held(threading.Lock())
+        self._pid = process.pid
 
     # -- what callers read ------------------------------------------------------------------
 
@@ -199,11 +210,18 @@ class BaseLease:
         return not (self._released or self._lost)
 
     def _arm(self, renewer: _Rescheduler | None) -> None:
-        """Start the deadline checks (and renewal, with ``renewer``) of a new lease."""
+        """Start the deadline checks (and renewal, with ``renewer``) of a new lease.
+
+        A renewed lease gets one watchdog entry, at its first renewal's due time (a third of
+        its ttl): the watchdog then hands it to ``renewer`` and watches for at-risk (two
+        thirds). Most leases are released before that and never touch the renewer.
+        """
         self._renewer = renewer if self.renew else None
-        self._watch(self._gen)
-        if self._renewer is not None:
-            self._renewer.schedule(self)
+        if self._renewer is None:
+            watchdog.watch(self, self._gen, self._deadline, LOST_CHECK)
+        else:
+            due = self._deadline - self.ttl * (1 - RENEW_FRACTION)
+            watchdog.watch(self, self._gen, due, RENEW_CHECK)
 
     def _watch(self, gen: int) -> None:
         if self.renew:
@@ -249,11 +267,20 @@ class BaseLease:
                 )
                 self._change(LOST, reason, kind="expired")
                 return
-            if check != AT_RISK_CHECK:
+            if check == RENEW_CHECK:
+                renewer = self._renewer
+                at_risk_at = self._deadline - self.ttl * (1 - AT_RISK_AFTER)
+            elif check != AT_RISK_CHECK:
                 return
-            if not self.at_risk:
-                self._change(AT_RISK, "no renewal confirmed for two thirds of the ttl")
-            deadline = self._deadline
+            else:
+                if not self.at_risk:
+                    self._change(AT_RISK, "no renewal confirmed for two thirds of the ttl")
+                deadline = self._deadline
+        if check == RENEW_CHECK:
+            watchdog.watch(self, gen, at_risk_at, AT_RISK_CHECK)
+            if renewer is not None:
+                renewer.hand_over(self)
+            return
         watchdog.watch(self, gen, deadline, LOST_CHECK)
 
     def _restored(self) -> bool:
@@ -346,10 +373,10 @@ class BaseLease:
             return 0.0
         return max(0.0, self._hold_until - time.monotonic())
 
-    def _exclusive(self) -> Any:
+    def _exclusive(self) -> _Held:
         """An async context manager serialising this lease's extensions and its release, so a
         late renewal can never undo an extension, a release or a ``hold_at_least``."""
-        return _Held(self._op)
+        return self._op
 
     def _backend(self) -> str:
         return getattr(self._coordinator, "backend_name", "") or type(self._coordinator).__name__
@@ -435,7 +462,7 @@ class AsyncLease(BaseLease):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loop = asyncio.get_running_loop()
-        self._op = asyncio.Lock()
+        self._op = _Held(asyncio.Lock())
 
     def _check_loop(self) -> None:
         if asyncio.get_running_loop() is not self.loop:

@@ -10,6 +10,7 @@ the loss being reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -22,16 +23,13 @@ from typing import TYPE_CHECKING, Any
 from . import _observe
 from ._errors import CoordlockError
 from ._io import AsyncIO, SyncIO, drive
-from ._watchdog import COMPACT_AFTER
+from ._watchdog import COMPACT_AFTER, RENEW_FRACTION
 
 if TYPE_CHECKING:
     from ._base import BaseCoordinator
     from ._lease import BaseLease
 
 log = logging.getLogger("coordlock")
-
-#: A lease is renewed when a third of its ttl has passed.
-RENEW_FRACTION = 1 / 3
 
 _sync_renewers: weakref.WeakSet[Renewer] = weakref.WeakSet()
 
@@ -65,6 +63,19 @@ class Renewer:
         due = lease._deadline - lease.ttl * (1 - RENEW_FRACTION)
         self._push(lease, due)
 
+    def hand_over(self, lease: BaseLease) -> None:
+        """The watchdog's hand-over of a lease whose first renewal fell due (from its thread:
+        no I/O here). An async renewer takes it on its own event loop."""
+        loop = self._loop if self._io.asynchronous else None
+        if loop is None:
+            if self._io.asynchronous:  # no renewal task has run yet: use the lease's loop
+                loop = getattr(lease, "loop", None)
+            if loop is None:
+                self.schedule(lease)
+                return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the watchdog reports
+            loop.call_soon_threadsafe(self.schedule, lease)
+
     def forget(self) -> None:
         """A lease ended: compact the heap now and then."""
         self._dead += 1  # a heuristic: a lost increment under a race only delays compaction
@@ -95,7 +106,8 @@ class Renewer:
         with self._lock:
             heapq.heappush(self._heap, (due, next(self._seq), lease._gen, lease))
             first = self._heap[0][3] is lease
-        self._ensure_worker()
+        if self._worker is None or self._io.asynchronous:
+            self._ensure_worker()
         if first:
             self._wake()
 

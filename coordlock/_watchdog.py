@@ -130,6 +130,11 @@ class Dispatcher:
 
 AT_RISK_CHECK = 0
 LOST_CHECK = 1
+#: A new renewed lease's renewal falls due: the watchdog hands it to its renewer (no I/O) and
+#: watches for at-risk from then on. A lease released before then never touched the renewer.
+RENEW_CHECK = 2
+#: A lease is renewed when a third of its ttl has passed.
+RENEW_FRACTION = 1 / 3
 
 
 class Watchdog:
