@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -281,16 +280,23 @@ class RedisCoordinator(ListingMixin, BaseCoordinator):
         reg = ms(register) if register > 0 else 0
         return script, 1, self.keys.lock(name), owner, ms(ttl), floor, reg
 
-    def _acquired(self, name: str, ticket: Ticket | Callable[[], Ticket], result: Any) -> Attempt:
+    def _acquired(
+        self, name: str, ticket: Any, result: Any, owner: str = "", ttl: float = 0.0
+    ) -> Attempt:
         """The :class:`Attempt` for an acquire script reply; ``ticket`` is this call's state
-        (or makes it: the uncontended path needs none, and skips building one)."""
+        (a first attempt has none: one is made for ``owner``/``ttl`` only if the lock is busy,
+        so the uncontended path builds nothing)."""
         if type(result) is bytes and result[-1] in _DIGITS:  # granted: the common case, cheap
             fence = int(result)
-            if fence > self._seen.get(name, 0):
-                self._saw(name, fence)
+            seen = self._seen
+            if fence > seen.get(name, 0):
+                if name in seen or len(seen) < SEEN_FENCES_MAX:
+                    seen[name] = fence
+                else:
+                    self._saw(name, fence)
             return Attempt(fence)
         if not isinstance(ticket, Ticket):
-            ticket = ticket()
+            ticket = Ticket(owner, ttl)
         reply = parse_acquire(result)
         if reply.legacy_refused:  # the old layout's fence key is out of bounds (ACL)
             self._acquire_script = self._acquire_plain
@@ -354,9 +360,8 @@ class RedisCoordinator(ListingMixin, BaseCoordinator):
             return execute("EVALSHA", script.sha, numkeys, *args)
 
     def _try_acquire(self, name: str, owner: str, ttl: float, ticket: Any) -> Attempt:
-        return self._acquired(
-            name, _ticket(ticket, owner, ttl), self._evalsha(*self._acquire_call(name, owner, ttl))
-        )
+        result = self._evalsha(*self._acquire_call(name, owner, ttl))
+        return self._acquired(name, ticket, result, owner, ttl)
 
     def _wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
         return drive(self._wait_flow(self._sync_redis, name, ticket, timeout))
@@ -408,7 +413,7 @@ class RedisCoordinator(ListingMixin, BaseCoordinator):
         if io is None:
             return await super()._async_try_acquire(name, owner, ttl, ticket)
         result = await io.evalsha(*self._acquire_call(name, owner, ttl))
-        return self._acquired(name, _ticket(ticket, owner, ttl), result)
+        return self._acquired(name, ticket, result, owner, ttl)
 
     async def _async_wait(self, name: str, ticket: Any, timeout: float) -> Attempt | None:
         io = self._aio()
@@ -479,11 +484,6 @@ class RedisCoordinator(ListingMixin, BaseCoordinator):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _ticket(ticket: Any, owner: str, ttl: float) -> Ticket | Callable[[], Ticket]:
-    """The call's ticket, or (first attempt) how to make one if the lock turns out busy."""
-    return ticket if isinstance(ticket, Ticket) else functools.partial(Ticket, owner, ttl)
 
 
 def _token() -> str:
