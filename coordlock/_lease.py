@@ -110,6 +110,9 @@ class BaseLease:
         "ttl",
     )
 
+    #: What serialises this lease's extensions and release (an ``asyncio.Lock`` for async).
+    _op_lock: Callable[[], Any] = threading.Lock
+
     def __init__(
         self,
         coordinator: Any,
@@ -142,7 +145,7 @@ class BaseLease:
         self._callbacks: list[StateCallback] = []
         self._guard = threading.Lock()
         # serialises extend/release (``async with lease._op``; an asyncio.Lock async)
-        self._op = _Held(threading.Lock())
+        self._op = _Held(self._op_lock())
         self._pid = process.pid
 
     # -- what callers read ------------------------------------------------------------------
@@ -456,13 +459,13 @@ class AsyncLease(BaseLease):
     ``extend`` and ``release`` are coroutines, renewal runs as a task on its event loop."""
 
     __slots__ = ("loop",)
+    _op_lock = asyncio.Lock
 
     _coordinator: AsyncRunCoordinator
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loop = asyncio.get_running_loop()
-        self._op = _Held(asyncio.Lock())
 
     def _check_loop(self) -> None:
         if asyncio.get_running_loop() is not self.loop:
