@@ -863,3 +863,42 @@ def test_a_release_hook_that_is_not_retry_safe_is_never_assumed_clean() -> None:
         assert lease.released and lease.lost
     finally:
         c.close()
+
+
+# -- renewal hand-over: the watchdog passes a lease to its renewer when the first renewal falls due
+
+
+def test_a_lease_released_early_never_reaches_the_renewer(mem: MemoryCoordinator) -> None:
+    leases = [mem.acquire(_name(), 30) for _ in range(50)]
+    for lease in leases:
+        assert lease is not None and lease.release()
+    assert all(entry[3] is not lease for entry in mem._renewer._heap for lease in leases)
+
+
+def test_a_held_lease_is_handed_to_the_renewer_and_renewed(mem: MemoryCoordinator) -> None:
+    lease = mem.acquire(_name(), 0.6)
+    assert lease is not None
+    fence, first_deadline = lease.fence, lease._deadline
+    assert eventually(lambda: lease._deadline > first_deadline)  # renewed after ~0.2 s
+    assert eventually(lambda: lease._deadline > first_deadline + 0.6)  # and again
+    assert not lease.lost and not lease.at_risk and lease.fence == fence
+    assert lease.release()
+
+
+def test_an_async_lease_is_renewed_on_its_own_loop(mem: MemoryCoordinator) -> None:
+    async def scenario() -> tuple[bool, bool, int]:
+        lease = await mem.aacquire(_name(), 0.6)
+        assert lease is not None
+        start = lease._deadline
+        loop = asyncio.get_running_loop()
+        for _ in range(100):  # up to ~5 s of loop time, the loop stays free meanwhile
+            await asyncio.sleep(0.05)
+            if lease._deadline > start + 0.6:
+                break
+        renewer = mem._loop_local("renewer", lambda: None)
+        on_loop = renewer is not None and renewer._loop is loop
+        renewed = lease._deadline > start + 0.6 and not lease.lost
+        ok = await lease.release()
+        return renewed, on_loop, int(ok)
+
+    assert asyncio.run(scenario()) == (True, True, 1)
