@@ -72,6 +72,10 @@ class KazooLog(_LoggerAdapter):
         self.quiet = False
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level < logging.INFO:  # kazoo's chatter: several lines per request (BLATHER)
+            if self.logger.isEnabledFor(level):
+                super().log(level, msg, *args, **kwargs)
+            return
         if isinstance(msg, str):
             if msg.startswith("Session created") and len(args) >= 3:
                 with contextlib.suppress(TypeError, ValueError):
