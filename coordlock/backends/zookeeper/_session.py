@@ -72,7 +72,9 @@ class KazooLog(_LoggerAdapter):
         self.quiet = False
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        if level < logging.INFO:  # kazoo's chatter: several lines per request (BLATHER)
+        if level < logging.INFO and not (type(msg) is str and msg.startswith("Session created")):
+            # kazoo's chatter: several lines per request (BLATHER); only "Session created"
+            # (also BLATHER) is read below
             if self.logger.isEnabledFor(level):
                 super().log(level, msg, *args, **kwargs)
             return
