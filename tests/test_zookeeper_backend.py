@@ -791,3 +791,34 @@ def test_claim_many_batches_fresh_keys_and_falls_back_per_key(
     assert first.claim_many([f"fresh{i}" for i in range(100)], 30) == {
         f"fresh{i}" for i in range(100)
     }
+
+
+def test_contended_claims_read_first_and_write_only_absent_keys(
+    make: Callable[..., ZooKeeperCoordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys another instance claimed first cost a read, not a failing multi (a synced write):
+    after a failed batch only the absent keys are created; the winners are exact."""
+    first, second = make(), make()
+    keys = [f"job{i}@2026-01-01T00:00:05Z" for i in range(20)]
+    assert first.claim_many(keys[:12], 30) == set(keys[:12])
+    commits: list[int] = []
+    client = second._claims.session.client
+    real = client.transaction
+
+    def counted() -> Any:
+        tx = real()
+        commit = tx.commit_async
+
+        def commit_async() -> Any:
+            commits.append(len(tx.operations))
+            return commit()
+
+        tx.commit_async = commit_async
+        return tx
+
+    monkeypatch.setattr(client, "transaction", counted)
+    assert second.claim_many(keys, 30) == set(keys[12:])
+    # one batch multi (failed: a key existed), then one multi per ABSENT key only
+    assert len(commits) == 1 + 8, commits
+    assert second.claim_many(keys, 30) == set()  # all taken now: no expired claim to replace
+    assert first.claim_many(keys, 30) == set()  # once per hold, whoever asks

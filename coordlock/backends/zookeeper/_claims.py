@@ -85,11 +85,21 @@ class Claims:
             return tx.commit_async()
 
         won: set[str] = set()
+        found: dict[str, Any] = {}  # key -> its pending read (claimed already, maybe expired)
         if len(paths) > 1:  # fast path: fresh keys in a few multis, one log write each
             won, rest = self.claim_batches(paths, data, token)
             if not rest:
                 return won
-            paths = {key: paths[key] for key in rest}
+            # Contended (another instance claimed some of these first): read before writing,
+            # so a key claimed elsewhere costs a read served by the server we talk to, not a
+            # failing multi (a synced write) of its own. Only absent keys are created.
+            reads = {key: client.get_async(paths[key]) for key in rest}
+            paths = {}
+            for key, result in reads.items():
+                try:
+                    found[key] = session.get(result)
+                except NoNodeError:
+                    paths[key] = f"{self.dir}/{escape(key)}"
         results = {key: create(path) for key, path in paths.items()}
         existing: list[str] = []
         for key, result in results.items():
@@ -105,14 +115,15 @@ class Claims:
             else:
                 session.clock.note_reply(outcome[-1].mtime, time.monotonic())
                 won.add(key)
-        if not existing:
+        if not existing and not found:
             return won
+        paths.update((key, f"{self.dir}/{escape(key)}") for key in found)
         reads = {key: client.get_async(paths[key]) for key in existing}
         now_ms = session.server_now_ms(self.clock_path, refresh=True)
         replacing = {}
-        for key, result in reads.items():
+        for key in [*found, *reads]:
             try:
-                raw, stat = session.get(result)
+                raw, stat = found[key] if key in found else session.get(reads[key])
             except NoNodeError:  # swept meanwhile: claim it afresh
                 replacing[key] = create(paths[key])
                 continue
