@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import asdict
 from urllib.parse import unquote
 
@@ -22,6 +24,9 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
 
 log = logging.getLogger("coordlock")
 
+#: Run paths (and job directories) a client remembers having written.
+WRITTEN_MEMORY = 4096
+
 
 class History:
     """Run records of the scheduler, bounded per job."""
@@ -30,28 +35,60 @@ class History:
         self.session = session
         self.dir = runs_dir
         self.limit = limit
+        self._lock = threading.Lock()
+        # run paths this client created lately: their next rows are plain updates
+        self._written: OrderedDict[str, None] = OrderedDict()
+        self._created_since_check: dict[str, int] = {}  # job dir -> creates since a size check
 
     def record(self, run: RunRecord) -> None:
-        """Store or update ``run``; trims the job's runs once per ``limit / 10`` new ones."""
+        """Store or update ``run``; checks the job's size (and trims it) once per
+        ``limit / 10`` new runs of this client.
+
+        One write per row: a run this client wrote before is updated (``set``), any other one
+        is created (and updated instead if it exists). Each failing write costs ZooKeeper a
+        synced log entry, so the row's state is guessed, not probed.
+        """
         session = self.session
         session.ready()
         client = session.client
         job_dir = f"{self.dir}/{escape(run.job)}"
         path = f"{job_dir}/{escape(run.run_id)}"
         data = json.dumps(asdict(run)).encode()
-        try:
-            session.get(client.set_async(path, data))
-            return
-        except NoNodeError:
-            pass
+        if path in self._written:
+            try:
+                session.get(client.set_async(path, data))
+                return
+            except NoNodeError:  # trimmed or deleted meanwhile: write it again
+                pass
         try:
             session.get(client.create_async(path, data, makepath=True))
         except NodeExistsError:
             session.get(client.set_async(path, data))
+            self._remember(path)
             return
-        stat = session.get(client.exists_async(job_dir))
-        if stat is not None and stat.numChildren > self.limit + self.limit // 10:
-            self._trim(job_dir)
+        self._remember(path)
+        if self._due_for_size_check(job_dir):
+            stat = session.get(client.exists_async(job_dir))
+            if stat is not None and stat.numChildren > self.limit + self.limit // 10:
+                self._trim(job_dir)
+
+    def _remember(self, path: str) -> None:
+        with self._lock:
+            self._written[path] = None
+            self._written.move_to_end(path)
+            while len(self._written) > WRITTEN_MEMORY:
+                self._written.popitem(last=False)
+
+    def _due_for_size_check(self, job_dir: str) -> bool:
+        with self._lock:
+            created = self._created_since_check.get(job_dir, 0) + 1
+            if created >= max(1, self.limit // 10):
+                self._created_since_check.pop(job_dir, None)
+                return True
+            if len(self._created_since_check) >= WRITTEN_MEMORY:
+                self._created_since_check.clear()  # bounded; a cleared count only delays a check
+            self._created_since_check[job_dir] = created
+            return False
 
     def _trim(self, job_dir: str) -> None:
         runs = self._read(job_dir)
