@@ -79,11 +79,13 @@ class Renewer:
     def forget(self) -> None:
         """A lease ended: compact the heap now and then."""
         self._dead += 1  # a heuristic: a lost increment under a race only delays compaction
-        if self._dead >= COMPACT_AFTER:
-            with self._lock:
+        if self._dead < COMPACT_AFTER:
+            return
+        with self._lock:
+            if self._dead * 2 > len(self._heap):  # mostly dead (else: many live leases)
                 self._heap = [e for e in self._heap if e[3]._alive()]
                 heapq.heapify(self._heap)
-                self._dead = 0
+            self._dead = 0
 
     def stop(self) -> None:
         """Stop renewing; leases then run out at their deadline (and are reported lost)."""
