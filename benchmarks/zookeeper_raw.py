@@ -304,10 +304,13 @@ def interleaved_pairs(url: str, n: int, chunk: int = 50) -> dict[str, Any]:
         for fn in sides.values():  # warm up
             fn(min(n, 50))
         done = 0
+        order = list(sides)
         while done < n:
             count = min(chunk, n - done)
             spent = {}
-            for label, fn in sides.items():
+            turn = (done // chunk) % len(order)  # rotate the order: drift hits every side alike
+            for label in order[turn:] + order[:turn]:
+                fn = sides[label]
                 w, c = time.perf_counter(), time.process_time()
                 fn(count)
                 spent[label] = time.perf_counter() - w
