@@ -573,3 +573,27 @@ def test_takeover_session_frees_a_terminated_holders_lock_at_once(
         b.close()
     with pytest.raises(ConfigurationError, match="takeover"):
         coordlock.connect(f"{postgres_server.url}?takeover=never")
+
+
+def test_history_rows_keep_any_text_and_nulls_on_the_lean_path(
+    coordinator: PostgresCoordinator,
+) -> None:
+    """History rows are sent as text parameters of a prepared statement: unicode, quotes,
+    backslashes, newlines, NULLs and full float precision come back unchanged."""
+    from coordlock._protocol import RunRecord
+
+    job = f"jöb/ü '{uuid.uuid4().hex}' \\ \"x\""
+    first = RunRecord(
+        run_id=f"r-{uuid.uuid4().hex}", job=job, tick="2026-12-03T00:00:00Z",
+        instance="host:1:ïnst", started=1764720000.123456789, finished=None,
+        status="running", error=None, result=None,
+    )  # fmt: skip
+    coordinator.record_run(first)
+    (row,) = coordinator.history(job)
+    assert row == first
+    done = RunRecord(
+        **{**first.__dict__, "finished": 1764720001.5, "status": "failed",
+           "error": "ValueError: line 1\nline 2 'q' \\ ✓", "result": "{\"a\": [1, 2]}"},
+    )  # fmt: skip
+    coordinator.record_run(done)
+    assert coordinator.history(job) == [done]

@@ -43,9 +43,15 @@ def record_run(c: PostgresCoordinator, run: RunRecord) -> None:
     if not isinstance(run, RunRecord):
         raise TypeError(f"expected a RunRecord, not {type(run).__name__}")
     c._check_open()
-    params = (run.run_id, run.job, run.tick, run.instance, run.started, run.finished,
-              run.status, run.error, run.result)  # fmt: skip
-    step = Step(c._q.record_run, params, time.monotonic() + c._io, fetch="none")
+    params = {
+        "run_id": run.run_id, "job": run.job, "tick": run.tick, "instance": run.instance,
+        "started": run.started, "finished": run.finished, "status": run.status,
+        "error": run.error, "result": run.result,
+    }  # fmt: skip
+    step = Step(
+        c._q.record_run, params, time.monotonic() + c._io, fetch="none",
+        lean=c._q.lean["record_run"],
+    )  # fmt: skip
     c._policy.call(lambda: c._aux(lambda s: one(c, s, step)), "record run")
 
 

@@ -31,6 +31,9 @@ _NAMED = re.compile(r"%\((\w+)\)s")
 #: Types of the named parameters of the lean statements (PostgreSQL type OIDs).
 PARAM_OIDS = {
     "k": 20, "m": 20, "owner": 25, "name": 25, "it": 25, "lt": 25, "ttl": 701, "keys": 1016,
+    # a run's history row (RunRecord's fields)
+    "run_id": 25, "job": 25, "tick": 25, "instance": 25, "started": 701, "finished": 701,
+    "status": 25, "error": 25, "result": 25,
 }  # fmt: skip
 
 
@@ -251,6 +254,7 @@ def statements(schema: str) -> Statements:
         q.lean[label] = lean(label, getattr(q, label))
     q.lean["unlock"] = lean("unlock", "SELECT pg_advisory_unlock(%(k)s)")
     q.lean["release_rows"] = lean("release_rows", q.release_rows)
+    q.lean["record_run"] = lean("record_run", q.record_run)  # a scheduler writes 2 per run
     return q
 
 
@@ -330,7 +334,8 @@ def _statements(schema: str) -> Statements:
         claims_cleanup=r("DELETE FROM {s}.claims WHERE expires_at < now() - interval '1 hour'"),
         record_run=r(
             "INSERT INTO {s}.runs (run_id, job, tick, instance, started, finished, status, error,"
-            " result) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " result) VALUES (%(run_id)s, %(job)s, %(tick)s, %(instance)s, %(started)s,"
+            " %(finished)s, %(status)s, %(error)s, %(result)s)"
             " ON CONFLICT (run_id) DO UPDATE SET job = excluded.job, tick = excluded.tick,"
             " instance = excluded.instance, started = excluded.started,"
             " finished = excluded.finished, status = excluded.status, error = excluded.error,"
