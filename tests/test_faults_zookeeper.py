@@ -69,11 +69,13 @@ def _pid_alive(pid: int | None) -> bool:
 # to the same history, so a test can tell which holders a fault hit and what became of them.
 WORKER = textwrap.dedent(
     """
+    import os
     import sys
     import coordlock
     from coordlock.testing.fenced import FencedRegister, HistoryLog, run_worker
     url, register, log, worker = sys.argv[1:5]
     iterations, ttl, wait, hold, deadline = int(sys.argv[5]), *map(float, sys.argv[6:10])
+    stop_file = sys.argv[10]
     history = HistoryLog(log)
     coordinator = coordlock.connect(url)
     plain_acquire = coordinator.acquire
@@ -90,10 +92,10 @@ WORKER = textwrap.dedent(
     try:
         done = run_worker(coordinator, FencedRegister(register), history, worker,
                           iterations=iterations, ttl=ttl, wait=wait, hold=hold,
-                          deadline=deadline)
+                          deadline=deadline, stop_file=stop_file)
     finally:
         coordinator.close()
-    sys.exit(0 if done == iterations else 1)
+    sys.exit(0 if done == iterations or os.path.exists(stop_file) else 1)
     """
 )
 
@@ -115,6 +117,8 @@ class Workers:
     ) -> None:
         self.register = FencedRegister(directory / "register.json")
         self.history = HistoryLog(directory / "history.jsonl")
+        #: once it exists, every worker stops after its current round (see stop())
+        self.stop_file = directory / "stop"
         self.procs = [
             subprocess.Popen(
                 [
@@ -130,6 +134,7 @@ class Workers:
                     str(wait),
                     str(hold),
                     str(deadline),
+                    str(self.stop_file),
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -151,6 +156,10 @@ class Workers:
 
     def running(self) -> bool:
         return any(p.poll() is None for p in self.procs)
+
+    def stop(self) -> None:
+        """Let every worker stop after its current round (then :meth:`finish` them)."""
+        self.stop_file.touch()
 
     def finish(self, timeout: float) -> list[str]:
         """Wait for every worker; return the failures (exit code and output tail)."""

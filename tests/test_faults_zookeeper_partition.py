@@ -160,6 +160,7 @@ def _spawn(crew: Workers, url: str, name: str, options: dict[str, Any]) -> None:
                 str(crew.history.path),
                 name,
                 *args,
+                str(crew.stop_file),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -179,14 +180,15 @@ def _soak(
 ) -> None:
     """Inject faults (``inject()`` returns True when it really injected one), ``pause`` s
     apart, until the crew made ``target`` acquisitions and at least ``min_faults`` faults
-    happened; let the workers finish their rounds (each stops at its own count or deadline);
-    then judge the history."""
+    happened; then stop the workers after their current round (each also stops at its own
+    count or deadline) and judge the history."""
     faults = 0
     try:
         while crew.running() and (crew.acquisitions() < target or faults < min_faults):
             time.sleep(random.uniform(*pause))
             if crew.running() and inject():
                 faults += 1
+        crew.stop()
         failures = crew.finish(timeout=120)
     finally:
         crew.kill()
@@ -197,10 +199,11 @@ def _soak(
     assert not crashed, "workers crashed:\n" + "\n".join(crashed)
 
 
-def _options(target: int, workers: int, ttl: float) -> dict[str, Any]:
-    """Worker options: together at least ``target`` rounds, bounded by a deadline."""
+def _options(target: int, ttl: float) -> dict[str, Any]:
+    """Worker options: each could make all ``target`` rounds alone (the soak stops them once
+    it has injected its faults: a fast crew must not end before that), bounded by a deadline."""
     return {
-        "iterations": -(-target // workers) + 5,
+        "iterations": target,
         "ttl": ttl,
         "wait": 60,
         "hold": 0.002,
@@ -210,7 +213,7 @@ def _options(target: int, workers: int, ttl: float) -> dict[str, Any]:
 
 def _sigstop_soak(server: ZooKeeperServer, tmp_path: Path, target: int, min_faults: int) -> None:
     url = f"{server.url}/t-{uuid.uuid4().hex}?session_timeout=6"
-    options = _options(target, 4, ttl=1.0)
+    options = _options(target, ttl=1.0)
     crew = Workers(url, tmp_path, 4, **options)
 
     def inject() -> bool:
@@ -232,7 +235,7 @@ def _sigstop_soak(server: ZooKeeperServer, tmp_path: Path, target: int, min_faul
 
 def _kill_soak(server: ZooKeeperServer, tmp_path: Path, target: int, min_faults: int) -> None:
     url = f"{server.url}/t-{uuid.uuid4().hex}?session_timeout=2"
-    options = _options(target, 4, ttl=5.0)
+    options = _options(target, ttl=5.0)
     crew = Workers(url, tmp_path, 4, **options)
     spawned = [0]
 
@@ -259,7 +262,7 @@ def _partition_soak(
     min_faults: int,
 ) -> None:
     chroot = f"t-{uuid.uuid4().hex}"
-    options = _options(target, 4, ttl=1.0)
+    options = _options(target, ttl=1.0)
     proxies = [fault_proxy(server.port) for _ in range(4)]
     crew = Workers(f"{server.url}/{chroot}", tmp_path, 0, **options)
     for i, proxy in enumerate(proxies):

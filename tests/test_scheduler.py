@@ -830,13 +830,50 @@ def test_thread_job_past_its_timeout_is_stuck(clock: ManualClock, stopper: list[
     assert eventually(lambda: bool(rec.of("stuck")), within=10)
     (stuck,) = rec.of("stuck")
     assert stuck.reason == "timeout" and stuck.key == "hang@2023-11-14T22:13:20Z"
+    # rows are written by the background writers, shortly after their event
+    assert eventually(lambda: [r.status for r in coord.history("hang")] == ["stuck"], within=10)
     (record,) = coord.history("hang")
-    assert record.status == "stuck" and record.instance == "me"
+    assert record.instance == "me"
     assert [j.last_status for j in sched.jobs()] == ["stuck"]
     gate.set()
     assert sched.wait_idle(10)
     (record,) = coord.history("hang")
     assert record.status == "finished" and "after its timeout" in (record.error or "")
+
+
+def test_stuck_row_is_not_overwritten_by_a_late_running_row(
+    clock: ManualClock, stopper: list[Scheduler]
+) -> None:
+    """A worker descheduled between starting the run and writing its ``running`` row (a busy
+    machine) must not have that row land after the watchdog's ``stuck`` row."""
+    from coordlock.scheduler.report import Reporter
+
+    real_row = Reporter.row
+
+    def slow_running_row(self: Reporter, *args: Any, **kwargs: Any) -> None:
+        if args[4] == "running":
+            for _ in range(6):  # three times the job's timeout, while the watchdog wakes up
+                time.sleep(0.1)  # (for other runs) and looks at this one
+                sched._watch_wake.set()
+        real_row(self, *args, **kwargs)
+
+    coord = mem()
+    sched = Scheduler(coord, clock=clock, instance_id="me")
+    stopper.append(sched)
+    rec = Recorder(sched)
+    gate = threading.Event()
+    sched.every(10, name="hang", timeout=0.2)(lambda: gate.wait(30))
+    with patch.object(Reporter, "row", slow_running_row):
+        clock.set(T0 - 0.5)
+        sched.start()
+        clock.set(T0)
+        assert eventually(lambda: bool(rec.of("stuck")), within=10)
+        assert rec.of("started"), "stuck was reported before the run was on record"
+        assert eventually(lambda: [r.status for r in coord.history("hang")] == ["stuck"], within=10)
+        time.sleep(0.3)  # past PRESTART_DELAY: a late running row would have been written
+        assert [r.status for r in coord.history("hang")] == ["stuck"]
+        gate.set()
+        assert sched.wait_idle(10)
 
 
 def test_process_isolation_kills_the_child_at_the_timeout(

@@ -292,6 +292,9 @@ class Run:
     why: str = ""
     started_wall: float | None = None  # None while queued
     started_mono: float = 0.0
+    #: its ``running`` row is written: only then may the watchdog mark it ``stuck`` (a stuck row
+    #: written first would be overwritten by the late ``running`` one)
+    recorded: bool = False
     stuck: bool = False
     #: asked for by run_now(), not a tick of the schedule
     manual: bool = False

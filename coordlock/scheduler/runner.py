@@ -252,6 +252,7 @@ class Runner:
             run.started_mono = time.monotonic()
         try:
             self._report.row(run.run_id, job.name, run.tick, run.started_wall, st.RUNNING)
+            run.recorded = True
             if job.options.timeout is not None:
                 self._watch_wake.set()
             self._report.event(ev.STARTED, job, run.tick, run_id=run.run_id)

@@ -184,8 +184,8 @@ class Watchdog:
         soonest = float("inf")
         for run in self._runner.runs():
             timeout = run.job.options.timeout
-            if timeout is None or run.stuck or run.started_wall is None:
-                continue
+            if timeout is None or run.stuck or not run.recorded:
+                continue  # not started, or its running row not written yet (it wakes us then)
             if run.kind == THREAD:
                 deadline = run.started_mono + timeout
             elif run.kind == ASYNC:

@@ -235,15 +235,21 @@ def run_worker(
     wait: float = 30.0,
     hold: float = 0.0,
     deadline: float = 120.0,
+    stop_file: str | Path | None = None,
 ) -> int:
     """Do ``iterations`` rounds of acquire → read → write(value + 1, fence) → release.
 
     ``hold`` seconds are slept between the read and the write (to widen the window a fault can
-    hit). Stops early when ``deadline`` seconds have passed. Returns the rounds completed.
+    hit). Stops early when ``deadline`` seconds have passed, or, between rounds, once
+    ``stop_file`` exists (a fault test lets its workers run until it has injected enough
+    faults). Returns the rounds completed.
     """
     done = 0
     stop_at = time.monotonic() + deadline
+    stop = None if stop_file is None else Path(stop_file)
     while done < iterations and time.monotonic() < stop_at:
+        if stop is not None and stop.exists():
+            break
         try:
             lease = coordinator.acquire(name, ttl, wait=min(wait, stop_at - time.monotonic()))
         except CoordlockError as exc:
@@ -346,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=30.0)
     parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--deadline", type=float, default=120.0)
+    parser.add_argument("--stop-file", default=None, help="stop between rounds once it exists")
     parser.add_argument("--mode", choices=MODES, default="sync")
     args = parser.parse_args(argv)
     with _coordinator(args.url, args.mode) as coordinator:
@@ -360,9 +367,11 @@ def main(argv: list[str] | None = None) -> int:
             wait=args.wait,
             hold=args.hold,
             deadline=args.deadline,
+            stop_file=args.stop_file,
         )
     print(f"worker {args.worker}: {done} rounds", flush=True)
-    return 0 if done == args.iterations else 1
+    stopped = args.stop_file is not None and Path(args.stop_file).exists()
+    return 0 if done == args.iterations or stopped else 1
 
 
 if __name__ == "__main__":
