@@ -300,8 +300,8 @@ def judge(cluster: Cluster, start: float, end: float, victims: tuple[str, ...] =
     duplicates = sorted(k for k, who in begins.items() if len(who) > 1)
     first, last = math.ceil(start), math.floor(end)
     window = [float(t) for t in range(first, last + 1)]
-    misses = [key_of(job, t) for job in ("interval", "cron") for t in window]
-    misses = [k for k in misses if not begins.get(k)]
+    ticks_of = {key_of(job, t): t for job in ("interval", "cron") for t in window}
+    misses = [k for k in ticks_of if not begins.get(k)]
     explained: dict[str, str] = {}
     if misses and victims:
         # 1. a victim won the claim and died/froze before running it (at-most-once per tick)
@@ -325,6 +325,28 @@ def judge(cluster: Cluster, start: float, end: float, victims: tuple[str, ...] =
             ]
             if running_skips and any((job, v) in in_flight for v in victims):
                 explained.setdefault(k, "blocked by the no-overlap lease of a victim's run")
+        # 2b. a victim won the claim and was killed before its "won claim" line reached its
+        #     log: a survivor saw the tick claimed elsewhere, no one ran it, and the fault came
+        #     within a second after the victim's clock reached the tick
+        for k in misses:
+            claimed_elsewhere = any(
+                e.get("key") == k
+                and e.get("reason") == "claimed-elsewhere"
+                and e.get("instance") not in victims
+                for e in events
+            )
+            if not claimed_elsewhere:
+                continue
+            tick = ticks_of[k]
+            for fault in cluster.faults:
+                signal_name, name, _, when = fault.split()
+                after = float(when) - (tick - SKEWS.get(name, 0.0))  # its clock hit the tick
+                if signal_name in ("SIGKILL", "SIGSTOP") and name in victims and 0 <= after <= 1:
+                    explained.setdefault(
+                        k,
+                        f"claimed by {name} ({signal_name} {after:.3f}s after its clock reached "
+                        "the tick, before it logged the win)",
+                    )
         # 3. a frozen process inside an SQLite write transaction blocks every writer
         if cluster.url.startswith("sqlite:"):
             blocked = [
