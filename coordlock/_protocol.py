@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -116,6 +116,19 @@ class KeepsHistory(Protocol):
     def record_run(self, run: RunRecord) -> None: ...
 
     def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]: ...
+
+
+@runtime_checkable
+class RecordsMany(Protocol):
+    """Optional, with :class:`KeepsHistory`: store several rows in one round trip.
+
+    The same as ``record_run`` for each row in order (a later row of the same ``run_id``
+    wins), written at once: the scheduler's history writers send the rows that queued up
+    while they wrote the last ones (a tick won with many jobs queues one ``claimed`` row per
+    job). Raises as ``record_run`` does; on an error the rows may be partly written.
+    """
+
+    def record_runs(self, runs: Sequence[RunRecord]) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 from ._errors import ConfigurationError
+from ._protocol import RunRecord
 
 MAX_NAME_LENGTH = 512
 
@@ -117,3 +118,18 @@ def unknown_options(what: str, unknown: Iterable[str], known: Iterable[str]) -> 
     return ConfigurationError(
         f"unknown option(s) for {what}: {', '.join(parts)}; known options: {', '.join(valid)}"
     )
+
+
+def check_records(runs: object) -> list[RunRecord]:
+    """``runs`` (an iterable of :class:`RunRecord`) as a list with one row per ``run_id``: the
+    last one given, in the order of those last rows (what writing them one by one would
+    leave); ``TypeError`` for anything else."""
+    if isinstance(runs, (str, bytes, RunRecord)) or not isinstance(runs, Iterable):
+        raise TypeError(f"expected an iterable of RunRecord, not {type(runs).__name__}")
+    last: dict[str, RunRecord] = {}
+    for run in runs:
+        if not isinstance(run, RunRecord):
+            raise TypeError(f"expected a RunRecord, not {type(run).__name__}")
+        last.pop(run.run_id, None)
+        last[run.run_id] = run
+    return list(last.values())

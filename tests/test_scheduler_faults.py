@@ -21,7 +21,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -519,6 +519,10 @@ class SlowHistory(MemoryCoordinator):
     def record_run(self, run: RunRecord) -> None:
         time.sleep(1.0)
         super().record_run(run)
+
+    def record_runs(self, runs: Sequence[RunRecord]) -> None:
+        time.sleep(1.0 * len(runs))  # a second a row, taken at once or not
+        super().record_runs(runs)
 
 
 def test_stop_drops_rows_a_stalled_coordinator_does_not_take(

@@ -17,6 +17,7 @@ from .._protocol import (
     KeepsHistory,
     ListsLocks,
     LockInfo,
+    RecordsMany,
     RunRecord,
     ServerInfo,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "KeepsHistory",
     "ListsLocks",
     "LockInfo",
+    "RecordsMany",
     "RunRecord",
     "known_schemes",
     "missing_driver",

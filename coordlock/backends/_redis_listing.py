@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .._protocol import LockInfo, RunRecord
+from .._validate import check_records
 
 if TYPE_CHECKING:
     import redis
@@ -24,7 +25,8 @@ def text(value: bytes | str) -> str:
 
 
 class ListingMixin:
-    """``locks()``, ``record_run()`` and ``history()`` for :class:`RedisCoordinator`."""
+    """``locks()``, ``record_run()``/``record_runs()`` and ``history()`` for
+    :class:`RedisCoordinator`."""
 
     client: redis.Redis
     description: str
@@ -89,6 +91,31 @@ class ListingMixin:
         if not isinstance(run, RunRecord):
             raise TypeError(f"expected a RunRecord, not {type(run).__name__}")
         self._check_open()
+        keys, args = self._record_call(run)
+        script = self._record_script
+        self._ask(lambda: script(keys=keys, args=args), "record_run")
+
+    def record_runs(self, runs: Sequence[RunRecord]) -> None:
+        """Store or update each of ``runs``: one script call per row, all in one pipelined
+        round trip (not a transaction: a retry after a lost connection writes them again,
+        which only rewrites the same rows)."""
+        checked = check_records(runs)
+        self._check_open()
+        if not checked:
+            return
+        calls = [self._record_call(run) for run in checked]
+        script = self._record_script
+
+        def send() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                script(keys=keys, args=args, client=pipe)
+            pipe.execute()
+
+        self._ask(send, "record_runs")
+
+    def _record_call(self, run: RunRecord) -> tuple[list[str], list[str | int]]:
+        """The keys and arguments of the record script for ``run``."""
         fields: list[str] = [
             "run_id", run.run_id, "job", run.job, "tick", run.tick, "instance", run.instance,
             "started", repr(float(run.started)), "status", run.status,
@@ -104,8 +131,7 @@ class ListingMixin:
         args: list[str | int] = [
             run.run_id, repr(float(run.started)), self.history_limit, k.run_prefix, *fields,
         ]  # fmt: skip
-        script = self._record_script
-        self._ask(lambda: script(keys=keys, args=args), "record_run")
+        return keys, args
 
     def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
         """Newest runs first (of ``job``, or of every job), at most ``limit``."""

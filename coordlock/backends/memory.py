@@ -20,6 +20,7 @@ from .._attempt import Attempt
 from .._base import BaseCoordinator
 from .._errors import ConfigurationError
 from .._protocol import LockInfo, RunRecord
+from .._validate import check_records
 
 Clock = Callable[[], float]
 
@@ -217,6 +218,13 @@ class MemoryCoordinator(BaseCoordinator):
         """Store or update ``run`` (keyed by ``run_id``)."""
         with self._t.lock:
             self._t.runs[run.run_id] = run
+
+    def record_runs(self, runs: Sequence[RunRecord]) -> None:
+        """Store or update each of ``runs`` in order (a later row of a ``run_id`` wins)."""
+        checked = check_records(runs)
+        with self._t.lock:
+            for run in checked:
+                self._t.runs[run.run_id] = run
 
     def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
         """Newest runs first, optionally of one ``job``."""

@@ -32,7 +32,7 @@ from .._attempt import Attempt
 from .._base import BaseCoordinator
 from .._errors import BackendUnavailable, ConfigurationError
 from .._protocol import LockInfo, RunRecord
-from .._validate import check_seconds
+from .._validate import check_records, check_seconds
 
 SCHEMA_VERSION = "1"
 
@@ -333,17 +333,28 @@ class SQLiteCoordinator(BaseCoordinator):
 
     def record_run(self, run: RunRecord) -> None:
         """Store or update ``run``; keeps the newest ``HISTORY_PER_JOB`` runs per job."""
+        self.record_runs([run])
+
+    def record_runs(self, runs: Sequence[RunRecord]) -> None:
+        """Store or update each of ``runs`` in one transaction (one file sync); keeps the
+        newest ``HISTORY_PER_JOB`` runs per job."""
+        checked = check_records(runs)
+        if not checked:
+            return
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "INSERT OR REPLACE INTO coordlock_runs (run_id, job, tick, instance, started, "
                 "finished, status, error, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run.run_id, run.job, run.tick, run.instance, run.started, run.finished,
-                 run.status, run.error, run.result),
-            )
-            db.execute(
+                [
+                    (run.run_id, run.job, run.tick, run.instance, run.started, run.finished,
+                     run.status, run.error, run.result)
+                    for run in checked
+                ],
+            )  # fmt: skip
+            db.executemany(
                 "DELETE FROM coordlock_runs WHERE job = ? AND run_id NOT IN (SELECT run_id FROM "
                 "coordlock_runs WHERE job = ? ORDER BY started DESC LIMIT ?)",
-                (run.job, run.job, HISTORY_PER_JOB),
+                [(job, job, HISTORY_PER_JOB) for job in dict.fromkeys(r.job for r in checked)],
             )
 
     def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:

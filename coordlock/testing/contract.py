@@ -27,7 +27,7 @@ import pytest
 
 from .. import LockLost, LockNotAcquired, connect, lock
 from .._lease import BaseLease, Lease
-from .._protocol import KeepsHistory, ListsLocks, RunRecord
+from .._protocol import KeepsHistory, ListsLocks, RecordsMany, RunRecord
 from .fenced import run_fenced
 from .modes import MODES, AsyncLeaseView, AsyncLockView, AsyncRunner, Mode, forge, view
 
@@ -576,3 +576,29 @@ class CoordinatorContract:
         assert runs[1].finished == pytest.approx(base + 2)
         assert len(coordinator.history(limit=2)) == 2
         assert {r.job for r in coordinator.history()} == {"job-a", "job-b"}
+
+    def test_run_history_rows_written_at_once(self, coordinator: Any) -> None:
+        """``record_runs`` leaves what ``record_run`` of each row in order would: a later row
+        of a run wins, updates go through it too, odd text comes back unchanged."""
+        target = getattr(coordinator, "coordinator", coordinator)
+        if not isinstance(target, RecordsMany):
+            pytest.skip("this backend writes history one row at a time")  # declared
+        base = time.time()
+        rows = [RunRecord(f"m{i}", "job-m", f"t{i}", "inst", base + i) for i in range(5)]
+        failed = RunRecord("m1", "job-m", "t1", "inst", base + 1, base + 1.5, "failed",
+                           "line 1\nline 'q' \\ \"x\" ✓", '{"a": [1, null]}')  # fmt: skip
+        target.record_runs([])  # nothing to write
+        target.record_runs([*rows, failed])
+        runs = coordinator.history("job-m")
+        assert [r.run_id for r in runs] == ["m4", "m3", "m2", "m1", "m0"]
+        assert runs[3] == failed  # the later row of m1 won
+        assert runs[0] == rows[4] and runs[0].finished is None and runs[0].error is None
+        done = RunRecord("m0", "job-m", "t0", "inst", base, base + 0.5, "finished")
+        target.record_runs([done, RunRecord("n0", "job-n", "t0", "inst", base)])
+        assert coordinator.history("job-m")[-1] == done
+        assert [r.run_id for r in coordinator.history("job-n")] == ["n0"]
+        with pytest.raises(TypeError):
+            target.record_runs([rows[0], "not a record"])
+        with pytest.raises(TypeError):
+            target.record_runs(rows[0])  # one record, not a sequence of them
+        assert coordinator.history("job-m")[-1] == done  # nothing written by the refused calls

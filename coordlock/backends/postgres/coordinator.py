@@ -493,6 +493,10 @@ class PostgresCoordinator(BaseCoordinator):
         """Store or update ``run`` (keyed by ``run_id``)."""
         reports.record_run(self, run)
 
+    def record_runs(self, runs: Sequence[RunRecord]) -> None:
+        """Store or update each of ``runs`` (keyed by ``run_id``) in one statement."""
+        reports.record_runs(self, runs)
+
     def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
         """Newest runs first, optionally of one ``job``."""
         return reports.history(self, job, limit)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..._protocol import LockInfo, RunRecord, ServerInfo
-from ..._validate import check_name
+from ..._validate import check_name, check_records
 from .flows import Flow, one
 from .session import BaseSession, Step
 
@@ -53,6 +54,25 @@ def record_run(c: PostgresCoordinator, run: RunRecord) -> None:
         lean=c._q.lean["record_run"],
     )  # fmt: skip
     c._policy.call(lambda: c._aux(lambda s: one(c, s, step)), "record run")
+
+
+#: The columns of a history row, in the order of the ``record_runs`` statement's arrays.
+_COLUMNS = ("run_id", "job", "tick", "instance", "started", "finished", "status", "error", "result")
+
+
+def record_runs(c: PostgresCoordinator, runs: Sequence[RunRecord]) -> None:
+    """Store or update each of ``runs`` in one statement (one array per column)."""
+    checked = check_records(runs)
+    if len(checked) <= 1:
+        for run in checked:
+            record_run(c, run)  # the lean, prepared single-row statement
+        return
+    c._check_open()
+    params = {name: [getattr(run, name) for run in checked] for name in _COLUMNS}
+    params["started"] = [float(run.started) for run in checked]
+    params["finished"] = [None if run.finished is None else float(run.finished) for run in checked]
+    step = Step(c._q.record_runs, params, time.monotonic() + c._io, fetch="none")
+    c._policy.call(lambda: c._aux(lambda s: one(c, s, step)), "record runs")
 
 
 def history(c: PostgresCoordinator, job: str | None, limit: int) -> list[RunRecord]:

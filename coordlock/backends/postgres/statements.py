@@ -236,6 +236,7 @@ class Statements:
     claim: str
     claims_cleanup: str
     record_run: str
+    record_runs: str
     history: str
     history_job: str
     server_info: str
@@ -244,6 +245,14 @@ class Statements:
     force_revoke: str
     force_wait: str
     force_terminate: str
+
+
+_RUN_UPSERT = (
+    " ON CONFLICT (run_id) DO UPDATE SET job = excluded.job, tick = excluded.tick,"
+    " instance = excluded.instance, started = excluded.started,"
+    " finished = excluded.finished, status = excluded.status, error = excluded.error,"
+    " result = excluded.result"
+)
 
 
 def statements(schema: str) -> Statements:
@@ -335,11 +344,15 @@ def _statements(schema: str) -> Statements:
         record_run=r(
             "INSERT INTO {s}.runs (run_id, job, tick, instance, started, finished, status, error,"
             " result) VALUES (%(run_id)s, %(job)s, %(tick)s, %(instance)s, %(started)s,"
-            " %(finished)s, %(status)s, %(error)s, %(result)s)"
-            " ON CONFLICT (run_id) DO UPDATE SET job = excluded.job, tick = excluded.tick,"
-            " instance = excluded.instance, started = excluded.started,"
-            " finished = excluded.finished, status = excluded.status, error = excluded.error,"
-            " result = excluded.result"
+            " %(finished)s, %(status)s, %(error)s, %(result)s)" + _RUN_UPSERT
+        ),
+        # Several rows (distinct run_ids) in one statement: one array per column.
+        record_runs=r(
+            "INSERT INTO {s}.runs (run_id, job, tick, instance, started, finished, status, error,"
+            " result) SELECT * FROM unnest(%(run_id)s::text[], %(job)s::text[],"
+            " %(tick)s::text[], %(instance)s::text[], %(started)s::float8[],"
+            " %(finished)s::float8[], %(status)s::text[], %(error)s::text[],"
+            " %(result)s::text[])" + _RUN_UPSERT
         ),
         history=r(
             "SELECT run_id, job, tick, instance, started, finished, status, error, result"
