@@ -597,3 +597,27 @@ def test_history_rows_keep_any_text_and_nulls_on_the_lean_path(
     )  # fmt: skip
     coordinator.record_run(done)
     assert coordinator.history(job) == [done]
+
+
+def test_history_rows_in_one_statement_keep_any_text_and_nulls(
+    coordinator: PostgresCoordinator,
+) -> None:
+    """Many rows at once go as array literals: every character an array literal treats
+    specially (quotes, backslashes, braces, commas, the word NULL, blanks, the empty string)
+    comes back unchanged, and so do NULLs and full float precision."""
+    from coordlock._protocol import RunRecord
+
+    job = f"batch-{uuid.uuid4().hex}"
+    odd = ['a "q" \\ b', "{x,y}", "NULL", "null", "", " ", "tab\tnl\nend", "ü✓'", "\\", '"']
+    rows = [
+        RunRecord(
+            run_id=f"r{i}-{text}", job=job, tick=f"t{text}", instance=text or "i",
+            started=1764720000.123456789 + i, finished=None if i % 2 else 1764720001.0 / 3,
+            status="running" if i % 2 else "failed", error=None if i % 3 else text,
+            result=text if i % 2 else None,
+        )
+        for i, text in enumerate(odd)
+    ]  # fmt: skip
+    coordinator.record_runs(rows)
+    got = {r.run_id: r for r in coordinator.history(job, 100)}
+    assert got == {r.run_id: r for r in rows}

@@ -1127,3 +1127,39 @@ def test_run_forever_stops_cleanly_on_sigterm() -> None:
     # the run in progress at SIGTERM finished before the process exited
     assert lines[-1] == "exited" and lines[-2] == "done"
     assert "SIGTERM received" in err and "scheduler rf stopped" in err
+
+
+def test_events_nobody_would_see_are_not_built(clock: ManualClock) -> None:
+    """A lost claim's ``skipped`` event is built only when a callback or the log at DEBUG
+    would see it (an instance of a big cluster loses most of every tick's claims)."""
+    import coordlock.scheduler.report as report_module
+
+    name = f"quiet-{uuid.uuid4().hex}"
+    built: list[str] = []
+    real_event = report_module.Event
+
+    def counting(**fields: Any) -> Event:
+        built.append(f"{fields['kind']}:{fields['reason']}")
+        return real_event(**fields)
+
+    a = Scheduler(mem(name), clock=clock, instance_id="a")
+    b = Scheduler(mem(name), clock=clock, instance_id="b")
+    for sched in (a, b):
+        sched.every(10, name="job")(noop)
+    logger = logging.getLogger("coordlock")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with patch.object(report_module, "Event", counting):
+            clock.set(T0)
+            a.run_pending()
+            b.run_pending()  # loses the claim: nobody listens, DEBUG is off
+            assert "skipped:claimed-elsewhere" not in built
+            seen = Recorder(b)
+            clock.set(T0 + 10)
+            a.run_pending()
+            b.run_pending()  # a callback now listens: built and delivered
+            assert "skipped:claimed-elsewhere" in built
+            assert seen.keys("skipped", "claimed-elsewhere") == ["job@2023-11-14T22:13:30Z"]
+    finally:
+        logger.setLevel(level)

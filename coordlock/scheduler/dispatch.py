@@ -64,8 +64,8 @@ def claim_and_dispatch(
     runner: Runner,
     control: Control | None = None,
 ) -> None:
-    """Claim every due tick (batched per hold), report the ticks lost or not claimable, and
-    hand the won ones to ``runner``. With ``control`` (the coordinator keeps history), the
+    """Claim every due tick (batched per hold), hand the won ones to ``runner`` chunk by
+    chunk, and once every chunk was asked for, report the ticks lost or not claimable. With ``control`` (the coordinator keeps history), the
     paused jobs are read once, after the first claim that won something: a won tick of a
     paused job is ``skipped(paused)``."""
     by_key: dict[str, Due] = {}
@@ -86,6 +86,9 @@ def claim_and_dispatch(
         by_hold.setdefault(hold, []).append(key)
     down: BaseException | None = None  # the coordinator cannot be asked: no more calls
     paused: frozenset[str] | BaseException | None = None  # read once, when first needed
+    #: ticks lost or not claimable, reported once every chunk was asked for (the next chunk's
+    #: claim must not wait for the reports of this one's lost ticks)
+    lost: list[tuple[list[str], set[str], dict[str, BaseException]]] = []
     began = time.monotonic()
     for hold, keys in by_hold.items():
         chunks = chunked(keys)
@@ -94,7 +97,7 @@ def claim_and_dispatch(
                 chunks = [[key for part in chunks for key in part]]  # slow: the rest at once
             chunk = chunks.pop(0)
             if down is not None:
-                _dispatch(chunk, by_key, set(), dict.fromkeys(chunk, down), report, runner)
+                lost.append((chunk, set(), dict.fromkeys(chunk, down)))
                 continue
             won, errors = claim_keys(coordinator, chunk, hold, report.instance)
             down = next((e for e in errors.values() if isinstance(e, WHOLE_BATCH_ERRORS)), None)
@@ -113,19 +116,22 @@ def claim_and_dispatch(
                 errors.update(dict.fromkeys(won, paused))
                 won = set()
             names = paused if isinstance(paused, frozenset) else frozenset()
-            _dispatch(chunk, by_key, won, errors, report, runner, names)
+            _start(chunk, by_key, won, errors, report, runner, names)
+            lost.append((chunk, won, errors))
+    for chunk, won, errors in lost:
+        _report_lost(chunk, by_key, won, errors, report)
 
 
-def _dispatch(
+def _start(
     keys: list[str],
     by_key: dict[str, Due],
     won: set[str],
     errors: dict[str, BaseException],
     report: Reporter,
     runner: Runner,
-    paused: frozenset[str] = frozenset(),
+    paused: frozenset[str],
 ) -> None:
-    """Hand the won keys to the runner first, then report the others."""
+    """Hand the won keys to the runner (a paused job's won tick is ``skipped(paused)``)."""
     for key in keys:
         if key in won and key not in errors:
             item = by_key[key]
@@ -134,6 +140,16 @@ def _dispatch(
                 continue
             log.debug("scheduler %s won claim %s", report.instance, key)
             runner.won(item.job, item.tick, item.following, key)
+
+
+def _report_lost(
+    keys: list[str],
+    by_key: dict[str, Due],
+    won: set[str],
+    errors: dict[str, BaseException],
+    report: Reporter,
+) -> None:
+    """Report the keys not won: claimed elsewhere, or not claimable (``errors``)."""
     for key in keys:
         item = by_key[key]
         job, tick = item.job, item.tick

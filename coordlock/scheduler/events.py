@@ -103,6 +103,13 @@ class Event:
 Callback = Callable[[Event], object]
 
 
+def _level(kind: str, reason: str | None) -> int:
+    """The log level of an event of ``kind`` (and ``reason``)."""
+    if kind == SKIPPED:
+        return _SKIP_LEVELS.get(reason or "", logging.INFO)
+    return _LEVELS.get(kind, logging.INFO)
+
+
 def utc(ts: float) -> datetime:
     """An aware UTC datetime for epoch seconds."""
     return datetime.fromtimestamp(ts, timezone.utc)
@@ -125,12 +132,16 @@ class EventBus:
         with self._lock:
             self._callbacks[kind].append(callback)
 
+    def wants(self, kind: str, reason: str | None = None) -> bool:
+        """Whether an event of ``kind`` (and ``reason``) would reach anyone: a callback, or
+        the ``coordlock`` log at its level. An instance that loses most of a crowded tick's
+        claims builds no event object for each lost one that nobody reads."""
+        if self._callbacks[kind] or self._callbacks["*"]:
+            return True
+        return log.isEnabledFor(_level(kind, reason))
+
     def emit(self, event: Event) -> None:
-        level = (
-            _SKIP_LEVELS.get(event.reason or "", logging.INFO)
-            if event.kind == SKIPPED
-            else _LEVELS.get(event.kind, logging.INFO)
-        )
+        level = _level(event.kind, event.reason)
         if log.isEnabledFor(level):
             log.log(
                 level,

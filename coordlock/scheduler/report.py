@@ -102,6 +102,8 @@ class Reporter:
     ) -> None:
         """Emit an event about ``tick`` (epoch seconds) of ``job`` (to the subscribers and to
         the metrics exporters, when any is enabled)."""
+        if not _observe.observers and not self.bus.wants(kind, reason):
+            return  # nobody would see it
         event = Event(
             kind=kind,
             job=job.name,

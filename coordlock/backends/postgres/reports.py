@@ -56,22 +56,26 @@ def record_run(c: PostgresCoordinator, run: RunRecord) -> None:
     c._policy.call(lambda: c._aux(lambda s: one(c, s, step)), "record run")
 
 
-#: The columns of a history row, in the order of the ``record_runs`` statement's arrays.
-_COLUMNS = ("run_id", "job", "tick", "instance", "started", "finished", "status", "error", "result")
-
-
 def record_runs(c: PostgresCoordinator, runs: Sequence[RunRecord]) -> None:
-    """Store or update each of ``runs`` in one statement (one array per column)."""
+    """Store or update each of ``runs`` in one statement (one array per column, sent as text
+    on the lean path)."""
     checked = check_records(runs)
     if len(checked) <= 1:
         for run in checked:
-            record_run(c, run)  # the lean, prepared single-row statement
+            record_run(c, run)
         return
     c._check_open()
-    params = {name: [getattr(run, name) for run in checked] for name in _COLUMNS}
-    params["started"] = [float(run.started) for run in checked]
-    params["finished"] = [None if run.finished is None else float(run.finished) for run in checked]
-    step = Step(c._q.record_runs, params, time.monotonic() + c._io, fetch="none")
+    params = {
+        "run_ids": [r.run_id for r in checked], "jobs": [r.job for r in checked],
+        "ticks": [r.tick for r in checked], "instances": [r.instance for r in checked],
+        "started_at": [r.started for r in checked], "finished_at": [r.finished for r in checked],
+        "statuses": [r.status for r in checked], "errors": [r.error for r in checked],
+        "results": [r.result for r in checked],
+    }  # fmt: skip
+    step = Step(
+        c._q.record_runs, params, time.monotonic() + c._io, fetch="none",
+        lean=c._q.lean["record_runs"],
+    )  # fmt: skip
     c._policy.call(lambda: c._aux(lambda s: one(c, s, step)), "record runs")
 
 

@@ -34,6 +34,9 @@ PARAM_OIDS = {
     # a run's history row (RunRecord's fields)
     "run_id": 25, "job": 25, "tick": 25, "instance": 25, "started": 701, "finished": 701,
     "status": 25, "error": 25, "result": 25,
+    # many history rows at once: one array per column
+    "run_ids": 1009, "jobs": 1009, "ticks": 1009, "instances": 1009, "started_at": 1022,
+    "finished_at": 1022, "statuses": 1009, "errors": 1009, "results": 1009,
 }  # fmt: skip
 
 
@@ -63,8 +66,25 @@ def _array(value: Any) -> bytes:
     return ("{" + ",".join(str(v) for v in value) + "}").encode()
 
 
+def _quoted(value: str | None) -> str:
+    """One element of a text array literal: quoted, with ``\\`` and ``"`` escaped."""
+    if value is None:
+        return "NULL"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _text_array(value: Any) -> bytes:
+    return ("{" + ",".join(map(_quoted, value)) + "}").encode()
+
+
+def _float_array(value: Any) -> bytes:
+    return ("{" + ",".join("NULL" if v is None else repr(float(v)) for v in value) + "}").encode()
+
+
 #: How a parameter of each type is sent (text format); None is sent as NULL.
-ENCODERS: dict[int, Callable[[Any], bytes]] = {20: _text, 25: _text, 701: _float, 1016: _array}
+ENCODERS: dict[int, Callable[[Any], bytes]] = {
+    20: _text, 25: _text, 701: _float, 1016: _array, 1009: _text_array, 1022: _float_array,
+}  # fmt: skip
 
 
 def lean(label: str, query: str) -> Lean:
@@ -264,6 +284,7 @@ def statements(schema: str) -> Statements:
     q.lean["unlock"] = lean("unlock", "SELECT pg_advisory_unlock(%(k)s)")
     q.lean["release_rows"] = lean("release_rows", q.release_rows)
     q.lean["record_run"] = lean("record_run", q.record_run)  # a scheduler writes 2 per run
+    q.lean["record_runs"] = lean("record_runs", q.record_runs)  # (its writers batch them)
     return q
 
 
@@ -349,10 +370,10 @@ def _statements(schema: str) -> Statements:
         # Several rows (distinct run_ids) in one statement: one array per column.
         record_runs=r(
             "INSERT INTO {s}.runs (run_id, job, tick, instance, started, finished, status, error,"
-            " result) SELECT * FROM unnest(%(run_id)s::text[], %(job)s::text[],"
-            " %(tick)s::text[], %(instance)s::text[], %(started)s::float8[],"
-            " %(finished)s::float8[], %(status)s::text[], %(error)s::text[],"
-            " %(result)s::text[])" + _RUN_UPSERT
+            " result) SELECT * FROM unnest(%(run_ids)s::text[], %(jobs)s::text[],"
+            " %(ticks)s::text[], %(instances)s::text[], %(started_at)s::float8[],"
+            " %(finished_at)s::float8[], %(statuses)s::text[], %(errors)s::text[],"
+            " %(results)s::text[])" + _RUN_UPSERT
         ),
         history=r(
             "SELECT run_id, job, tick, instance, started, finished, status, error, result"
