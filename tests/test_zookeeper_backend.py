@@ -766,6 +766,29 @@ def test_history_is_bounded_per_job(make: Callable[..., ZooKeeperCoordinator]) -
         c.history(limit=0)
 
 
+def test_history_batches_fix_wrong_guesses_and_stay_bounded(
+    make: Callable[..., ZooKeeperCoordinator],
+) -> None:
+    """``record_runs`` pipelines one write per row; rows another client created (a create
+    that finds the node) and rows trimmed since this client wrote them (a set that finds none)
+    are written the other way; the job stays bounded."""
+    mine, other = make(history_limit=5), make(history_limit=5)
+    base = time.time()
+    other.record_run(RunRecord("r0", "job/b", "t0", "other", base))  # exists: mine will create
+    mine.record_runs([RunRecord("r1", "job/b", "t1", "inst", base + 1)])
+    kz = mine._client
+    kz.delete(f"{mine.root}/runs/{escape('job/b')}/r1")  # trimmed: mine will set
+    rows = [RunRecord(f"r{i}", "job/b", f"t{i}", "inst", base + i, base + i + 0.5, "finished")
+            for i in range(12)]  # fmt: skip
+    mine.record_runs(rows)
+    runs = mine.history("job/b", 100)
+    assert len(kz.get_children(f"{mine.root}/runs/{escape('job/b')}")) <= 5 + 5 // 10 + 1
+    assert [r.run_id for r in runs][:5] == ["r11", "r10", "r9", "r8", "r7"]
+    assert all(r == rows[int(r.run_id[1:])] for r in runs)  # every row as given, r0 included
+    mine.record_runs([RunRecord("r0", "job/b", "t0", "again", base + 20)])
+    assert mine.history("job/b", 1)[0].instance == "again"
+
+
 def test_claim_many_batches_fresh_keys_and_falls_back_per_key(
     make: Callable[..., ZooKeeperCoordinator], monkeypatch: pytest.MonkeyPatch
 ) -> None:

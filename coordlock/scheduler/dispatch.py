@@ -65,9 +65,9 @@ def claim_and_dispatch(
     control: Control | None = None,
 ) -> None:
     """Claim every due tick (batched per hold), hand the won ones to ``runner`` chunk by
-    chunk, and once every chunk was asked for, report the ticks lost or not claimable. With ``control`` (the coordinator keeps history), the
-    paused jobs are read once, after the first claim that won something: a won tick of a
-    paused job is ``skipped(paused)``."""
+    chunk, and once every chunk was asked for, report the ticks lost or not claimable. With
+    ``control`` (the coordinator keeps history), the paused jobs are read once, after the first
+    claim that won something: a won tick of a paused job is ``skipped(paused)``."""
     by_key: dict[str, Due] = {}
     by_hold: dict[float, list[str]] = {}
     for item in due:

@@ -9,6 +9,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import asdict
+from typing import Any
 from urllib.parse import unquote
 
 from ..._protocol import LockInfo, RunRecord
@@ -68,6 +69,64 @@ class History:
             return
         self._remember(path)
         if self._due_for_size_check(job_dir):
+            stat = session.get(client.exists_async(job_dir))
+            if stat is not None and stat.numChildren > self.limit + self.limit // 10:
+                self._trim(job_dir)
+
+    def record_many(self, runs: list[RunRecord]) -> None:
+        """Store or update every one of ``runs`` (distinct ``run_id``s), pipelined: every
+        first write is sent before any answer is awaited, then the writes that guessed wrong
+        (created by another client, or trimmed) are sent again the other way, together. The
+        server syncs the writes to its log together, so a batch costs about one synced write's
+        time, not one per row. Raises the first error after every write was answered."""
+        session = self.session
+        session.ready()
+        client = session.client
+        paths = []
+        for run in runs:
+            job_dir = f"{self.dir}/{escape(run.job)}"
+            path = f"{job_dir}/{escape(run.run_id)}"
+            data = json.dumps(asdict(run)).encode()
+            paths.append((job_dir, path, data, path in self._written))
+        def create(path: str, data: bytes) -> Any:
+            return client.create_async(path, data, makepath=True)
+
+        first = [
+            client.set_async(path, data) if known else create(path, data)
+            for _, path, data, known in paths
+        ]
+        again: list[tuple[str, str, bool, Any]] = []  # (job dir, path, created, async result)
+        created: list[str] = []
+        error: BaseException | None = None
+        for (job_dir, path, data, known), result in zip(paths, first, strict=True):
+            try:
+                session.get(result)
+            except (NoNodeError, NodeExistsError) as exc:
+                if isinstance(exc, NoNodeError) != known:
+                    error = error or exc  # (a create whose parent vanished: not a guess)
+                elif known:  # trimmed or deleted meanwhile: write it again
+                    again.append((job_dir, path, True, create(path, data)))
+                else:  # created by another client: update it
+                    again.append((job_dir, path, False, client.set_async(path, data)))
+                continue
+            except Exception as exc:
+                error = error or exc
+                continue
+            self._remember(path)
+            if not known:
+                created.append(job_dir)
+        for job_dir, path, is_create, result in again:
+            try:
+                session.get(result)
+            except Exception as exc:
+                error = error or exc
+                continue
+            self._remember(path)
+            if is_create:
+                created.append(job_dir)
+        if error is not None:
+            raise error
+        for job_dir in dict.fromkeys(d for d in created if self._due_for_size_check(d)):
             stat = session.get(client.exists_async(job_dir))
             if stat is not None and stat.numChildren > self.limit + self.limit // 10:
                 self._trim(job_dir)

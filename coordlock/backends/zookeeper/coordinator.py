@@ -24,7 +24,7 @@ from ..._attempt import Attempt
 from ..._base import BaseCoordinator
 from ..._errors import ConfigurationError
 from ..._protocol import LockInfo, RunRecord, ServerInfo
-from ..._validate import check_seconds
+from ..._validate import check_records, check_seconds
 from ._claims import Claims
 from ._history import History, list_locks
 from ._layout import ROOT
@@ -321,6 +321,14 @@ class ZooKeeperCoordinator(BaseCoordinator):
         """Store or update ``run`` (keyed by ``run_id``); keeps ``history_limit`` runs per job."""
         self._check_fork()
         self._call(lambda: self._history.record(run), "record_run")
+
+    def record_runs(self, runs: Sequence[RunRecord]) -> None:
+        """Store or update each of ``runs``: the writes are pipelined on the session (sent
+        together, answered together), one synced write's time for the batch."""
+        checked = check_records(runs)
+        self._check_fork()
+        if checked:
+            self._call(lambda: self._history.record_many(checked), "record_runs")
 
     def history(self, job: str | None = None, limit: int = 100) -> list[RunRecord]:
         """Newest runs first (by start time), optionally of one ``job``."""
