@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._errors import ConfigurationError
 from ._clock import ServerClock
+from ._handler import PollingHandler
 from ._options import TLS
 
 try:
@@ -130,6 +131,7 @@ class Session:
             auth_data=[("digest", f"{self.auth[0]}:{self.auth[1]}")] if self.auth else None,
             default_acl=self.acl,
             logger=self.kazoo_log,
+            handler=PollingHandler(),
             **(self.tls.kazoo_options() if self.tls else {}),
         )
         self.client.add_listener(self._listener)
