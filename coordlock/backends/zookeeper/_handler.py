@@ -39,6 +39,14 @@ def poll_select(
             raise TypeError("timeout must be a number")
         if timeout < 0:
             raise ValueError("timeout must be non-negative")
+    ms = None if timeout is None else math.ceil(timeout * 1000)
+    if len(rlist) + len(wlist) == 1:  # kazoo's usual call: one socket, one way
+        obj = rlist[0] if rlist else wlist[0]
+        poller = select.poll()
+        poller.register(fileobj_to_fd(obj), _READ if rlist else select.POLLOUT)
+        if not poller.poll(ms):
+            return [], [], []
+        return ([obj], [], []) if rlist else ([], [obj], [])
     masks: dict[int, int] = {}
     readers: dict[int, list[Any]] = {}
     writers: dict[int, list[Any]] = {}
@@ -53,7 +61,7 @@ def poll_select(
     poller = select.poll()
     for fd, mask in masks.items():
         poller.register(fd, mask)
-    ready = poller.poll(None if timeout is None else math.ceil(timeout * 1000))
+    ready = poller.poll(ms)
     readable: list[Any] = []
     writable: list[Any] = []
     for fd, events in ready:

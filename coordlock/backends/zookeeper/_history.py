@@ -8,7 +8,6 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import asdict
 from typing import Any
 from urllib.parse import unquote
 
@@ -54,7 +53,7 @@ class History:
         client = session.client
         job_dir = f"{self.dir}/{escape(run.job)}"
         path = f"{job_dir}/{escape(run.run_id)}"
-        data = json.dumps(asdict(run)).encode()
+        data = json.dumps(vars(run)).encode()  # (flat fields: no deep copy)
         if path in self._written:
             try:
                 session.get(client.set_async(path, data))
@@ -86,7 +85,7 @@ class History:
         for run in runs:
             job_dir = f"{self.dir}/{escape(run.job)}"
             path = f"{job_dir}/{escape(run.run_id)}"
-            data = json.dumps(asdict(run)).encode()
+            data = json.dumps(vars(run)).encode()  # (flat fields: no deep copy)
             paths.append((job_dir, path, data, path in self._written))
         def create(path: str, data: bytes) -> Any:
             return client.create_async(path, data, makepath=True)
