@@ -816,6 +816,54 @@ def test_claim_many_batches_fresh_keys_and_falls_back_per_key(
     }
 
 
+def test_a_batch_lost_to_one_multi_costs_one_read(
+    make: Callable[..., ZooKeeperCoordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instances cut a tick's keys the same way: a batch another instance created in one
+    multi is lost after reading one claim (its batch identity matches), not one per key; a
+    batch claimed by other key sets, or expired, still goes key by key."""
+    first, second = make(), make()
+    assert second.claim("warm-up", 30)  # (the first claim of a chroot makes its directory)
+    keys = [f"job{i}@2026-01-01T00:00:00Z" for i in range(50)]
+    assert second.claim_many(keys, 30) == set(keys)
+    left: list[list[str]] = []
+    reads: list[str] = []
+    original = first._claims.claim_batches
+    real_get = first._client.get_async
+
+    def counting(paths: dict[str, str], data: bytes, token: str) -> tuple[set[str], list[str]]:
+        won, rest = original(paths, data, token)
+        left.append(rest)
+        return won, rest
+
+    def get_async(path: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(path)
+        return real_get(path, *args, **kwargs)
+
+    monkeypatch.setattr(first._claims, "claim_batches", counting)
+    monkeypatch.setattr(first._client, "get_async", get_async)
+    assert first.claim_many(keys, 30) == set()
+    assert left == [[]] and len(reads) == 1  # one read decided the whole batch
+    # a different key set (a superset) is not the batch that was created: key by key
+    more = [*keys, "job50@2026-01-01T00:00:00Z"]
+    assert first.claim_many(more, 30) == {"job50@2026-01-01T00:00:00Z"}
+    assert sorted(left[-1]) == sorted(more)
+    # an expired batch is replaced key by key
+    short = [f"short{i}@2026-01-01T00:00:00Z" for i in range(10)]
+    assert second.claim_many(short, 0.2) == set(short)
+    time.sleep(0.5)
+    assert first.claim_many(short, 30) == set(short)
+    assert sorted(left[-1]) == sorted(short)
+    # a retry of the claimer's own call (its first reply was lost) wins the batch again
+    own = [f"own{i}@2026-01-01T00:00:00Z" for i in range(20)]
+    paths = {k: f"{second._claims.dir}/{escape(k)}" for k in own}
+    token = uuid.uuid4().hex
+    data = _layout.claim_data(30, token)
+    assert second._claims.claim_batches(paths, data, token) == (set(own), [])
+    assert second._claims.claim_batches(paths, data, token) == (set(own), [])
+    assert first.claim_many(own, 30) == set()
+
+
 def test_contended_claims_read_first_and_write_only_absent_keys(
     make: Callable[..., ZooKeeperCoordinator], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,7 @@ Layout (under the optional chroot; ``<x>`` is a percent-escaped name, so ``/`` i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable
@@ -76,6 +77,11 @@ def stamp(ttl: float) -> bytes:
 def claim_data(hold: float, token: str) -> bytes:
     """Claim node data: the hold (ms, rounded up) and the claimer's token."""
     return json.dumps({"hold_ms": math.ceil(hold * 1000), "by": token}).encode()
+
+
+def batch_id(keys: Iterable[str]) -> str:
+    """The identity of a set of claim keys created in one multi (order does not matter)."""
+    return hashlib.sha256("\0".join(sorted(keys)).encode()).hexdigest()[:32]
 
 
 def claim_info(raw: bytes) -> dict[str, Any]:
