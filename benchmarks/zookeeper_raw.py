@@ -3,7 +3,9 @@
 Functions (``benchmarks/locks.py`` uses ``raw_pairs`` and ``raw_handoffs``):
 
 * :func:`ceiling_pairs` (alias ``raw_pairs``) – the physical floor of any ZooKeeper lock: a
-  bare ephemeral ``create`` + ``delete`` (two synced writes), no lock logic at all.
+  bare ephemeral ``create`` + ``delete`` (two synced writes), no lock logic at all, on a kazoo
+  client with the same handler as coordlock's (its cheaper ``select``), so the ratio measures
+  coordlock's own work.
 * :func:`kazoo_lock_pairs` – acquire/release pairs per second of kazoo's ``Lock`` recipe (one
   ``Lock`` object reused, as kazoo recommends).
 * :func:`coordlock_pairs` – the same pairs through coordlock (fencing and renewal on).
@@ -49,6 +51,8 @@ import coordlock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import timed_pairs
 
+from coordlock.backends.zookeeper._handler import PollingHandler
+
 TTL = 30.0
 
 
@@ -64,8 +68,13 @@ def _bench_root(url: str) -> str:
     return f"{_split(url)[1]}/bench-{uuid.uuid4().hex[:8]}"
 
 
-def _client(url: str) -> KazooClient:
-    client = KazooClient(hosts=_split(url)[0], timeout=10.0)
+def _client(url: str, *, polling: bool = False) -> KazooClient:
+    """A started kazoo client; ``polling``: with the kazoo handler coordlock itself uses
+    (:class:`~coordlock.backends.zookeeper._handler.PollingHandler`), for the ceiling, so
+    the ratio against it measures coordlock's own work, not a faster handler. kazoo's
+    ``Lock`` runs on kazoo's own handler, as its users run it."""
+    handler = PollingHandler() if polling else None
+    client = KazooClient(hosts=_split(url)[0], timeout=10.0, handler=handler)
     client.start(timeout=30)
     return client
 
@@ -117,7 +126,7 @@ def _ceiling_once(client: KazooClient, path: str) -> None:
 def ceiling_pairs(url: str, n: int) -> float:
     """Pairs/s of the bare ephemeral create + delete: the ceiling of any ZooKeeper lock."""
     root = _bench_root(url)
-    client = _client(url)
+    client = _client(url, polling=True)
     path = f"{root}/ceiling"
     try:
         client.ensure_path(root)
@@ -269,13 +278,14 @@ def interleaved_pairs(url: str, n: int, chunk: int = 50) -> dict[str, Any]:
     root = _bench_root(url)
     client = _client(url)
     lock = client.Lock(f"{root}/kazoo-lock", "bench")
+    ceiling_client = _client(url, polling=True)
     ceiling_path = f"{root}/ceiling"
     client.ensure_path(root)
     coordinator = coordlock.connect(_coordlock_url(url, f"{root}/coordlock"))
 
     def ceiling(count: int) -> None:
         for _ in range(count):
-            _ceiling_once(client, ceiling_path)
+            _ceiling_once(ceiling_client, ceiling_path)
 
     def kazoo_lock(count: int) -> None:
         for _ in range(count):
@@ -320,8 +330,9 @@ def interleaved_pairs(url: str, n: int, chunk: int = 50) -> dict[str, Any]:
             done += count
     finally:
         coordinator.close()
-        client.stop()
-        client.close()
+        for kazoo_client in (client, ceiling_client):
+            kazoo_client.stop()
+            kazoo_client.close()
         _cleanup(url, root)
     result: dict[str, Any] = {label: n / wall[label] for label in sides}
     result.update({f"{label}_cpu_us": cpu[label] / n * 1e6 for label in sides})
@@ -349,7 +360,7 @@ async def _awaited(result: Any) -> Any:
 async def _async_pairs(url: str, n: int, chunk: int = 50) -> dict[str, float]:
     """Async ceiling vs ``async with coordinator.lock()``, alternating chunks (pairs/s)."""
     root = _bench_root(url)
-    client = _client(url)
+    client = _client(url, polling=True)
     client.ensure_path(root)
     path = f"{root}/async-ceiling"
     coordinator = coordlock.connect(_coordlock_url(url, f"{root}/coordlock"))
