@@ -794,6 +794,25 @@ class TestRealServer:
             before.close()
             after.close()
 
+    def test_history_batch_is_one_round_trip_and_survives_a_script_flush(
+        self, server: RedisServer
+    ) -> None:
+        """``record_runs`` sends its rows as EVALSHA in one pipeline (no SCRIPT EXISTS before
+        it); a server that lost the script (SCRIPT FLUSH, a restart) gets it loaded again."""
+        with rc(url_of(server)) as c:
+            base = time.time()
+            rows = [RunRecord(f"b{i}", "batch-job", f"t{i}", "inst", base + i) for i in range(5)]
+            c.record_runs(rows[:1])  # loads the script
+            exists = c.client.info("commandstats").get("cmdstat_script|exists", {}).get("calls", 0)
+            c.record_runs(rows)
+            stats = c.client.info("commandstats")
+            assert stats.get("cmdstat_script|exists", {}).get("calls", 0) == exists
+            c.client.script_flush()
+            done = [RunRecord(r.run_id, r.job, r.tick, r.instance, r.started, base + 9, "finished")
+                    for r in rows]  # fmt: skip
+            c.record_runs(done)
+            assert sorted(c.history("batch-job"), key=lambda r: r.run_id) == done
+
     def test_waiter_woken_by_release_without_polling(self, fresh: RedisServer) -> None:
         url = url_of(fresh)
         with rc(url) as holder_side, rc(url) as waiter_side:

@@ -9,6 +9,13 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from .._protocol import LockInfo, RunRecord
 from .._validate import check_records
 
+try:
+    from redis.exceptions import NoScriptError
+except ImportError as exc:  # pragma: no cover - exercised without the extra installed
+    from .._registry import missing_driver
+
+    raise missing_driver("redis", "redis", "redis") from exc
+
 if TYPE_CHECKING:
     import redis
     from redis.commands.core import Script
@@ -107,10 +114,20 @@ class ListingMixin:
         script = self._record_script
 
         def send() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            for keys, args in calls:
-                script(keys=keys, args=args, client=pipe)
-            pipe.execute()
+            # EVALSHA in a plain pipeline: Script.__call__ on a pipeline would add a
+            # SCRIPT EXISTS round trip before every batch; a server that lost the script
+            # (restarted, flushed) answers NOSCRIPT and the batch is sent again once loaded
+            for attempt in (1, 2):
+                pipe = self.client.pipeline(transaction=False)
+                for keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                try:
+                    pipe.execute()
+                    return
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    self.client.script_load(script.script)
 
         self._ask(send, "record_runs")
 
