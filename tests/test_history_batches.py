@@ -117,3 +117,46 @@ def test_a_coordinator_that_cannot_be_asked_costs_one_warning_per_batch(
     assert len(warnings) == len(coord.batches)  # one per call, not one per row
     assert any(n > 1 for n in coord.batches)
     assert coord.singles < JOBS  # batches were not retried row by row
+
+
+class RowByRow(MemoryCoordinator):
+    """History written one row at a time (no ``record_runs``); writes of runs in ``hold``
+    wait until ``release`` is set."""
+
+    record_runs = None
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.hold: set[str] = set()
+        self.release = threading.Event()
+        self.written: list[tuple[str, str]] = []  # (thread name, run_id)
+
+    def record_run(self, run: RunRecord) -> None:
+        if run.run_id in self.hold:
+            self.release.wait(10)
+        self.written.append((threading.current_thread().name, run.run_id))
+        super().record_run(run)
+
+
+def test_row_by_row_a_worker_writes_only_its_own_row() -> None:
+    """Where rows go one per call, settle() writes the row of its own run and leaves the
+    others to the writers: a run never waits for other runs' round trips."""
+    from coordlock.scheduler.events import EventBus
+    from coordlock.scheduler.report import Reporter
+
+    history = RowByRow(f"rows-{uuid.uuid4().hex}")
+    report = Reporter("me", EventBus(), threading.RLock())
+    report.history = history
+    history.hold = {"r0", "r1"}
+    report.start_writer("test-writer")
+    try:
+        for i in range(6):
+            report.row(f"r{i}", "job", T0, T0, "claimed")
+        # both writers are stuck on r0 and r1; r2..r5 wait
+        assert eventually(lambda: len(report._inflight) == 2, within=10)
+        report.settle("r4")
+        assert history.written == [(threading.current_thread().name, "r4")]
+    finally:
+        history.release.set()
+        report.stop_writer(10)
+    assert sorted(run for _, run in history.written) == [f"r{i}" for i in range(6)]

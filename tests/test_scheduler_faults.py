@@ -21,7 +21,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -514,15 +514,25 @@ def test_a_process_job_ends_at_its_timeout_while_its_scheduler_is_frozen(tmp_pat
 
 
 class SlowHistory(MemoryCoordinator):
-    """Claims and leases answer at once; every history write hangs for a second."""
+    """Claims and leases answer at once; every history write hangs for a second, and rows
+    are taken one at a time (a backend without ``record_runs``)."""
+
+    record_runs = None  # (the scheduler writes row by row)
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.writing = 0
+        self.most_at_once = 0
+        self.count = threading.Lock()
 
     def record_run(self, run: RunRecord) -> None:
+        with self.count:
+            self.writing += 1
+            self.most_at_once = max(self.most_at_once, self.writing)
         time.sleep(1.0)
+        with self.count:
+            self.writing -= 1
         super().record_run(run)
-
-    def record_runs(self, runs: Sequence[RunRecord]) -> None:
-        time.sleep(1.0 * len(runs))  # a second a row, taken at once or not
-        super().record_runs(runs)
 
 
 def test_stop_drops_rows_a_stalled_coordinator_does_not_take(
@@ -537,6 +547,9 @@ def test_stop_drops_rows_a_stalled_coordinator_does_not_take(
     sched.start()
     clock.set(T0)
     assert eventually(lambda: len(ran) == 30, 30)
+    # row by row, the workers write their own claimed rows beside the 2 writers (none waits
+    # for a writer going through other runs' rows)
+    assert coord.most_at_once > 2
     with caplog.at_level(logging.WARNING, logger="coordlock"):
         sched.stop()  # 30 runs' rows at 1 s each on 2 writers would take 15 s: it gives up
     assert any("history row(s) not written" in r.getMessage() for r in caplog.records)

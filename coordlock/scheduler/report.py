@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 from .. import _observe
 from .._protocol import KeepsHistory, RunRecord
@@ -266,9 +267,17 @@ class Reporter:
             if writer is not threading.current_thread():
                 writer.join(min(timeout, 1.0))
 
+    def _many(self) -> Callable[[Sequence[RunRecord]], None] | None:
+        """The coordinator's ``record_runs`` (several rows in one call), ``None`` without."""
+        many = getattr(self.history, "record_runs", None)
+        return many if callable(many) else None
+
     def _take(self, first: str | None = None) -> list[RunRecord]:
         """With the lock held: ``first``'s row (if given), then the due rows of runs not being
-        written, oldest first, at most :data:`BATCH`; marks their runs in flight."""
+        written, oldest first, at most :data:`BATCH` (one row where the coordinator writes
+        rows one at a time: a worker waiting for its ``claimed`` row must not wait behind
+        other runs' rows); marks their runs in flight."""
+        limit = BATCH if self._many() is not None else 1
         batch: list[RunRecord] = []
         if first is not None:
             record = self._pending.pop(first, None)
@@ -276,15 +285,15 @@ class Reporter:
                 record = self._later.pop(first)[1]
             batch.append(record)
         for run_id in list(self._pending):
-            if len(batch) >= BATCH:
+            if len(batch) >= limit:
                 break
             if run_id not in self._inflight and run_id != first:
                 batch.append(self._pending.pop(run_id))
-        if len(batch) < BATCH:
+        if len(batch) < limit:
             now = time.monotonic()
             hurry = self._flushing or self._writer_stop
             for run_id, (due, record) in list(self._later.items()):
-                if len(batch) >= BATCH or (due > now and not hurry):
+                if len(batch) >= limit or (due > now and not hurry):
                     break  # (oldest first: the rest are due later still)
                 if run_id not in self._inflight:
                     del self._later[run_id]
@@ -315,7 +324,7 @@ class Reporter:
         """Write ``batch`` (its runs are marked in flight): in one call where the coordinator
         takes several rows at once, else row by row; then let the next rows of its runs go."""
         try:
-            many = getattr(self.history, "record_runs", None)
+            many = self._many()
             if many is None or len(batch) == 1:
                 for record in batch:
                     self._write(record)
