@@ -41,72 +41,50 @@ class History:
         self._created_since_check: dict[str, int] = {}  # job dir -> creates since a size check
 
     def record(self, run: RunRecord) -> None:
-        """Store or update ``run``; checks the job's size (and trims it) once per
-        ``limit / 10`` new runs of this client.
+        """Store or update ``run`` (:meth:`record_many` of one row)."""
+        self.record_many([run])
+
+    def record_many(self, runs: list[RunRecord]) -> None:
+        """Store or update every one of ``runs`` (distinct ``run_id``s); checks a job's size
+        (and trims it) once per ``limit / 10`` new runs of this client.
 
         One write per row: a run this client wrote before is updated (``set``), any other one
-        is created (and updated instead if it exists). Each failing write costs ZooKeeper a
-        synced log entry, so the row's state is guessed, not probed.
+        is created. Each failing write costs ZooKeeper a synced log entry, so the row's state
+        is guessed, not probed; the writes that guessed wrong (created by another client, or
+        trimmed) are sent again the other way. Pipelined: every first write is sent before any
+        answer is awaited, then the second tries together, so the server syncs them to its log
+        together and a batch costs about one synced write's time, not one per row. Raises the
+        first error after every write was answered.
         """
         session = self.session
         session.ready()
         client = session.client
-        job_dir = f"{self.dir}/{escape(run.job)}"
-        path = f"{job_dir}/{escape(run.run_id)}"
-        data = json.dumps(vars(run)).encode()  # (flat fields: no deep copy)
-        if path in self._written:
-            try:
-                session.get(client.set_async(path, data))
-                return
-            except NoNodeError:  # trimmed or deleted meanwhile: write it again
-                pass
-        try:
-            session.get(client.create_async(path, data, makepath=True))
-        except NodeExistsError:
-            session.get(client.set_async(path, data))
-            self._remember(path)
-            return
-        self._remember(path)
-        if self._due_for_size_check(job_dir):
-            stat = session.get(client.exists_async(job_dir))
-            if stat is not None and stat.numChildren > self.limit + self.limit // 10:
-                self._trim(job_dir)
 
-    def record_many(self, runs: list[RunRecord]) -> None:
-        """Store or update every one of ``runs`` (distinct ``run_id``s), pipelined: every
-        first write is sent before any answer is awaited, then the writes that guessed wrong
-        (created by another client, or trimmed) are sent again the other way, together. The
-        server syncs the writes to its log together, so a batch costs about one synced write's
-        time, not one per row. Raises the first error after every write was answered."""
-        session = self.session
-        session.ready()
-        client = session.client
-        paths = []
+        def create(path: str, data: bytes) -> Any:
+            return client.create_async(path, data, makepath=True)
+
+        rows = []
         for run in runs:
             job_dir = f"{self.dir}/{escape(run.job)}"
             path = f"{job_dir}/{escape(run.run_id)}"
             data = json.dumps(vars(run)).encode()  # (flat fields: no deep copy)
-            paths.append((job_dir, path, data, path in self._written))
-        def create(path: str, data: bytes) -> Any:
-            return client.create_async(path, data, makepath=True)
-
-        first = [
-            client.set_async(path, data) if known else create(path, data)
-            for _, path, data, known in paths
-        ]
-        again: list[tuple[str, str, bool, Any]] = []  # (job dir, path, created, async result)
+            known = path in self._written
+            first = client.set_async(path, data) if known else create(path, data)
+            rows.append((job_dir, path, data, known, first))
+        # (job dir, path, data, a create?, async result)
+        again: list[tuple[str, str, bytes, bool, Any]] = []
         created: list[str] = []
         error: BaseException | None = None
-        for (job_dir, path, data, known), result in zip(paths, first, strict=True):
+        for job_dir, path, data, known, result in rows:
             try:
                 session.get(result)
             except (NoNodeError, NodeExistsError) as exc:
                 if isinstance(exc, NoNodeError) != known:
                     error = error or exc  # (a create whose parent vanished: not a guess)
                 elif known:  # trimmed or deleted meanwhile: write it again
-                    again.append((job_dir, path, True, create(path, data)))
+                    again.append((job_dir, path, data, True, create(path, data)))
                 else:  # created by another client: update it
-                    again.append((job_dir, path, False, client.set_async(path, data)))
+                    again.append((job_dir, path, data, False, client.set_async(path, data)))
                 continue
             except Exception as exc:
                 error = error or exc
@@ -114,9 +92,13 @@ class History:
             self._remember(path)
             if not known:
                 created.append(job_dir)
-        for job_dir, path, is_create, result in again:
+        for job_dir, path, data, is_create, result in again:
             try:
-                session.get(result)
+                try:
+                    session.get(result)
+                except NodeExistsError:  # re-created elsewhere meanwhile: update it
+                    session.get(client.set_async(path, data))
+                    is_create = False
             except Exception as exc:
                 error = error or exc
                 continue
