@@ -49,11 +49,7 @@ def record_run(c: PostgresCoordinator, run: RunRecord) -> None:
         "started": run.started, "finished": run.finished, "status": run.status,
         "error": run.error, "result": run.result,
     }  # fmt: skip
-    step = Step(
-        c._q.record_run, params, time.monotonic() + c._io, fetch="none",
-        lean=c._q.lean["record_run"],
-    )  # fmt: skip
-    c._policy.call(lambda: c._aux(lambda s: one(c, s, step)), "record run")
+    _store(c, "record_run", params, "record run")
 
 
 def record_runs(c: PostgresCoordinator, runs: Sequence[RunRecord]) -> None:
@@ -72,11 +68,16 @@ def record_runs(c: PostgresCoordinator, runs: Sequence[RunRecord]) -> None:
         "statuses": [r.status for r in checked], "errors": [r.error for r in checked],
         "results": [r.result for r in checked],
     }  # fmt: skip
+    _store(c, "record_runs", params, "record runs")
+
+
+def _store(c: PostgresCoordinator, label: str, params: dict[str, Any], what: str) -> None:
+    """Send the history statement ``label`` on the lean path of the auxiliary session."""
     step = Step(
-        c._q.record_runs, params, time.monotonic() + c._io, fetch="none",
-        lean=c._q.lean["record_runs"],
+        getattr(c._q, label), params, time.monotonic() + c._io, fetch="none",
+        lean=c._q.lean[label],
     )  # fmt: skip
-    c._policy.call(lambda: c._aux(lambda s: one(c, s, step)), "record runs")
+    c._policy.call(lambda: c._aux(lambda s: one(c, s, step)), what)
 
 
 def history(c: PostgresCoordinator, job: str | None, limit: int) -> list[RunRecord]:
