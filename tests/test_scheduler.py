@@ -817,16 +817,28 @@ def test_retries_with_backoff(clock: ManualClock) -> None:
     assert failed.error == "ValueError: always" and isinstance(failed.exception, ValueError)
 
 
-def test_thread_job_past_its_timeout_is_stuck(clock: ManualClock, stopper: list[Scheduler]) -> None:
+def _hanging_job(
+    clock: ManualClock, stopper: list[Scheduler]
+) -> tuple[MemoryCoordinator, Scheduler, Recorder, threading.Event]:
+    """A scheduler (instance ``me``) whose job ``hang`` (timeout 0.2 s) waits for the gate."""
     coord = mem()
     sched = Scheduler(coord, clock=clock, instance_id="me")
     stopper.append(sched)
     rec = Recorder(sched)
     gate = threading.Event()
     sched.every(10, name="hang", timeout=0.2)(lambda: gate.wait(30))
+    return coord, sched, rec, gate
+
+
+def _start_at_the_tick(clock: ManualClock, sched: Scheduler) -> None:
     clock.set(T0 - 0.5)
     sched.start()
     clock.set(T0)
+
+
+def test_thread_job_past_its_timeout_is_stuck(clock: ManualClock, stopper: list[Scheduler]) -> None:
+    coord, sched, rec, gate = _hanging_job(clock, stopper)
+    _start_at_the_tick(clock, sched)
     assert eventually(lambda: bool(rec.of("stuck")), within=10)
     (stuck,) = rec.of("stuck")
     assert stuck.reason == "timeout" and stuck.key == "hang@2023-11-14T22:13:20Z"
@@ -857,16 +869,9 @@ def test_stuck_row_is_not_overwritten_by_a_late_running_row(
                 sched._watch_wake.set()
         real_row(self, *args, **kwargs)
 
-    coord = mem()
-    sched = Scheduler(coord, clock=clock, instance_id="me")
-    stopper.append(sched)
-    rec = Recorder(sched)
-    gate = threading.Event()
-    sched.every(10, name="hang", timeout=0.2)(lambda: gate.wait(30))
+    coord, sched, rec, gate = _hanging_job(clock, stopper)
     with patch.object(Reporter, "row", slow_running_row):
-        clock.set(T0 - 0.5)
-        sched.start()
-        clock.set(T0)
+        _start_at_the_tick(clock, sched)
         assert eventually(lambda: bool(rec.of("stuck")), within=10)
         assert rec.of("started"), "stuck was reported before the run was on record"
         assert eventually(lambda: [r.status for r in coord.history("hang")] == ["stuck"], within=10)
