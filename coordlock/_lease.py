@@ -405,7 +405,7 @@ class BaseLease:
                 result = callback(self, state)
                 if inspect.iscoroutine(result):
                     self._run_coroutine(result)
-            except Exception:
+            except BaseException:  # sys.exit() in one callback must not skip the next ones
                 log.exception(
                     "lease %r: %s callback %r failed", self.name, state, callback,
                     extra=self._facts("callback", outcome="error", state=state),

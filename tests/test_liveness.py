@@ -121,6 +121,26 @@ def test_callback_raising_anything_kills_nothing(exc: type[BaseException]) -> No
         c.close()
 
 
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt, RuntimeError])
+def test_a_raising_callback_does_not_skip_the_next_ones(exc: type[BaseException]) -> None:
+    """Callbacks registered before the loss run one after another: whatever one raises, the
+    ones after it are still called."""
+    c = MemoryCoordinator(f"next-{uuid.uuid4().hex}")
+    try:
+        doomed = c.acquire("doomed", 0.2, renew=False)
+        assert doomed is not None
+
+        def bad(_: Any) -> None:
+            raise exc("from a callback")
+
+        after = threading.Event()
+        doomed.on_lost(bad)
+        doomed.on_lost(lambda _: after.set())
+        assert after.wait(PATIENCE)
+    finally:
+        c.close()
+
+
 def test_lost_is_sticky_when_a_renewal_is_confirmed_late(frozen: FrozenRenewals) -> None:
     """Row 12: a renewal sent before the deadline but answered after it does not revive."""
     lease = frozen.acquire("sticky", 0.5)
