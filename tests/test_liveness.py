@@ -156,6 +156,7 @@ def test_lost_is_sticky_when_a_renewal_is_confirmed_late(frozen: FrozenRenewals)
     assert "ttl" in lease.lost_reason
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_renewer_thread_restarts_if_it_died(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever ends the renewal thread (here a BaseException escaping it), the next lease
     starts a fresh one: renewal never stops for good."""
