@@ -1012,6 +1012,36 @@ def test_watchdog_marks_runs_of_vanished_instances_stuck(clock: ManualClock) -> 
     assert stuck.reason == "instance-vanished" and stuck.run_id == "r-ghost"
 
 
+def test_one_instance_scans_history_per_interval(clock: ManualClock) -> None:
+    """The instances of a cluster take turns: the first to claim an interval's slot scans, the
+    others skip it; the next interval is a new slot."""
+    name = f"scan-{uuid.uuid4().hex}"
+    first = Scheduler(mem(name), clock=clock, instance_id="a", watchdog_interval=60)
+    second = Scheduler(mem(name), clock=clock, instance_id="b", watchdog_interval=60)
+    for sched in (first, second):
+        sched.every(10, name="j")(noop)
+    clock.set(T0)
+    first.run_pending()  # resolves the coordinators
+    second.run_pending()
+    assert first._watchdog.elected()
+    assert not second._watchdog.elected()
+    assert not first._watchdog.elected()  # once per slot, even for the winner
+    clock.set(T0 + 60)
+    assert second._watchdog.elected()
+    assert not first._watchdog.elected()
+
+
+def test_watchdog_scans_are_spread() -> None:
+    """After an instance's own first scan (5 s after it starts, or one interval if shorter),
+    scans come an interval apart give or take a quarter, so that instances started together
+    do not all reach the next slot's claim at the same instant."""
+    from coordlock.scheduler.watchdog import first_scan_delay, scan_delay
+
+    assert first_scan_delay(30.0) == 5.0 and first_scan_delay(0.5) == 0.5
+    spaced = [scan_delay(30.0) for _ in range(200)]
+    assert all(22.5 <= d <= 37.5 for d in spaced) and max(spaced) - min(spaced) > 5.0
+
+
 # -- lifecycle ---------------------------------------------------------------------------------
 
 

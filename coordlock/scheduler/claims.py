@@ -4,7 +4,8 @@
   ``claim_many`` call (:func:`claim_keys`); a batch refused because of *one* key is split until
   that key stands alone, so one bad key never costs the other jobs their tick.
 * Leases: ``coordlock:job:<name>`` (no-overlap), ``coordlock:instance:<id>`` (liveness), and
-  the once-only verdict claims of the watchdog, ``coordlock:verdict:<run_id>``.
+  the once-only verdict claims of the watchdog, ``coordlock:verdict:<run_id>``, and its scan
+  claims ``coordlock:scan:<interval>:<slot>`` (one instance scans history per interval).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ JOB_LEASE_PREFIX = "coordlock:job:"
 INSTANCE_LEASE_PREFIX = "coordlock:instance:"
 #: Claim prefix of the watchdog's verdicts (one instance reports a vanished run, not all).
 VERDICT_PREFIX = "coordlock:verdict:"
+#: Claim prefix of the watchdog's history scans (one instance scans per interval, not all).
+SCAN_PREFIX = "coordlock:scan:"
 
 #: Errors that say the coordinator cannot be asked at all (not that one key is bad): the whole
 #: batch fails closed, without splitting it (each split would wait out the retries again).

@@ -4,7 +4,9 @@ claimed but never started are reported, never silent.
 * Local runs: a thread job past its ``timeout`` is marked ``stuck`` (event and history; Python
   cannot stop a thread); a coroutine job still going :data:`CANCEL_GRACE` seconds after its
   timeout cancelled it (it swallowed the cancellation) too. Process jobs are killed instead.
-* Every ``watchdog_interval`` seconds, run history is scanned (where the coordinator keeps it).
+* Every ``watchdog_interval`` seconds (give or take a quarter), run history is scanned (where
+  the coordinator keeps it) by one instance of the cluster: the first to claim the interval's
+  slot. Each instance also scans once 5 s after it starts.
   A row of another instance whose liveness lease (:class:`Liveness`) can be taken belongs to a
   vanished instance: ``running`` becomes ``stuck`` (reason ``instance-vanished``), and
   ``claimed`` – it won the tick and died before starting it – becomes ``missed`` once the
@@ -16,6 +18,7 @@ claimed but never started are reported, never silent.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from .._protocol import RunCoordinator, RunRecord
 from . import events as ev
 from . import report as st
 from ._clock import Clock
-from .claims import INSTANCE_LEASE_PREFIX, VERDICT_PREFIX
+from .claims import INSTANCE_LEASE_PREFIX, SCAN_PREFIX, VERDICT_PREFIX
 from .job import ASYNC, DEFAULT_SKIP_GRACE, THREAD, Job, Run
 from .report import Reporter
 from .runner import Runner
@@ -42,6 +45,20 @@ SCAN_LIMIT = 500
 VERDICT_HOLD = 3600.0
 #: Longest pause (real seconds) between two passes of the watchdog.
 _MAX_PAUSE = 1.0
+#: Later scans are spread by up to this share of the interval either way, so that instances
+#: started together (a deploy) do not all reach the next slot's claim at the same instant.
+SCAN_JITTER = 0.25
+
+
+def first_scan_delay(interval: float) -> float:
+    """Seconds before an instance's first scan: soon (5 s, or ``interval`` if shorter), to
+    report what this instance's id left before it started (nobody else can)."""
+    return min(interval, 5.0)
+
+
+def scan_delay(interval: float) -> float:
+    """Seconds to the next scan: ``interval`` give or take :data:`SCAN_JITTER` of it."""
+    return interval * random.uniform(1.0 - SCAN_JITTER, 1.0 + SCAN_JITTER)
 
 
 class Liveness:
@@ -147,7 +164,8 @@ class Watchdog:
 
     def serve(self) -> None:
         """Until the scheduler stops: keep the liveness lease, watch timeouts, scan history."""
-        next_scan = time.monotonic() + min(self._interval, 5.0)
+        next_scan = time.monotonic() + first_scan_delay(self._interval)
+        first_scan = True  # always: only this instance sees what its id left before it started
         next_control = time.monotonic()
         while not self._stopping.is_set():
             now = time.monotonic()
@@ -167,11 +185,13 @@ class Watchdog:
                 soonest = min(soonest, self._liveness.keep(coordinator))
             soonest = min(soonest, self.check_timeouts(now))
             if now >= next_scan:
-                next_scan = now + self._interval
+                next_scan = now + scan_delay(self._interval)
                 soonest = min(soonest, next_scan)
                 if self._report.history is not None:
                     try:
-                        self.scan()
+                        if first_scan or self.elected():
+                            self.scan()
+                        first_scan = False
                     except Exception as exc:
                         log.warning("scheduler %s: watchdog scan failed: %s", self._instance, exc)
             self._wake.wait(max(0.01, min(soonest - time.monotonic(), _MAX_PAUSE)))
@@ -212,6 +232,19 @@ class Watchdog:
         )
 
     # -- history ----------------------------------------------------------------------------------
+
+    def elected(self) -> bool:
+        """Whether this instance scans history this interval: the first instance to claim the
+        interval's slot (``coordlock:scan:<interval>:<slot>``, scheduler clock) does, the
+        others skip it, so a cluster reads history once per interval, not once per instance.
+        (Instances whose clocks straddle a slot boundary may both scan: harmless, each verdict
+        is claimed once.) Raises what the coordinator raises."""
+        coordinator = self._runner.coordinator
+        if coordinator is None:
+            return False
+        interval = self._interval
+        slot = int(self._clock.time() // interval)
+        return bool(coordinator.claim(f"{SCAN_PREFIX}{interval:g}:{slot}", interval))
 
     def scan(self) -> int:
         """One pass over run history; returns how many rows were marked stuck or missed."""
