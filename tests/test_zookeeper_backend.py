@@ -766,6 +766,47 @@ def test_history_is_bounded_per_job(make: Callable[..., ZooKeeperCoordinator]) -
         c.history(limit=0)
 
 
+def test_history_reads_finished_rows_once(
+    make: Callable[..., ZooKeeperCoordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ZooKeeper has no index by time, so a listing reads rows to learn their start times; a
+    row read as final before is read again only when it is among the newest asked for. The
+    answer stays the same as reading everything: the newest first, new and changed rows seen."""
+    c = make(history_limit=50)
+    base = time.time()
+    rows = [
+        RunRecord(f"r{j}-{i}", f"job{j}", f"t{i}", "inst", base + 3 * i + j, base + 3 * i + j + 1,
+                  "finished")
+        for j in range(3) for i in range(10)
+    ]  # fmt: skip
+    c.record_runs(rows)
+    c.record_runs([RunRecord("open", "job0", "t", "inst", base + 1)])  # running, oldest but one
+    reads: list[str] = []
+    real_get = c._client.get_async
+
+    def counted_get(path: str, *args: Any) -> Any:
+        reads.append(path)
+        return real_get(path, *args)
+
+    monkeypatch.setattr(c._client, "get_async", counted_get)
+
+    newest = sorted([*rows, c.history("job0", 100)[-2]], key=lambda r: r.started, reverse=True)
+    first = c.history(None, 5)
+    assert [r.run_id for r in first] == [r.run_id for r in newest[:5]]
+    assert len(reads) >= 31  # every row once
+    reads.clear()
+    again = c.history(None, 5)
+    assert again == first
+    assert len(reads) == 5 + 1  # the 5 newest final rows again, and the running one
+    c.record_runs([RunRecord("open", "job0", "t", "inst", base + 100, base + 101, "failed")])
+    c.record_run(RunRecord("new", "job2", "t", "inst", base + 50, base + 51, "finished"))
+    assert [r.run_id for r in c.history(None, 3)] == ["open", "new", "r2-9"]
+    kz = c._client
+    kz.delete(f"{c.root}/runs/{escape('job2')}/{escape('new')}")
+    assert [r.run_id for r in c.history(None, 2)] == ["open", "r2-9"]
+    assert f"{c.root}/runs/{escape('job2')}/{escape('new')}" not in c._history._final
+
+
 def test_history_batches_fix_wrong_guesses_and_stay_bounded(
     make: Callable[..., ZooKeeperCoordinator],
 ) -> None:

@@ -26,6 +26,12 @@ log = logging.getLogger("coordlock")
 
 #: Run paths (and job directories) a client remembers having written.
 WRITTEN_MEMORY = 4096
+#: Statuses a run's row never leaves (with its start time): a client that has read such a row
+#: remembers its start time and reads it again only when it is among the newest asked for.
+FINAL = frozenset({"finished", "failed", "skipped"})
+#: Final rows a client remembers (path -> start time); past it, it forgets them all (and
+#: reads every row once more).
+FINAL_MEMORY = 100_000
 
 
 class History:
@@ -39,6 +45,7 @@ class History:
         # run paths this client created lately: their next rows are plain updates
         self._written: OrderedDict[str, None] = OrderedDict()
         self._created_since_check: dict[str, int] = {}  # job dir -> creates since a size check
+        self._final: dict[str, float] = {}  # path of a row read as final -> its start time
 
     def record(self, run: RunRecord) -> None:
         """Store or update ``run`` (:meth:`record_many` of one row)."""
@@ -155,16 +162,76 @@ class History:
         return runs
 
     def runs(self, job: str | None, limit: int) -> list[RunRecord]:
-        """Newest runs first (by start time), optionally of one ``job``."""
-        self.session.ready()
-        jobs = [escape(job)] if job is not None else self.session.children(self.dir)
+        """Newest runs first (by start time), at most ``self.limit`` per job (trimming lags by
+        up to 10 %), optionally of one ``job``.
+
+        ZooKeeper has no index by time: every row's start time must be known to pick the
+        newest. The listings of every job are asked for at once; rows this client has read as
+        final before (:data:`FINAL`) are not read again unless they are among the newest
+        ``limit`` of their job and overall; every other row is read (pipelined). So a
+        scheduler's periodic scan reads the new and unfinished rows, not the whole retained
+        history each time."""
+        session = self.session
+        session.ready()
+        client = session.client
+        jobs = [escape(job)] if job is not None else session.children(self.dir)
+        listings = [(f"{self.dir}/{j}", client.get_children_async(f"{self.dir}/{j}")) for j in jobs]
+        with self._lock:
+            final = dict(self._final)
+        wanted: list[str] = []
+        present: set[str] = set()
+        known: list[tuple[float, str]] = []  # final rows read before, newest of each job
+        for job_dir, listing in listings:
+            try:
+                paths = [f"{job_dir}/{child}" for child in session.get(listing)]
+            except NoNodeError:
+                continue
+            present.update(paths)
+            seen = sorted(((final[p], p) for p in paths if p in final), reverse=True)
+            known.extend(seen[: self.limit])
+            wanted.extend(p for p in paths if p not in final)
+        known.sort(reverse=True)
+        wanted.extend(path for _, path in known[:limit])
+        reads = [(path, client.get_async(path)) for path in wanted]
+        by_job: dict[str, list[RunRecord]] = {}
+        read_final: dict[str, float] = {}
+        for path, result in reads:
+            try:
+                raw, _ = session.get(result)
+                run = RunRecord(**json.loads(raw))
+            except NoNodeError:
+                present.discard(path)
+                continue
+            except (ValueError, TypeError):
+                log.warning("ignoring unreadable run record %s", path)
+                continue
+            by_job.setdefault(path.rpartition("/")[0], []).append(run)
+            if run.status in FINAL:
+                read_final[path] = run.started
+        self._remember_final(wanted, read_final, present, everything=job is None)
         runs: list[RunRecord] = []
-        for j in jobs:  # at most `limit` per job (trimming lags by up to 10 %)
-            kept = [r for _, r in self._read(f"{self.dir}/{j}")]
+        for kept in by_job.values():
             kept.sort(key=lambda r: r.started, reverse=True)
             runs.extend(kept[: self.limit])
         runs.sort(key=lambda r: r.started, reverse=True)
         return runs[:limit]
+
+    def _remember_final(
+        self, read: list[str], final_now: dict[str, float], present: set[str], *, everything: bool
+    ) -> None:
+        """Note what the rows just ``read`` were (final ones with their start time, the others
+        forgotten) and, after a listing of every job, forget the rows that are gone."""
+        with self._lock:
+            final = self._final
+            for path in read:
+                if path in final_now:
+                    final[path] = final_now[path]
+                else:
+                    final.pop(path, None)
+            if everything:
+                self._final = final = {p: t for p, t in final.items() if p in present}
+            if len(final) > FINAL_MEMORY:
+                self._final = {}
 
 
 def list_locks(session: Session, locks_dir: str) -> list[LockInfo]:
