@@ -7,7 +7,8 @@ import contextlib
 import json
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -29,6 +30,8 @@ WRITTEN_MEMORY = 4096
 #: Statuses a run's row never leaves (with its start time): a client that has read such a row
 #: remembers its start time and reads it again only when it is among the newest asked for.
 FINAL = frozenset({"finished", "failed", "skipped"})
+#: Reads one history listing keeps in flight on the session at most.
+READ_WINDOW = 64
 #: Final rows a client remembers (path -> start time); past it, it forgets them all (and
 #: reads every row once more).
 FINAL_MEMORY = 100_000
@@ -175,13 +178,14 @@ class History:
         session.ready()
         client = session.client
         jobs = [escape(job)] if job is not None else session.children(self.dir)
-        listings = [(f"{self.dir}/{j}", client.get_children_async(f"{self.dir}/{j}")) for j in jobs]
         with self._lock:
             final = dict(self._final)
         wanted: list[str] = []
         present: set[str] = set()
         known: list[tuple[float, str]] = []  # final rows read before, newest of each job
-        for job_dir, listing in listings:
+        for job_dir, listing in self._pipelined(
+            [f"{self.dir}/{j}" for j in jobs], client.get_children_async
+        ):
             try:
                 paths = [f"{job_dir}/{child}" for child in session.get(listing)]
             except NoNodeError:
@@ -192,10 +196,9 @@ class History:
             wanted.extend(p for p in paths if p not in final)
         known.sort(reverse=True)
         wanted.extend(path for _, path in known[:limit])
-        reads = [(path, client.get_async(path)) for path in wanted]
         by_job: dict[str, list[RunRecord]] = {}
         read_final: dict[str, float] = {}
-        for path, result in reads:
+        for path, result in self._pipelined(wanted, client.get_async):
             try:
                 raw, _ = session.get(result)
                 run = RunRecord(**json.loads(raw))
@@ -215,6 +218,19 @@ class History:
             runs.extend(kept[: self.limit])
         runs.sort(key=lambda r: r.started, reverse=True)
         return runs[:limit]
+
+    def _pipelined(
+        self, paths: list[str], ask: Callable[[str], Any]
+    ) -> Iterator[tuple[str, Any]]:
+        """``(path, pending answer)`` for every path, at most :data:`READ_WINDOW` requests in
+        flight: a long read must not queue thousands of requests on the session ahead of the
+        claims and leases of the scheduler that shares it."""
+        window: deque[tuple[str, Any]] = deque()
+        for path in paths:
+            if len(window) >= READ_WINDOW:
+                yield window.popleft()
+            window.append((path, ask(path)))
+        yield from window
 
     def _remember_final(
         self, read: list[str], final_now: dict[str, float], present: set[str], *, everything: bool
